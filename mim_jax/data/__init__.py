@@ -1,0 +1,1 @@
+"""Data: TFDS array_record sources -> Grain pipelines -> globally sharded jax.Arrays."""

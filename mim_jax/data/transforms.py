@@ -1,0 +1,61 @@
+"""Image augmentations in NumPy/OpenCV. They run in Grain worker processes: never import jax here."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    # Area averaging when shrinking avoids aliasing; bilinear when enlarging.
+    shrink = image.shape[0] > size or image.shape[1] > size
+    out = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out.reshape(size, size, image.shape[2])  # cv2 drops a single channel axis
+
+
+def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale, ratio):
+    """torchvision's RandomResizedCrop box: 10 tries at a random area fraction and log-uniform
+    aspect ratio, else a centre crop clamped to the ratio range. Returns (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    return _resize(image[top:top + h, left:left + w], size)
+
+
+def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    return image[:, ::-1] if rng.random() < p else image
+
+
+def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """Evaluation view: central crop of `crop_fraction` of the shorter side, resized to `size`."""
+    h, w = image.shape[:2]
+    side = int(round(min(h, w) * crop_fraction))
+    top, left = (h - side) // 2, (w - side) // 2
+    return _resize(image[top:top + side, left:left + side], size)
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 HWC -> float32, per-channel (x/255 - mean) / std."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    return (image.astype(np.float32) / 255.0 - mean) / std

@@ -1,0 +1,36 @@
+"""Analytic FLOP counts (a multiply-add is 2 FLOPs) and peak device throughput, for MFU.
+
+Only matmuls are counted, as in MaxText/PaLM MFU accounting; a training step costs 3x the forward
+pass (the backward pass computes gradients for both activations and weights).
+"""
+from __future__ import annotations
+
+import jax
+
+TRAIN_MULTIPLIER = 3.0
+
+# Dense bf16 peak FLOP/s per device (vendor figures, without sparsity).
+_PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "gh200": 989e12, "a100": 312e12, "l4": 121e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+def transformer_forward(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+    """Per example: qkv (6TD^2) + scores and weighted sum (4T^2 D) + out proj (2TD^2) + MLP (4TDM)."""
+    t, d = tokens, width
+    return depth * (8 * t * d * d + 4 * t * t * d + 4 * t * d * mlp_dim)
+
+
+def dense(tokens: int, fan_in: int, fan_out: int) -> float:
+    return 2.0 * tokens * fan_in * fan_out
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s for known accelerators; None (no MFU) for CPUs and unknown devices."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, peak in sorted(_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name in kind:
+            return peak
+    return None

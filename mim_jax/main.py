@@ -1,0 +1,61 @@
+"""Entry point: `python -m mim_jax.main --config=configs/<method>.py[:args] --workdir=DIR`.
+
+Run it again with the same workdir to resume. Multi-host: start the same command on every host;
+`jax.distributed` is initialised when the environment describes several processes (TPU pods, SLURM,
+Open MPI auto-detected by JAX) or when --coordinator_address/--num_processes/--process_id are given.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:variant=B/16.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _auto_detected_cluster() -> bool:
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+
+
+def initialize_distributed():
+    """Called once in the main process only: Grain worker processes must never join the cluster."""
+    import jax
+    if multiprocessing.parent_process() is not None:
+        return
+    if FLAGS.coordinator_address:
+        # CPU devices talk through gloo (no effect on accelerator backends); without it CPU
+        # multi-process collectives are unavailable. Must be set before any backend starts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif _auto_detected_cluster():
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
+    tf.config.set_visible_devices([], "GPU")
+    initialize_distributed()
+    import jax
+    from mim_jax import train
+    logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

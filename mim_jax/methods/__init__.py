@@ -1,0 +1,19 @@
+"""Pre-training methods by name. Adding one is a module here plus a config, never a trainer edit."""
+from __future__ import annotations
+
+import importlib
+
+from mim_jax.methods.base import Method
+
+# name -> "module:Class", imported lazily so a method's optional dependencies load only when used.
+REGISTRY = {
+    "mae": "mim_jax.methods.mae:MAE",
+}
+
+
+def get_method(config) -> Method:
+    name = config.method.name
+    if name not in REGISTRY:
+        raise ValueError(f"Unknown method {name!r} (config.method.name); available: {sorted(REGISTRY)}.")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config)

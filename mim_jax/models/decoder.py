@@ -1,0 +1,58 @@
+"""MAE-style lightweight decoder: visible tokens + mask tokens -> a prediction per patch."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mim_jax.models.vit import Transformer, constrain, make_norm, param_init, sincos_2d
+
+
+def unshuffle(visible_tokens, mask_token, visible_idx, masked_idx):
+    """Places visible tokens at `visible_idx` and `mask_token` at `masked_idx`: [B, N, D].
+
+    Implemented as one gather by the inverse permutation (as MAE's ids_restore) rather than a
+    scatter: gathers partition cleanly under sharding and have a cheap transpose.
+    """
+    b, k, d = visible_tokens.shape
+    order = jnp.concatenate([visible_idx, masked_idx], axis=1)            # [B, N] shuffled positions
+    restore = jnp.argsort(order, axis=1)
+    fill = jnp.broadcast_to(mask_token.astype(visible_tokens.dtype), (b, masked_idx.shape[1], d))
+    tokens = jnp.concatenate([visible_tokens, fill], axis=1)
+    return jnp.take_along_axis(tokens, restore[..., None], axis=1)
+
+
+class PixelDecoder(nn.Module):
+    """Embeds encoder tokens to `width`, fills masked positions, runs `depth` blocks, predicts
+    `out_dim` values per patch. Prefix tokens (CLS/registers) take part in attention and are dropped
+    from the output."""
+    grid: tuple[int, int]
+    out_dim: int
+    width: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_dim: int = 2048
+    num_prefix_tokens: int = 1
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, visible_idx, masked_idx, *, train: bool = False):
+        x = nn.Dense(self.width, dtype=self.dtype, name="embed",
+                     kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "dec_embed")),
+                     bias_init=param_init(nn.initializers.zeros, ("dec_embed",)))(tokens)
+        p = self.num_prefix_tokens
+        mask_token = self.param("mask_token", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
+                                (1, 1, self.width))
+        patches = unshuffle(x[:, p:], mask_token, visible_idx, masked_idx)
+        patches = patches + jnp.asarray(sincos_2d(*self.grid, self.width))[None].astype(x.dtype)
+        x = constrain(jnp.concatenate([x[:, :p], patches], axis=1), ("act_batch", "act_len", "act_emb"))
+        x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
+                           attention_impl=self.attention_impl, remat=self.remat, name="decoder")(x, not train)
+        x = make_norm("layernorm", self.dtype, "decoder_norm")(x)
+        pred = nn.Dense(self.out_dim, dtype=self.dtype, name="pred",
+                        kernel_init=param_init(nn.initializers.xavier_uniform(), ("dec_embed", "patch")),
+                        bias_init=param_init(nn.initializers.zeros, ("patch",)))(x[:, p:])
+        return pred.astype(jnp.float32)

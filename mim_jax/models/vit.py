@@ -1,0 +1,308 @@
+"""A pure-functional Linen Vision Transformer shared by every method.
+
+Design notes:
+- Parameters are fp32; matmuls run in `dtype` (bf16 on accelerators).
+- Every weight carries logical axis names (`nn.with_logical_partitioning`) and every activation a
+  logical constraint; the mapping to mesh axes lives in the config (`sharding_rules`), never here.
+- `ViT.__call__` takes optional `visible_idx` [B, K]: only those patches are embedded and run
+  through the blocks (MAE-style encoders), so cost scales with K, not N.
+- It returns `(tokens, out)`: `out` holds every intermediate (`block_i`, `encoded`, `patch_tokens`,
+  ...) so heads and probes choose features without touching the model. Unused outputs cost nothing
+  under jit (dead-code elimination).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# width, depth, mlp_dim, heads (ViT paper + DeiT Ti/S; H as in MAE).
+_SIZES = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+    """'B/16' -> dict(width, depth, mlp_dim, num_heads, patch_size)."""
+    match = re.fullmatch(r"(\w+)/(\d+)", variant or "")
+    if not match or match.group(1) not in _SIZES:
+        raise ValueError(f"Unknown ViT variant {variant!r}: expected one of "
+                         f"{sorted(_SIZES)} followed by /<patch>, e.g. 'B/16'.")
+    width, depth, mlp_dim, heads = _SIZES[match.group(1)]
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+                patch_size=int(match.group(2)))
+
+
+def constrain(x, names: Sequence[str | None]):
+    """The single place activations get their logical sharding names."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def param_init(init: Callable, names: Sequence[str | None]):
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """[B, H, W, C] -> [B, N, patch*patch*C] in raster order (row-major over the grid)."""
+    b, h, w, c = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {patch}.")
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def sincos_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
+    """Fixed 2-D sin-cos positions [grid_h*grid_w, width] (MAE layout: first half encodes the
+    column (w) coordinate, second half the row (h) coordinate, each as [sin | cos])."""
+    if width % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {width}.")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    hh, ww = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                         np.arange(grid_w, dtype=np.float64), indexing="ij")
+
+    def encode(pos):
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(ww), encode(hh)], axis=1).astype(np.float32)
+
+
+def attention(q, k, v, implementation: str | None, pad_multiple: int | None = None):
+    """softmax(q k^T / sqrt(d)) v over [B, T, heads, head_dim] via jax.nn.dot_product_attention.
+
+    cuDNN's fused kernel rejects lengths that are not a multiple of 64 (e.g. 197 = 196 + CLS), so
+    for implementation='cudnn' we pad to the next multiple and pass the true lengths: the padded
+    keys are masked out and the padded queries sliced away.
+    """
+    if pad_multiple is None:
+        pad_multiple = 64 if implementation == "cudnn" else 1
+    b, t = q.shape[:2]
+    padded = -(-t // pad_multiple) * pad_multiple
+    if padded == t:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+    lengths = jnp.full((b,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), implementation=implementation,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    return out[:, :t]
+
+
+def make_norm(kind: str, dtype: Dtype, name: str | None = None) -> nn.Module:
+    scale = param_init(nn.initializers.ones, ("norm",))
+    if kind == "layernorm":
+        return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name, scale_init=scale,
+                            bias_init=param_init(nn.initializers.zeros, ("norm",)))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name, scale_init=scale)
+    raise ValueError(f"Unknown norm {kind!r}: use 'layernorm' or 'rmsnorm'.")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * mask.astype(x.dtype) / keep
+
+
+class Attention(nn.Module):
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    implementation: str | None = None
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        # One fused projection for q, k and v: a single larger matmul is faster than three.
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), dtype=self.dtype, use_bias=self.use_bias, name="qkv",
+            # DenseGeneral initialises the flattened (D, 3D) matrix: xavier as timm's fused qkv Linear.
+            kernel_init=param_init(self.kernel_init, ("embed", None, "heads", "kv")),
+            bias_init=param_init(nn.initializers.zeros, (None, "heads", "kv")))(x)
+        q, k, v = (constrain(qkv[:, :, i], ("act_batch", "act_len", "act_heads", "act_kv")) for i in range(3))
+        out = attention(q, k, v, self.implementation)
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, use_bias=self.use_bias, name="out",
+            kernel_init=param_init(self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=param_init(nn.initializers.zeros, ("embed",)))(out)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, use_bias=self.use_bias, name="fc1",
+                     kernel_init=param_init(self.kernel_init, ("embed", "mlp")),
+                     bias_init=param_init(nn.initializers.zeros, ("mlp",)))(x)
+        x = constrain(nn.gelu(x, approximate=False), ("act_batch", "act_len", "act_mlp"))
+        return nn.Dense(width, dtype=self.dtype, use_bias=self.use_bias, name="fc2",
+                        kernel_init=param_init(self.kernel_init, ("mlp", "embed")),
+                        bias_init=param_init(nn.initializers.zeros, ("embed",)))(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional LayerScale and drop path."""
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    norm: str = "layernorm"
+    use_bias: bool = True
+    layerscale: float | None = None
+    drop_path: float = 0.0
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        def branch(y, name):
+            if self.layerscale is not None:
+                gamma = self.param(f"{name}_scale", param_init(
+                    nn.initializers.constant(self.layerscale), ("norm",)), (y.shape[-1],))
+                y = y * gamma.astype(y.dtype)
+            return DropPath(self.drop_path)(y, deterministic)
+
+        y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, name="attn")(
+            make_norm(self.norm, self.dtype, "norm1")(x))
+        x = constrain(x + branch(y, "attn"), ("act_batch", "act_len", "act_emb"))
+        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(make_norm(self.norm, self.dtype, "norm2")(x))
+        return constrain(x + branch(y, "mlp"), ("act_batch", "act_len", "act_emb"))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks (used by encoders and decoders); returns final tokens and per-block outputs."""
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    norm: str = "layernorm"
+    use_bias: bool = True
+    layerscale: float | None = None
+    drop_path: float = 0.0          # maximum rate, linearly increasing with depth
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        out = {}
+        for i in range(self.depth):
+            rate = self.drop_path * i / max(self.depth - 1, 1)
+            x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.norm, self.use_bias,
+                          self.layerscale, rate, self.attention_impl, name=f"block_{i}")(x, deterministic)
+            out[f"block_{i}"] = x
+        return x, out
+
+
+class ViT(nn.Module):
+    """ViT encoder on (optionally) a subset of patches, with optional CLS and register tokens."""
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    posemb: str = "sincos2d"        # or "learn"
+    cls_token: bool = True
+    num_registers: int = 0
+    norm: str = "layernorm"
+    use_bias: bool = True
+    layerscale: float | None = None
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.cls_token) + self.num_registers
+
+    @nn.compact
+    def __call__(self, images, visible_idx=None, *, train: bool = False):
+        patches = patchify(images, self.patch_size)
+        b, n, _ = patches.shape
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        if visible_idx is not None:
+            # Gather pixels before the embedding so the patch projection also runs on K, not N.
+            patches = jnp.take_along_axis(patches, visible_idx[..., None], axis=1)
+        x = nn.Dense(self.width, dtype=self.dtype, name="embedding",
+                     kernel_init=param_init(nn.initializers.xavier_uniform(), ("patch", "embed")),
+                     bias_init=param_init(nn.initializers.zeros, ("embed",)))(patches.astype(self.dtype))
+
+        if self.posemb == "sincos2d":
+            pos = jnp.asarray(sincos_2d(*grid, self.width))[None]
+        elif self.posemb == "learn":
+            pos = self.param("pos_embedding", param_init(nn.initializers.normal(0.02), (None, "norm")),
+                             (n, self.width))[None]
+        else:
+            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d' or 'learn'.")
+        pos = jnp.broadcast_to(pos, (b, n, self.width))
+        if visible_idx is not None:
+            pos = jnp.take_along_axis(pos, visible_idx[..., None], axis=1)
+        x = x + pos.astype(x.dtype)
+
+        prefix = []
+        if self.cls_token:  # The CLS position embedding is zero (MAE), so it gets none.
+            prefix.append(self.param("cls", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
+                                     (1, 1, self.width)))
+        if self.num_registers:
+            prefix.append(self.param("registers", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
+                                     (1, self.num_registers, self.width)))
+        if prefix:
+            prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), x], axis=1)
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+
+        x, out = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.norm,
+                             self.use_bias, self.layerscale, self.drop_path, self.attention_impl,
+                             self.remat, name="encoder")(x, not train)
+        out["pre_norm"] = x
+        x = make_norm(self.norm, self.dtype, "encoder_norm")(x)
+        out["encoded"] = x
+        p = self.num_prefix_tokens
+        if self.cls_token:
+            out["cls"] = x[:, 0]
+        out["patch_tokens"] = x[:, p:]
+        out["patch_mean"] = x[:, p:].mean(axis=1)
+        return x, out
+
+
+def vit_from_config(model_config, **overrides) -> ViT:
+    """Builds a ViT from a config block with `variant` plus optional field overrides."""
+    cfg = dict(model_config)
+    sizes = decode_variant(cfg.pop("variant"))
+    sizes.update({k: v for k, v in cfg.items() if v is not None})
+    sizes.update(overrides)
+    if isinstance(sizes.get("dtype"), str):
+        sizes["dtype"] = jnp.dtype(sizes["dtype"])
+    fields = set(ViT.__dataclass_fields__) - {"parent", "name"}
+    unknown = set(sizes) - fields
+    if unknown:
+        raise ValueError(f"Unknown ViT option(s) {sorted(unknown)}; valid: {sorted(fields)}.")
+    return ViT(**sizes)

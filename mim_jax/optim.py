@@ -1,0 +1,55 @@
+"""Optimizer from config: AdamW (decay on kernels only), warmup + cosine, clipping, per-group settings."""
+from __future__ import annotations
+
+import flax.traverse_util as traverse_util
+import jax
+import optax
+
+
+def learning_rate(optax_config, global_batch_size: int) -> float:
+    """MAE/BEiT convention: lr = base_lr * batch / lr_scale_batch; lr_scale_batch=None: absolute."""
+    scale = optax_config.lr_scale_batch
+    return optax_config.base_lr * (global_batch_size / scale if scale else 1.0)
+
+
+def schedule(optax_config, peak_lr: float, total_steps: int, warmup_steps: int, decay_steps: int | None = None):
+    """Linear warmup to `peak_lr`, then cosine to `min_lr` over `decay_steps` (default: the rest of
+    training; CAPI cuts its cosine at 80% of training and stays at min_lr afterwards)."""
+    decay_steps = decay_steps or total_steps
+    warmup = optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1))
+    cosine = optax.cosine_decay_schedule(peak_lr, max(decay_steps - warmup_steps, 1),
+                                         alpha=optax_config.min_lr / peak_lr if peak_lr else 0.0)
+    return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def weight_decay_mask(params):
+    """Decay only matmul kernels: norms, biases, LayerScale, tokens and positions are exempt."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
+
+
+def _adamw(lr, group_config, params):
+    return optax.adamw(lr, b1=group_config.b1, b2=group_config.b2, eps=group_config.eps,
+                       weight_decay=group_config.weight_decay, mask=weight_decay_mask)
+
+
+def make_optimizer(optax_config, params, labels, lr_schedule):
+    """`labels` (pytree of group names, or None) routes params to `optax_config.groups[name]`, each
+    group overriding b1/b2/eps/weight_decay and scaling the lr by `lr_mult`; group 'frozen' gets no
+    updates at all."""
+    if labels is None:
+        tx = _adamw(lr_schedule, optax_config, params)
+    else:
+        transforms = {"default": _adamw(lr_schedule, optax_config, params), "frozen": optax.set_to_zero()}
+        for name, group in optax_config.get("groups", {}).items():
+            merged = optax_config.copy_and_resolve_references()
+            merged.update({k: v for k, v in group.items() if k != "lr_mult"})
+            mult = group.get("lr_mult", 1.0)
+            transforms[name] = _adamw(lambda step, m=mult: m * lr_schedule(step), merged, params)
+        unknown = set(jax.tree.leaves(labels)) - set(transforms)
+        if unknown:
+            raise ValueError(f"Parameter groups {sorted(unknown)} have no entry in config.optax.groups.")
+        tx = optax.multi_transform(transforms, labels)
+    if optax_config.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(optax_config.clip_norm), tx)
+    return tx

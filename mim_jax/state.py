@@ -1,0 +1,140 @@
+"""Train state, its shardings, and the jitted train step: shared by the trainer and the benchmark."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mim_jax import optim, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extras: Any
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from (config, method, mesh) that the loop needs."""
+    create: Callable          # rng -> TrainState, created directly on its shardings
+    abstract: TrainState      # ShapeDtypeStructs carrying the current mesh's shardings
+    shardings: TrainState
+    frozen: Any               # frozen weights (e.g. a CLIP teacher), already on device
+    frozen_shardings: Any
+    train_step: Callable      # (state, frozen, batch) -> (state, metrics), jitted and donated
+    lr_schedule: Callable
+
+
+def _dict_path(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def shardings_by_param_path(tree, param_shardings, mesh):
+    """Optimizer states mirror params inside optax's own containers: give each leaf the sharding of
+    the parameter whose dict path ends its own path (same shape), else replicate it."""
+    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def pick(path, leaf):
+        keys = _dict_path(path)
+        for start in range(len(keys)):
+            sharding = by_path.get(keys[start:])
+            if sharding is not None and len(sharding.spec) <= leaf.ndim:
+                return sharding
+        return parallel.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_spec(config, global_batch_size: int) -> dict:
+    inp = config.input
+    return {"image": jax.ShapeDtypeStruct((global_batch_size, inp.image_size, inp.image_size, inp.channels), jnp.float32),
+            "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
+            "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+
+
+def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int) -> Setup:
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    batch = batch_spec(config, global_batch_size)
+    batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
+    peak_lr = optim.learning_rate(config.optax, global_batch_size)
+    lr_schedule = optim.schedule(config.optax, peak_lr, total_steps, warmup_steps,
+                                 decay_steps=int(config.optax.get("decay_percent", 1.0) * total_steps))
+
+    def init_boxed(rng, batch):
+        params = method.init_params(rng, batch)
+        return params, method.init_extras(jax.random.fold_in(rng, 1), params, batch)
+
+    with parallel.activate(mesh, rules):
+        boxed_params, boxed_extras = jax.eval_shape(init_boxed, jax.random.key(0), batch)
+        param_shardings = parallel.logical_shardings(boxed_params, mesh, rules)
+        extras_shardings = parallel.logical_shardings(boxed_extras, mesh, rules)
+        abstract_params = nn.unbox(boxed_params)
+        tx = optim.make_optimizer(config.optax, abstract_params, method.param_labels(abstract_params), lr_schedule)
+        opt_shape = jax.eval_shape(tx.init, abstract_params)
+        shardings = TrainState(step=parallel.replicated(mesh), params=param_shardings,
+                               opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
+                               extras=extras_shardings)
+
+        # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
+        init_batch = batch_spec(config, parallel.batch_sharding(mesh).num_devices)
+
+        def create(rng):
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)
+            params, extras = nn.unbox(init_boxed(rng, zeros))
+            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), extras)
+
+        create = jax.jit(create, out_shardings=shardings)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(create, jax.random.key(0)), shardings)
+
+        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
+        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
+    frozen = method.load_frozen(nn.unbox(boxed_frozen), frozen_shardings)
+
+    seed_key = jax.random.key(config.seed)
+
+    def train_step(state, frozen, batch):
+        def loss_fn(params):
+            return method.loss(params, state.extras, frozen, batch, seed_key, state.step)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        extras = method.update_extras(state.extras, params, state.step)
+        metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.global_norm(grads),
+                       param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+        return TrainState(state.step + 1, params, opt_state, extras), metrics
+
+    jitted = jax.jit(train_step, donate_argnums=(0,),
+                     in_shardings=(shardings, frozen_shardings, batch_sharding),
+                     out_shardings=(shardings, parallel.replicated(mesh)))
+
+    def step_fn(state, frozen, batch):
+        with parallel.activate(mesh, rules):  # logical constraints need both while tracing
+            return jitted(state, frozen, batch)
+
+    def create_fn(rng):
+        with parallel.activate(mesh, rules):
+            return create(rng)
+
+    def lower(*args):
+        with parallel.activate(mesh, rules):
+            return jitted.lower(*args)
+
+    step_fn.lower = lower
+    return Setup(create=create_fn, abstract=abstract, shardings=shardings, frozen=frozen,
+                 frozen_shardings=frozen_shardings, train_step=step_fn, lr_schedule=lr_schedule)
+
+
+def host_batch_to_global(local_batch: dict, mesh) -> dict:
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
+            if not k.startswith("_")}

@@ -1,0 +1,30 @@
+"""Test setup: 8 virtual CPU devices (set before jax is imported) and parsed absl flags."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+# grain 0.2.18 reads an absl flag in mp_prefetch; outside absl.app it must be marked parsed.
+flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end checks (run alone with -m slow)")
+
+
+def tiny_mae_config(**overrides):
+    """configs/mae.py:local shrunk to a model that compiles in seconds (unit tests only)."""
+    from configs import mae
+    c = mae.get_config("local")
+    c.input.update(image_size=16, batch_size=16, num_workers=0, crop_scale=(0.5, 1.0))
+    c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
+    c.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.total_steps = 6
+    c.log_steps = 2
+    c.ckpt_steps = 3
+    c.optax.warmup_steps = 2
+    c.update_from_flattened_dict(overrides)
+    return c

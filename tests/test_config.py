@@ -1,0 +1,73 @@
+"""Configs: argument parsing, unit-free durations, clear errors on unknown keys and bad values."""
+import subprocess
+import sys
+
+import pytest
+
+from configs import mae
+from mim_jax import config_lib, optim
+from mim_jax.models.vit import vit_from_config
+
+
+def test_parse_arg_types_flags_and_unknown_names():
+    arg = config_lib.parse_arg("variant=L/16,local,res=448", variant="B/16", local=False, res=224)
+    assert (arg.variant, arg.local, arg.res) == ("L/16", True, 448)
+    with pytest.raises(ValueError, match="Unknown config argument 'varaint'"):
+        config_lib.parse_arg("varaint=L/16", variant="B/16")
+    with pytest.raises(ValueError, match="'res' expects int"):
+        config_lib.parse_arg("res=big", res=224)
+
+
+@pytest.mark.parametrize("variant,width,depth", [("Ti/16", 192, 12), ("S/16", 384, 12), ("B/16", 768, 12),
+                                                 ("L/16", 1024, 24), ("H/14", 1280, 32)])
+def test_mae_variants_build(variant, width, depth):
+    c = mae.get_config(f"variant={variant}")
+    model = vit_from_config(c.model)
+    assert (model.width, model.depth, model.patch_size) == (width, depth, int(variant.split("/")[1]))
+
+
+def test_paper_recipe_and_local_preset():
+    c = mae.get_config()
+    assert c.total_epochs == 800 and c.input.batch_size == 4096 and c.input.dataset == "imagenet2012"
+    assert optim.learning_rate(c.optax, 4096) == pytest.approx(1.5e-4 * 16)
+    assert c.method.mask.ratio == 0.75 and (c.decoder.depth, c.decoder.width) == (8, 512)
+    local = mae.get_config("local")
+    assert local.input.dataset == "fashion_mnist" and local.input.channels == 1
+
+
+def test_unit_free_durations():
+    c = mae.get_config("local")
+    assert config_lib.steps(c, "total", steps_per_epoch=100) == 500            # total_epochs=5
+    c.total_steps = 20
+    assert config_lib.steps(c, "total", steps_per_epoch=100) == 20             # steps win
+    assert config_lib.steps(c.optax, "warmup", steps_per_epoch=100, total_steps=20) == 50
+    c.optax.warmup_epochs = None
+    c.optax.warmup_percent = 0.1
+    assert config_lib.steps(c.optax, "warmup", steps_per_epoch=100, total_steps=20) == 2
+
+
+def test_warmup_cosine_schedule_shape():
+    c = mae.get_config("local")
+    lr = optim.schedule(c.optax, 1.0, total_steps=100, warmup_steps=10)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(55)) == pytest.approx(0.5, abs=1e-6) and float(lr(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "mim_jax.main", "--workdir=/tmp/unused", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_override_key_is_a_clear_error():
+    out = _main("--config=configs/mae.py:local", "--config.totl_steps=3")
+    assert out.returncode != 0 and "totl_steps" in out.stderr
+
+
+def test_bad_override_value_is_a_clear_error():
+    out = _main("--config=configs/mae.py:local", "--config.total_steps=many")
+    assert out.returncode != 0 and "total_steps" in out.stderr
+
+
+def test_unknown_config_argument_is_a_clear_error():
+    out = _main("--config=configs/mae.py:lcoal")
+    assert out.returncode != 0 and "Unknown config argument 'lcoal'" in out.stderr

@@ -1,0 +1,77 @@
+"""ViT building blocks against independent NumPy computations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax.models import vit
+from mim_jax.models.decoder import unshuffle
+
+
+def test_patchify_matches_numpy_loop():
+    images = np.random.RandomState(0).randn(2, 8, 12, 3).astype(np.float32)
+    out = np.asarray(vit.patchify(jnp.asarray(images), 4))
+    assert out.shape == (2, 6, 48)
+    for r in range(2):
+        for c in range(3):
+            np.testing.assert_array_equal(out[:, r * 3 + c], images[:, 4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(2, -1))
+
+
+def test_sincos_matches_closed_form():
+    width, gh, gw = 16, 3, 5
+    pos = vit.sincos_2d(gh, gw, width)
+    i, j = 1, 4  # row 1, column 4 -> raster index 9
+    freqs = 1.0 / 10000 ** (np.arange(4) / 4)
+    expected = np.concatenate([np.sin(j * freqs), np.cos(j * freqs), np.sin(i * freqs), np.cos(i * freqs)])
+    np.testing.assert_allclose(pos[i * gw + j], expected, rtol=1e-6)
+
+
+def test_attention_matches_numpy_and_padding_is_exact():
+    rng = np.random.RandomState(1)
+    q, k, v = (rng.randn(2, 13, 2, 8).astype(np.float32) for _ in range(3))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    np.testing.assert_allclose(vit.attention(q, k, v, None), expected, atol=1e-5)
+    # The cuDNN path pads to a multiple of 64 with true lengths; same maths on the XLA kernel.
+    np.testing.assert_allclose(vit.attention(q, k, v, "xla", pad_multiple=64), expected, atol=1e-5)
+
+
+def test_decode_variant_and_errors():
+    assert vit.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)
+    with pytest.raises(ValueError, match="Unknown ViT variant"):
+        vit.decode_variant("Q/16")
+
+
+def test_visible_subset_equals_gathering_tokens_of_a_full_pass_without_attention_mixing():
+    """With depth 0 the encoder is embed + pos: running on visible indices must equal gathering
+    those positions from the full pass (checks index handling of patches and positions)."""
+    model = vit.ViT(patch_size=4, width=32, depth=0, mlp_dim=64, num_heads=2, cls_token=True)
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    params = model.init(jax.random.key(1), images)
+    full, _ = model.apply(params, images)
+    idx = jnp.array([[0, 3, 7, 15], [1, 2, 8, 9]])
+    part, out = model.apply(params, images, idx)
+    np.testing.assert_allclose(part[:, 1:], jnp.take_along_axis(full[:, 1:], idx[..., None], 1), atol=1e-5)
+    assert out["patch_tokens"].shape == (2, 4, 32) and out["cls"].shape == (2, 32)
+
+
+def test_vit_outputs_and_drop_path():
+    model = vit.ViT(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2, num_registers=2,
+                    drop_path=0.5, layerscale=0.1, norm="rmsnorm")
+    images = jnp.ones((4, 8, 8, 1))
+    params = model.init(jax.random.key(0), images)
+    x, out = model.apply(params, images)
+    assert x.shape == (4, 1 + 2 + 4, 32)
+    assert set(out) >= {"block_0", "block_1", "encoded", "cls", "patch_tokens", "patch_mean"}
+    a, _ = model.apply(params, images, train=True, rngs={"dropout": jax.random.key(1)})
+    b, _ = model.apply(params, images, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b)  # drop path is active in training ...
+    np.testing.assert_allclose(model.apply(params, images)[0], x)  # ... and off at evaluation
+
+
+def test_unshuffle_places_tokens_by_index():
+    vis = jnp.arange(2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 1) + 1
+    out = unshuffle(vis, jnp.full((1, 1, 1), -1.0), jnp.array([[0, 2], [1, 3]]), jnp.array([[1, 3], [0, 2]]))
+    np.testing.assert_array_equal(out[..., 0], [[1, -1, 2, -1], [-1, 3, -1, 4]])
