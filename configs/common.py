@@ -19,7 +19,7 @@ DATASETS = {
 SHARDING_RULES = (
     ("act_batch", ("data", "fsdp")),
     ("embed", "fsdp"), ("dec_embed", "fsdp"),
-    ("mlp", None), ("heads", None), ("kv", None), ("patch", None), ("norm", None),
+    ("mlp", None), ("qkv", None), ("patch", None), ("norm", None),
     ("act_len", None), ("act_emb", None), ("act_mlp", None), ("act_heads", None), ("act_kv", None),
 )
 

@@ -59,10 +59,16 @@ def logical_shardings(abstract_tree, mesh, rules):
     """
     specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
-    unboxed = nn.unbox(abstract_tree)
+    unboxed = unbox_abstract(abstract_tree)
     return jax.tree.map(
         lambda spec, x: NamedSharding(mesh, _fit_to_shape(spec, x.shape, mesh)),
         mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
+
+
+def unbox_abstract(tree):
+    """Strips flax partitioning boxes without applying sharding constraints (abstract values)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def batch_sharding(mesh) -> NamedSharding:

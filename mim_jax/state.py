@@ -76,7 +76,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
         boxed_params, boxed_extras = jax.eval_shape(init_boxed, jax.random.key(0), batch)
         param_shardings = parallel.logical_shardings(boxed_params, mesh, rules)
         extras_shardings = parallel.logical_shardings(boxed_extras, mesh, rules)
-        abstract_params = nn.unbox(boxed_params)
+        abstract_params = parallel.unbox_abstract(boxed_params)
         tx = optim.make_optimizer(config.optax, abstract_params, method.param_labels(abstract_params), lr_schedule)
         opt_shape = jax.eval_shape(tx.init, abstract_params)
         shardings = TrainState(step=parallel.replicated(mesh), params=param_shardings,
@@ -97,7 +97,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
         boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
         frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(nn.unbox(boxed_frozen), frozen_shardings)
+    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
 
     seed_key = jax.random.key(config.seed)
 
@@ -109,8 +109,8 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extras = method.update_extras(state.extras, params, state.step)
-        metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+        metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return TrainState(state.step + 1, params, opt_state, extras), metrics
 
     jitted = jax.jit(train_step, donate_argnums=(0,),

@@ -47,7 +47,9 @@ def test_sharded_step_matches_single_device():
     sharded, sharded_losses = _run_steps(config, parallel.make_mesh(config.mesh), batches)
     single, single_losses = _run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded.params, single.params)
+    # Reduction order differs across meshes; Adam normalises near-zero gradients (fresh biases) to
+    # O(lr) steps, so allow 1e-5 absolute: under 10% of one step's lr, far below 3 steps' movement.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sharded.params, single.params)
     # FSDP really shards: a kernel with an 'embed' dim is split over the fsdp axis.
     kernel = sharded.params["encoder"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.spec[0] == "fsdp" and len(kernel.addressable_shards[0].data) == 32 // 4
@@ -107,8 +109,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     ckpt.save(1, state, force=True)
     ckpt.save(2, state, force=True)
     ckpt.wait()
-    for f in (tmp_path / "2" / "state").rglob("*"):
-        if f.is_file() and "manifest" in f.name or f.suffix == "":
-            f.write_bytes(b"garbage") if f.is_file() else None
-    step, _, _ = checkpoint.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3).restore(setup.abstract)
+    for data_file in (tmp_path / "2" / "state").rglob("d/*"):  # truncate every array chunk of step 2
+        data_file.write_bytes(b"garbage")
+    step, restored, _ = checkpoint.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3).restore(setup.abstract)
     assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    for data_file in (tmp_path / "1" / "state").rglob("d/*"):
+        data_file.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="No readable checkpoint"):
+        checkpoint.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3).restore(setup.abstract)

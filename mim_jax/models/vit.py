@@ -137,18 +137,17 @@ class Attention(nn.Module):
     def __call__(self, x):
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        # One fused projection for q, k and v: a single larger matmul is faster than three.
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim), dtype=self.dtype, use_bias=self.use_bias, name="qkv",
-            # DenseGeneral initialises the flattened (D, 3D) matrix: xavier as timm's fused qkv Linear.
-            kernel_init=param_init(self.kernel_init, ("embed", None, "heads", "kv")),
-            bias_init=param_init(nn.initializers.zeros, (None, "heads", "kv")))(x)
+        # One fused projection for q, k and v (a single larger matmul is faster than three),
+        # xavier-initialised over the whole (D, 3D) matrix as timm's fused qkv Linear.
+        qkv = nn.Dense(3 * width, dtype=self.dtype, use_bias=self.use_bias, name="qkv",
+                       kernel_init=param_init(self.kernel_init, ("embed", "qkv")),
+                       bias_init=param_init(nn.initializers.zeros, ("qkv",)))(x)
+        qkv = qkv.reshape(*x.shape[:2], 3, self.num_heads, head_dim)
         q, k, v = (constrain(qkv[:, :, i], ("act_batch", "act_len", "act_heads", "act_kv")) for i in range(3))
-        out = attention(q, k, v, self.implementation)
-        return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, use_bias=self.use_bias, name="out",
-            kernel_init=param_init(self.kernel_init, ("heads", "kv", "embed")),
-            bias_init=param_init(nn.initializers.zeros, ("embed",)))(out)
+        out = attention(q, k, v, self.implementation).reshape(x.shape[:2] + (width,))
+        return nn.Dense(width, dtype=self.dtype, use_bias=self.use_bias, name="out",
+                        kernel_init=param_init(self.kernel_init, ("qkv", "embed")),
+                        bias_init=param_init(nn.initializers.zeros, ("embed",)))(out)
 
 
 class Mlp(nn.Module):
