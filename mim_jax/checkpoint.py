@@ -68,8 +68,9 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax raises many types for missing/corrupt files.
-                logging.error("Checkpoint %s/%d could not be restored: %s", self.directory, candidate, e)
-                errors.append(f"step {candidate}: {type(e).__name__}: {e}")
+                message = f"step {candidate}: {type(e).__name__}: {str(e)[:300]}"
+                logging.error("Checkpoint %s could not be restored: %s", self.directory, message)
+                errors.append(message)
                 continue
             if errors:
                 logging.warning("Restored older checkpoint %d because newer ones were unreadable.", candidate)

@@ -5,6 +5,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain 0.2.18 reads an absl flag in mp_prefetch; outside absl.app it must be marked parsed.
@@ -28,3 +29,17 @@ def tiny_mae_config(**overrides):
     c.optax.warmup_steps = 2
     c.update_from_flattened_dict(overrides)
     return c
+
+
+FASHION_MNIST_FILES = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """TFDS data dir with fashion_mnist prepared offline from the Debian package (about 20 s)."""
+    if not os.path.exists(FASHION_MNIST_FILES):
+        pytest.skip("apt-get install dataset-fashion-mnist (installed by .ci/run) to run this test")
+    from mim_jax.data.fashion_mnist import prepare_fashion_mnist
+    data_dir = tmp_path_factory.mktemp("tfds")
+    prepare_fashion_mnist(str(data_dir))
+    return str(data_dir)
