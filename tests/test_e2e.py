@@ -37,7 +37,7 @@ def steps_saved(workdir):
 
 
 def test_readme_main_job_runs_resumes_and_survives_a_corrupt_checkpoint(tmp_path, fashion_mnist_dir):
-    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=4", "--config.ckpt_steps=2")
+    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=4", "--config.ckpt_steps=2", "--config.log_steps=1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4] and steps_saved(tmp_path) == [2, 4]
     assert list(tmp_path.glob("events.out.tfevents*"))
