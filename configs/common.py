@@ -69,8 +69,8 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
     split, channels, mean, std = DATASETS["fashion_mnist"]
     c.input.update(dataset="fashion_mnist", split=split, channels=channels, mean=mean, std=std,
                    image_size=28, batch_size=128, num_workers=2, crop_scale=(0.35, 1.0))
-    c.model.update(variant="Ti/4", depth=6, dtype="float32")
-    c.total_epochs = 5.0
+    c.model.update(variant="Ti/4", depth=4, dtype="float32")
+    c.total_epochs = 2.0
     c.log_steps = 20
     c.ckpt_epochs = 1.0
     c.optax.update(warmup_epochs=0.5, base_lr=1e-3)

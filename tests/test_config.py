@@ -37,7 +37,7 @@ def test_paper_recipe_and_local_preset():
 
 def test_unit_free_durations():
     c = mae.get_config("local")
-    assert config_lib.steps(c, "total", steps_per_epoch=100) == 500            # total_epochs=5
+    assert config_lib.steps(c, "total", steps_per_epoch=100) == 200            # total_epochs=2
     c.total_steps = 20
     assert config_lib.steps(c, "total", steps_per_epoch=100) == 20             # steps win
     assert config_lib.steps(c.optax, "warmup", steps_per_epoch=100, total_steps=20) == 50
