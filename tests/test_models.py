@@ -1,4 +1,5 @@
 """ViT building blocks against independent NumPy computations."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +76,21 @@ def test_unshuffle_places_tokens_by_index():
     vis = jnp.arange(2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 1) + 1
     out = unshuffle(vis, jnp.full((1, 1, 1), -1.0), jnp.array([[0, 2], [1, 3]]), jnp.array([[1, 3], [0, 2]]))
     np.testing.assert_array_equal(out[..., 0], [[1, -1, 2, -1], [-1, 3, -1, 4]])
+
+
+def test_bf16_compute_keeps_fp32_params_and_remat_changes_nothing():
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    ref = vit.ViT(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2)
+    params = nn.unbox(ref.init(jax.random.key(1), images))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x32, _ = ref.apply(params, images)
+    x16, _ = ref.clone(dtype=jnp.bfloat16).apply(params, images)
+    assert x16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(x16, np.float32), x32, atol=0.1)
+    remat = ref.clone(remat=True)
+
+    def loss(model, p):
+        return jnp.sum(model.apply(p, images, train=True, rngs={"dropout": jax.random.key(2)})[0] ** 2)
+
+    np.testing.assert_allclose(jax.grad(lambda p: loss(remat, p))(params)["params"]["embedding"]["kernel"],
+                               jax.grad(lambda p: loss(ref, p))(params)["params"]["embedding"]["kernel"], rtol=1e-5)
