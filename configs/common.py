@@ -13,6 +13,9 @@ DATASETS = {
     "mnist": ("train", 1, (0.1307,), (0.3081,)),
     "cifar10": ("train", 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+# Held-out split used by evaluators (TFDS names).
+EVAL_SPLITS = {"imagenet2012": "validation"}
+NUM_CLASSES = {"imagenet2012": 1000, "fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
 # `fsdp`, the batch over both axes, everything else replicated. Model code only names axes.
@@ -74,3 +77,23 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
     c.log_steps = 20
     c.ckpt_epochs = 1.0
     c.optax.update(warmup_epochs=0.5, base_lr=1e-3)
+
+
+def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
+    """Shared block of evaluation jobs: which encoder, which features, which data."""
+    if not arg.init:
+        raise ValueError("Evaluation configs need init=<pre-training workdir>|random|pixels.")
+    c = ml_collections.ConfigDict()
+    c.evaluator = evaluator
+    c.init = arg.init
+    c.pretrain = arg.pretrain       # config (file:arg) giving architecture and data for random/pixels
+    c.feature = arg.feature
+    c.seed = 0
+    c.batch_size = 256
+    c.data_dir = placeholder(str)   # overrides the pre-training config's input.data_dir
+    c.train_split = placeholder(str)  # default: the pre-training split
+    c.eval_split = placeholder(str)   # default: EVAL_SPLITS or "test"
+    c.max_train_examples = placeholder(int)
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.update(options)
+    return c

@@ -40,7 +40,7 @@ def benchmark(config, steps: int) -> dict:
              "label": jax.device_put(jnp.zeros(bs, jnp.int32), sharding),
              "index": jax.device_put(jnp.arange(bs, dtype=jnp.int32), sharding)}
 
-    compiled = setup.train_step.lower(state, setup.frozen, batch).compile()
+    compiled = setup.lower_step(state, setup.frozen, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0

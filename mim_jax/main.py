@@ -51,10 +51,14 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     initialize_distributed()
     import jax
-    from mim_jax import train
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.get("evaluator"):
+        from mim_jax.evaluators import run
+        run.evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+        from mim_jax import train
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

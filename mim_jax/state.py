@@ -30,6 +30,7 @@ class Setup:
     frozen: Any               # frozen weights (e.g. a CLIP teacher), already on device
     frozen_shardings: Any
     train_step: Callable      # (state, frozen, batch) -> (state, metrics), jitted and donated
+    lower_step: Callable      # same arguments -> jax.stages.Lowered (cost analysis, AOT)
     lr_schedule: Callable
 
 
@@ -129,9 +130,9 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
         with parallel.activate(mesh, rules):
             return jitted.lower(*args)
 
-    step_fn.lower = lower
     return Setup(create=create_fn, abstract=abstract, shardings=shardings, frozen=frozen,
-                 frozen_shardings=frozen_shardings, train_step=step_fn, lr_schedule=lr_schedule)
+                 frozen_shardings=frozen_shardings, train_step=step_fn, lower_step=lower,
+                 lr_schedule=lr_schedule)
 
 
 def host_batch_to_global(local_batch: dict, mesh) -> dict:

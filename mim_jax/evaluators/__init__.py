@@ -1,0 +1,1 @@
+"""Evaluation of pre-trained encoders: kNN, linear and attentive probes, fine-tuning."""

@@ -1,0 +1,67 @@
+"""Runs an evaluation job (`config.evaluator`) on an encoder and writes its results."""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+import jax
+import numpy as np
+from etils import epath
+
+from configs import common
+from mim_jax import metrics, parallel
+from mim_jax.data import pipeline
+from mim_jax.evaluators import encoder as encoder_lib, knn
+
+
+def pretrain_config(name_and_arg: str):
+    name, _, arg = name_and_arg.partition(":")
+    return importlib.import_module(f"configs.{name}").get_config(arg or None)
+
+
+def features_and_labels(config, mesh):
+    base = None if config.init not in ("random", "pixels") else pretrain_config(config.pretrain)
+    if base is None:
+        base = encoder_lib.pretrain_config_of(config.init)
+    if config.data_dir:
+        base.input.data_dir = config.data_dir
+    encoder = encoder_lib.load(config.init, mesh, feature=config.feature, base_config=base)
+    inp = base.input
+    splits = {"train": config.train_split or inp.split,
+              "eval": config.eval_split or common.EVAL_SPLITS.get(inp.dataset, "test")}
+    out = {}
+    for name, split in splits.items():
+        source = pipeline.open_source(inp.dataset, split, inp.data_dir)
+        out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
+                                        image_size=inp.image_size, mean=inp.mean, std=inp.std,
+                                        max_examples=config.max_train_examples if name == "train" else None)
+    num_classes = common.NUM_CLASSES.get(inp.dataset) or int(max(out["train"][1].max(), out["eval"][1].max()) + 1)
+    return out, num_classes, encoder.description
+
+
+def run_knn(config, feats, num_classes, mesh) -> dict:
+    (bank, bank_labels), (queries, labels) = feats["train"], feats["eval"]
+    classifier = knn.KnnClassifier(bank, bank_labels, num_classes, mesh, k=config.k, temperature=config.temperature)
+    scores = np.concatenate([np.asarray(classifier.predict(queries[i:i + 1024])) for i in range(0, len(queries), 1024)])
+    return {f"knn_{k}": v for k, v in knn.topk_accuracy(scores, labels).items()}
+
+
+EVALUATORS = {"knn": run_knn}
+
+
+def evaluate(config, workdir) -> dict:
+    if config.evaluator not in EVALUATORS:
+        raise ValueError(f"Unknown evaluator {config.evaluator!r}; available: {sorted(EVALUATORS)}.")
+    mesh = parallel.make_mesh(config.mesh)
+    feats, num_classes, description = features_and_labels(config, mesh)
+    results = EVALUATORS[config.evaluator](config, feats, num_classes, mesh)
+    logging.info("%s on %s: %s", config.evaluator, description, results)
+    if jax.process_index() == 0:
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "results.json").write_text(json.dumps({"encoder": description, **results}, indent=1))
+        writer = metrics.create_writer(workdir)
+        writer.write_scalars(0, results)
+        writer.flush()
+    return results
