@@ -15,6 +15,7 @@ from etils import epath
 from mim_jax import checkpoint, parallel, state as state_lib
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method
+from mim_jax.models import vit
 
 
 @dataclasses.dataclass
@@ -45,8 +46,11 @@ def pretrain_config_of(workdir) -> ml_collections.ConfigDict:
 def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.ConfigDict | None = None) -> Encoder:
     """`init` is a pre-training workdir (its newest checkpoint), 'random' (the same architecture,
     untrained: needs `base_config`) or 'pixels' (flattened normalised pixels)."""
-    if init == "pixels":
-        return Encoder(jax.jit(lambda images: images.reshape(images.shape[0], -1)), base_config, "raw pixels")
+    if init == "pixels":  # tokens are raw patches (attentive probe), otherwise the whole image
+        patch = vit.decode_variant(base_config.model.variant)["patch_size"]
+        fn = ((lambda images: vit.patchify(images, patch)) if feature == "patch_tokens"
+              else (lambda images: images.reshape(images.shape[0], -1)))
+        return Encoder(jax.jit(fn), base_config, "raw pixels")
     config = base_config if init == "random" else pretrain_config_of(init)
     method = get_method(config)
     setup = state_lib.build(config, method, mesh, total_steps=1, warmup_steps=0,

@@ -12,7 +12,7 @@ from etils import epath
 from configs import common
 from mim_jax import metrics, parallel
 from mim_jax.data import pipeline
-from mim_jax.evaluators import encoder as encoder_lib, knn
+from mim_jax.evaluators import encoder as encoder_lib, knn, probes
 
 
 def pretrain_config(name_and_arg: str):
@@ -47,7 +47,25 @@ def run_knn(config, feats, num_classes, mesh) -> dict:
     return {f"knn_{k}": v for k, v in knn.topk_accuracy(scores, labels).items()}
 
 
-EVALUATORS = {"knn": run_knn}
+def run_linear_probe(config, feats, num_classes, mesh) -> dict:
+    (x, y), (x_eval, y_eval) = feats["train"], feats["eval"]
+    x, x_eval = probes.standardize(x, x_eval)
+    results = probes.train_probes(probes.LinearHead(num_classes), (x, y), (x_eval, y_eval),
+                                  learning_rates=tuple(config.learning_rates), epochs=config.epochs,
+                                  batch_size=config.probe_batch_size, optimizer="sgd", seed=config.seed)
+    return probes.best(results, "linear")
+
+
+def run_attentive_probe(config, feats, num_classes, mesh) -> dict:
+    (x, y), (x_eval, y_eval) = feats["train"], feats["eval"]
+    results = probes.train_probes(probes.AttentiveHead(num_classes, config.num_heads), (x, y), (x_eval, y_eval),
+                                  learning_rates=tuple(config.learning_rates), epochs=config.epochs,
+                                  batch_size=config.probe_batch_size, optimizer="adamw",
+                                  weight_decay=config.weight_decay, seed=config.seed)
+    return probes.best(results, "attentive")
+
+
+EVALUATORS = {"knn": run_knn, "linear_probe": run_linear_probe, "attentive_probe": run_attentive_probe}
 
 
 def evaluate(config, workdir) -> dict:

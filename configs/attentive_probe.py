@@ -1,0 +1,16 @@
+"""Attentive probe (CAPI / data2vec 2.0 protocol: one cross-attention block with a learned query
+over the frozen patch tokens, then a linear classifier; AdamW, cosine) over a sweep of learning
+rates trained at once on cached centre-view tokens; the best head is reported.
+
+  python -m mim_jax.main --config=configs/attentive_probe.py:init=/tmp/mae_local --workdir=/tmp/att_mae_local
+
+Arguments: init=<pre-training workdir>|random|pixels; pretrain=<config>:<arg>.
+"""
+from configs import common
+from mim_jax.config_lib import parse_arg
+
+
+def get_config(arg=None):
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="patch_tokens"),
+                              "attentive_probe", learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), epochs=10,
+                              probe_batch_size=256, weight_decay=0.05, num_heads=4)

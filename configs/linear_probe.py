@@ -1,0 +1,17 @@
+"""Linear probe (MAE protocol: BatchNorm without affine + linear layer on the frozen encoder's
+features; SGD momentum 0.9, no weight decay, cosine) over a sweep of learning rates trained at once
+on cached centre-view features; the best head is reported.
+
+  python -m mim_jax.main --config=configs/linear_probe.py:init=/tmp/mae_local --workdir=/tmp/lin_mae_local
+  python -m mim_jax.main --config=configs/linear_probe.py:init=random,pretrain=mae:local --workdir=/tmp/lin_random
+
+Arguments: init=<pre-training workdir>|random|pixels; pretrain=<config>:<arg>;
+feature=cls|patch_mean|cls+patch_mean.
+"""
+from configs import common
+from mim_jax.config_lib import parse_arg
+
+
+def get_config(arg=None):
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="cls"), "linear_probe",
+                              learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=90, probe_batch_size=1024)

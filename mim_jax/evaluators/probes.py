@@ -1,0 +1,100 @@
+"""Linear and attentive probes on frozen-encoder features, a sweep of learning rates trained at once.
+
+Features are computed once on the centre view and cached (no augmentation), so every epoch costs
+only the heads. All heads of the sweep live in one stacked pytree: one jitted step updates all of
+them, each with its own learning rate, and each is evaluated; the best is reported (as MAE, DINO and
+CAPI report the best of their sweeps).
+- Linear (MAE): BatchNorm without affine, then a linear layer. With cached features the
+  normalisation uses the training set's mean and variance (BN's running statistics at convergence).
+  SGD with momentum 0.9, no weight decay, cosine decay.
+- Attentive (CAPI, data2vec 2.0): one cross-attention block whose single learned query attends to
+  the frozen patch tokens, then LayerNorm and a linear classifier; AdamW, cosine decay.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mim_jax.evaluators.knn import topk_accuracy
+
+
+class LinearHead(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(x)
+
+
+class AttentiveHead(nn.Module):
+    """Cross-attention pooling with one learned query, then a linear classifier."""
+    num_classes: int
+    num_heads: int = 4
+
+    @nn.compact
+    def __call__(self, tokens):
+        d = tokens.shape[-1]
+        query = self.param("query", nn.initializers.normal(0.02), (1, 1, d))
+        tokens = nn.LayerNorm()(tokens)
+        pooled = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
+            jnp.broadcast_to(query, (tokens.shape[0], 1, d)), tokens)[:, 0]
+        pooled = pooled + nn.Dense(d)(nn.gelu(nn.Dense(2 * d)(nn.LayerNorm()(pooled))))
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(nn.LayerNorm()(pooled))
+
+
+def standardize(train: np.ndarray, *others: np.ndarray):
+    """BatchNorm without affine, with the training set's statistics per feature."""
+    axes = tuple(range(train.ndim - 1))
+    mean = train.mean(axes, dtype=np.float64)
+    std = np.sqrt(train.var(axes, dtype=np.float64) + 1e-6)
+    return [((x - mean) / std).astype(np.float32) for x in (train, *others)]
+
+
+def train_probes(head: nn.Module, train, eval_, *, learning_rates, epochs: int, batch_size: int,
+                 optimizer: str = "sgd", weight_decay: float = 0.0, seed: int = 0) -> dict:
+    """Trains one head per learning rate; returns {lr: {'top1':..,'top5':..}} on `eval_`."""
+    (x, y), (x_eval, y_eval) = train, eval_
+    lrs = jnp.asarray(learning_rates, jnp.float32)
+    steps_per_epoch = max(len(x) // batch_size, 1)
+    total = epochs * steps_per_epoch
+    # Unit learning rate; each head's updates are scaled by its own lr afterwards.
+    shape = optax.cosine_decay_schedule(1.0, total)
+    if optimizer == "sgd":
+        tx = optax.chain(optax.trace(decay=0.9), optax.scale_by_schedule(lambda s: -shape(s)))
+    else:
+        tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
+                         optax.scale_by_schedule(lambda s: -shape(s)))
+
+    keys = jax.random.split(jax.random.key(seed), len(learning_rates))
+    params = jax.vmap(lambda k: head.init(k, jnp.asarray(x[:2])))(keys)
+    opt_state = jax.vmap(tx.init)(params)
+
+    def loss_fn(p, xb, yb):
+        logits = head.apply(p, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        grads = jax.vmap(jax.grad(loss_fn), in_axes=(0, None, None))(params, xb, yb)
+        updates, opt_state = jax.vmap(tx.update)(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)), updates)
+        return optax.apply_updates(params, updates), opt_state
+
+    predict = jax.jit(jax.vmap(head.apply, in_axes=(0, None)))
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            params, opt_state = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    logits = np.concatenate([np.asarray(predict(params, jnp.asarray(x_eval[i:i + 1024])))
+                             for i in range(0, len(x_eval), 1024)], axis=1)
+    return {float(lr): topk_accuracy(logits[h], y_eval) for h, lr in enumerate(learning_rates)}
+
+
+def best(results: dict, prefix: str) -> dict:
+    lr, acc = max(results.items(), key=lambda kv: kv[1]["top1"])
+    return {**{f"{prefix}_{k}": v for k, v in acc.items()}, f"{prefix}_best_lr": lr}
