@@ -11,6 +11,4 @@ from mim_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="patch_tokens"),
-                              "attentive_probe", learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), epochs=10,
-                              probe_batch_size=256, weight_decay=0.05, num_heads=4)
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature=""), "attentive_probe")

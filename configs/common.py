@@ -4,18 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Known data sets: (split, channels, mean, std). Any other TFDS image data set works with
-# dataset=NAME: then channels/mean/std default to RGB ImageNet statistics (override as needed).
-DATASETS = {
-    "imagenet2012": ("train", 3, IMAGENET_MEAN, IMAGENET_STD),
-    "fashion_mnist": ("train", 1, (0.2860,), (0.3530,)),
-    "mnist": ("train", 1, (0.1307,), (0.3081,)),
-    "cifar10": ("train", 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-# Held-out split used by evaluators (TFDS names).
-EVAL_SPLITS = {"imagenet2012": "validation"}
-NUM_CLASSES = {"imagenet2012": 1000, "fashion_mnist": 10, "mnist": 10, "cifar10": 10}
+from mim_jax.data.catalog import DATASETS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES  # noqa: F401
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
 # `fsdp`, the batch over both axes, everything else replicated. Model code only names axes.
@@ -38,6 +27,7 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     c.ckpt_epochs = 1.0
     c.keep_ckpts = 3
     c.async_ckpt = True
+    c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known
 
@@ -77,6 +67,30 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
     c.log_steps = 20
     c.ckpt_epochs = 1.0
     c.optax.update(warmup_epochs=0.5, base_lr=1e-3)
+    # Probe accuracy during pre-training (a 10k-image bank/train set keeps each under a minute).
+    c.evals.knn = periodic_eval("knn", every_epochs=0.5, max_train_examples=10_000)
+    c.evals.linear = periodic_eval("linear_probe", every_epochs=0.5, max_train_examples=10_000, epochs=30)
+
+
+# Defaults of each evaluator (the papers' protocols), shared by the evaluation configs and by the
+# periodic evaluations inside pre-training (config.evals).
+EVALUATOR_DEFAULTS = {
+    "knn": dict(k=20, temperature=0.07, feature="cls"),
+    "linear_probe": dict(learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=90, probe_batch_size=1024,
+                         feature="cls"),
+    "classification": dict(feature="logits"),
+    "attentive_probe": dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), epochs=10, probe_batch_size=256,
+                            weight_decay=0.05, num_heads=4, feature="patch_tokens"),
+}
+
+
+def periodic_eval(evaluator: str, every_epochs: float, **options) -> ml_collections.ConfigDict:
+    """An entry of config.evals: run `evaluator` every `every_epochs` during pre-training."""
+    c = dict(type=evaluator, every_epochs=every_epochs, every_steps=placeholder(int), batch_size=256, seed=0,
+             max_train_examples=placeholder(int), max_eval_examples=placeholder(int),
+             **EVALUATOR_DEFAULTS[evaluator])
+    c.update(options)
+    return ml_collections.ConfigDict(c)
 
 
 def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
@@ -94,6 +108,9 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     c.train_split = placeholder(str)  # default: the pre-training split
     c.eval_split = placeholder(str)   # default: EVAL_SPLITS or "test"
     c.max_train_examples = placeholder(int)
+    c.max_eval_examples = placeholder(int)
     c.mesh = [("data", -1), ("fsdp", 1)]
+    c.update(EVALUATOR_DEFAULTS[evaluator])
+    c.feature = arg.feature or c.feature
     c.update(options)
     return c

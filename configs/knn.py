@@ -12,5 +12,4 @@ from mim_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="cls"), "knn",
-                              k=20, temperature=0.07)
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature=""), "knn")

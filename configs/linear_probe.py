@@ -13,5 +13,4 @@ from mim_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="cls"), "linear_probe",
-                              learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=90, probe_batch_size=1024)
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature=""), "linear_probe")

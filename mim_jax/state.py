@@ -84,21 +84,23 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
+        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
+        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
+    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+
+    with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
         init_batch = batch_spec(config, parallel.batch_sharding(mesh).num_devices)
 
-        def create(rng):
+        def create(rng, frozen):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)
             params, extras = nn.unbox(init_boxed(rng, zeros))
+            params = method.warm_start(params, frozen)
             return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), extras)
 
         create = jax.jit(create, out_shardings=shardings)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(create, jax.random.key(0)), shardings)
-
-        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
-        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+                                jax.eval_shape(create, jax.random.key(0), frozen), shardings)
 
     seed_key = jax.random.key(config.seed)
 
@@ -124,7 +126,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
     def create_fn(rng):
         with parallel.activate(mesh, rules):
-            return create(rng)
+            return create(rng, frozen)
 
     def lower(*args):
         with parallel.activate(mesh, rules):

@@ -13,6 +13,7 @@ from etils import epath
 
 from mim_jax import checkpoint, config_lib, metrics, parallel, state as state_lib
 from mim_jax.data import pipeline
+from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method
 
 
@@ -106,6 +107,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     if config.profile_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
                                               first_profile=start + 10))
+    evals = PeriodicEvals(config, method, mesh, steps["steps_per_epoch"])
     stop = _StopSignal()
     pending = []
     step = start
@@ -128,6 +130,10 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
                 _check_finite(scalars, step)
                 scalars.update(throughput.report())
                 writer.write_scalars(step, scalars)
+            due = evals.due(step, last=step == steps["total"])
+            if due:
+                writer.write_scalars(step, evals.run(due, state.params))
+                throughput.reset()  # evaluation time is not training time
             if preempted or step == steps["total"] or step % steps["ckpt"] == 0:
                 if pending:  # never checkpoint a diverged state
                     _check_finite(metrics.to_host_scalars(pending[-1:]), step)

@@ -27,6 +27,7 @@ def tiny_mae_config(**overrides):
     c.log_steps = 2
     c.ckpt_steps = 3
     c.optax.warmup_steps = 2
+    c.evals = {}
     c.update_from_flattened_dict(overrides)
     return c
 

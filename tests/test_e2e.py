@@ -13,11 +13,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Periodic probes on a few hundred images (they run at the last step of every run).
+EVALS = [f"--config.evals.{name}.max_{split}_examples=256" for name in ("knn", "linear") for split in ("train", "eval")]
 # A small model so each run compiles quickly; everything else is the README's local preset.
 TINY = ["--config.model.depth=2", "--config.model.width=64", "--config.model.num_heads=2",
         "--config.model.mlp_dim=128", "--config.decoder.depth=1", "--config.decoder.width=64",
         "--config.decoder.num_heads=2", "--config.decoder.mlp_dim=128", "--config.input.batch_size=32",
-        "--config.log_steps=1"]
+        "--config.log_steps=1", *EVALS]
 
 
 def run_main(workdir, data_dir, *extra, devices=8, timeout=300):
@@ -37,14 +39,18 @@ def steps_saved(workdir):
 
 
 def test_readme_main_job_runs_resumes_and_survives_a_corrupt_checkpoint(tmp_path, fashion_mnist_dir):
-    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=4", "--config.ckpt_steps=2", "--config.log_steps=1")
+    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=4", "--config.ckpt_steps=2", "--config.log_steps=1",
+                   *EVALS)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4] and steps_saved(tmp_path) == [2, 4]
     assert list(tmp_path.glob("events.out.tfevents*"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    probe = [r for r in rows if "eval/knn_top1" in r and "eval/linear_linear_top1" in r]
+    assert probe and probe[-1]["step"] == 4 and 0 <= probe[-1]["eval/knn_top1"] <= 1
     # Corrupt the newest checkpoint: the run reports it, resumes from step 2 and finishes.
     for chunk in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):
         chunk.write_bytes(b"garbage")
-    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=6", "--config.ckpt_steps=2")
+    out = run_main(tmp_path, fashion_mnist_dir, "--config.total_steps=6", "--config.ckpt_steps=2", *EVALS)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "could not be restored" in out.stderr and "Resumed from step 2" in out.stderr
 

@@ -26,7 +26,7 @@ class Encoder:
     description: str
 
 
-def _select(out: dict, feature: str) -> jax.Array:
+def select(out: dict, feature: str) -> jax.Array:
     parts = feature.split("+")
     missing = [p for p in parts if p not in out]
     if missing:
@@ -62,7 +62,7 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
         step, state, _ = ckpt.restore(setup.abstract)
         params, description = state.params, f"{init} @ step {step}"
         logging.info("Loaded encoder from %s", description)
-    encode = jax.jit(lambda p, images: _select(method.encode(p, images), feature))
+    encode = jax.jit(lambda p, images: select(method.encode(p, images), feature))
     return Encoder(lambda images: encode(params, images), config, description)
 
 

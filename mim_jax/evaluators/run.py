@@ -9,9 +9,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from configs import common
 from mim_jax import metrics, parallel
-from mim_jax.data import pipeline
+from mim_jax.data import catalog, pipeline
 from mim_jax.evaluators import encoder as encoder_lib, knn, probes
 
 
@@ -29,14 +28,16 @@ def features_and_labels(config, mesh):
     encoder = encoder_lib.load(config.init, mesh, feature=config.feature, base_config=base)
     inp = base.input
     splits = {"train": config.train_split or inp.split,
-              "eval": config.eval_split or common.EVAL_SPLITS.get(inp.dataset, "test")}
+              "eval": config.eval_split or catalog.EVAL_SPLITS.get(inp.dataset, "test")}
     out = {}
+    if config.evaluator in EVAL_SPLIT_ONLY:
+        del splits["train"]
     for name, split in splits.items():
         source = pipeline.open_source(inp.dataset, split, inp.data_dir)
         out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
                                         image_size=inp.image_size, mean=inp.mean, std=inp.std,
-                                        max_examples=config.max_train_examples if name == "train" else None)
-    num_classes = common.NUM_CLASSES.get(inp.dataset) or int(max(out["train"][1].max(), out["eval"][1].max()) + 1)
+                                        max_examples=config.get(f"max_{name}_examples"))
+    num_classes = catalog.NUM_CLASSES.get(inp.dataset) or int(out["eval"][1].max() + 1)
     return out, num_classes, encoder.description
 
 
@@ -65,7 +66,15 @@ def run_attentive_probe(config, feats, num_classes, mesh) -> dict:
     return probes.best(results, "attentive")
 
 
-EVALUATORS = {"knn": run_knn, "linear_probe": run_linear_probe, "attentive_probe": run_attentive_probe}
+def run_classification(config, feats, num_classes, mesh) -> dict:
+    """Accuracy of a classifier's own logits (feature='logits', e.g. a fine-tuned model)."""
+    logits, labels = feats["eval"]
+    return {f"classification_{k}": v for k, v in knn.topk_accuracy(logits, labels).items()}
+
+
+# Evaluators that read only the evaluation split.
+EVAL_SPLIT_ONLY = {"classification"}
+EVALUATORS = {"knn": run_knn, "classification": run_classification, "linear_probe": run_linear_probe, "attentive_probe": run_attentive_probe}
 
 
 def evaluate(config, workdir) -> dict:

@@ -8,6 +8,7 @@ from mim_jax.methods.base import Method
 # name -> "module:Class", imported lazily so a method's optional dependencies load only when used.
 REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
+    "finetune": "mim_jax.methods.finetune:Finetune",
 }
 
 

@@ -49,6 +49,10 @@ class Method(abc.ABC):
         """Loads the frozen weights onto `shardings`; must fail clearly if the weights are missing."""
         return {}
 
+    def warm_start(self, params: PyTree, frozen: PyTree) -> PyTree:
+        """Called once when the state is created (not on resume): e.g. copy pre-trained weights."""
+        return params
+
     # -- step ----------------------------------------------------------------------------------
     @abc.abstractmethod
     def loss(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,

@@ -1,0 +1,52 @@
+"""Fine-tuning of a pre-trained encoder (MAE/BEiT recipe, ViT-B defaults): 100 epochs, batch 1024,
+AdamW(0.9, 0.999) wd 0.05, lr 5e-4 x batch/256, layer-wise lr decay 0.65, 5 warm-up epochs,
+drop path 0.1, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized crop (0.08, 1) + flip.
+Not implemented from the MAE recipe: RandAugment(9, 0.5) and random erasing 0.25.
+
+  python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_b16 --workdir=/tmp/ft_b16
+  python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_local,local --workdir=/tmp/ft_local
+
+Arguments: init=<pre-training workdir> (architecture and data come from its config) or
+init=random,pretrain=<config>:<arg>; local (1 epoch, small batch, CPU-sized).
+"""
+import ml_collections
+
+from configs import common
+from mim_jax.config_lib import parse_arg
+from mim_jax.models.vit import decode_variant
+
+LAYER_DECAY = {"Ti": 0.75, "S": 0.75, "B": 0.65, "L": 0.75, "H": 0.75}  # MAE/BEiT choices by size
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, init="", pretrain="mae:local", local=False)
+    if not arg.init:
+        raise ValueError("configs/finetune.py needs init=<pre-training workdir> (or init=random,pretrain=...).")
+    if arg.init == "random":
+        from mim_jax.evaluators.run import pretrain_config
+        pre = pretrain_config(arg.pretrain)
+    else:
+        from mim_jax.evaluators.encoder import pretrain_config_of
+        pre = pretrain_config_of(arg.init)
+    variant = pre.model.variant
+    depth = pre.model.depth or decode_variant(variant)["depth"]
+
+    c = common.base_config(dataset=pre.input.dataset, image_size=pre.input.image_size, batch_size=1024)
+    c.input.update(data_dir=pre.input.data_dir, channels=pre.input.channels, mean=tuple(pre.input.mean),
+                   std=tuple(pre.input.std), crop_scale=(0.08, 1.0))
+    c.model = ml_collections.ConfigDict(pre.model.to_dict())
+    c.model.drop_path = 0.1
+    c.total_epochs = 100.0
+    c.method = dict(name="finetune", init=arg.init, num_classes=common.NUM_CLASSES.get(pre.input.dataset, 1000),
+                    label_smoothing=0.1, mixup=0.8, cutmix=1.0)
+    c.optax.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-6)
+    decay = LAYER_DECAY.get(variant.split("/")[0], 0.75)
+    c.optax.groups = {f"layer_{i}": dict(lr_mult=decay ** (depth + 1 - i)) for i in range(depth + 2)}
+    c.evals.accuracy = common.periodic_eval("classification", every_epochs=10.0, feature="logits")
+    if arg.local:
+        c.input.update(batch_size=128, num_workers=2)
+        c.total_epochs = 1.0
+        c.log_steps = 20
+        c.optax.update(warmup_epochs=0.1, base_lr=1e-3)
+        c.evals.accuracy.every_epochs = 0.5
+    return c

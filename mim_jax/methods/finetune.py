@@ -1,0 +1,140 @@
+"""Supervised fine-tuning of a pre-trained encoder (MAE/BEiT recipe): global-average-pooled tokens
+-> LayerNorm (fc_norm) -> linear head; layer-wise lr decay, drop path, label smoothing, optional
+mixup/cutmix. It is a method like any other: the generic trainer runs it.
+
+The encoder is warm-started from a pre-training workdir (`config.init`): its weights arrive as
+`frozen` and `warm_start` copies them into the trainable params when the state is created.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+
+from mim_jax import checkpoint, flops, parallel, state as state_lib
+from mim_jax.methods.base import Method
+from mim_jax.models.vit import param_init, vit_from_config
+
+
+class ClassifierHead(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, pooled):
+        x = nn.LayerNorm(epsilon=1e-6, name="fc_norm", scale_init=param_init(nn.initializers.ones, ("norm",)),
+                         bias_init=param_init(nn.initializers.zeros, ("norm",)))(pooled.astype(jnp.float32))
+        # MAE initialises the head with std 2e-5 (trunc normal) so fine-tuning starts near uniform.
+        return nn.Dense(self.num_classes, name="head",
+                        kernel_init=param_init(nn.initializers.truncated_normal(2e-5), ("embed", None)),
+                        bias_init=param_init(nn.initializers.zeros, (None,)))(x)
+
+
+def mix_batch(key, images, labels, num_classes, *, mixup_alpha, cutmix_alpha, switch_prob=0.5, smoothing=0.1):
+    """timm-style batch mixing: pair each example with the reversed batch; one lambda per batch.
+    Returns mixed images and soft targets (label smoothing included)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    if not (mixup_alpha or cutmix_alpha):
+        return images, targets
+    k_switch, k_mix, k_cut, k_box = jax.random.split(key, 4)
+    use_cutmix = (jax.random.uniform(k_switch) < switch_prob) if (mixup_alpha and cutmix_alpha) else bool(cutmix_alpha)
+    lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha else 1.0
+    lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha else 1.0
+    _, h, w, _ = images.shape
+    cut_h, cut_w = (h * jnp.sqrt(1 - lam_cut)).astype(jnp.int32), (w * jnp.sqrt(1 - lam_cut)).astype(jnp.int32)
+    ky, kx = jax.random.split(k_box)
+    cy, cx = jax.random.randint(ky, (), 0, h), jax.random.randint(kx, (), 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((rows >= cy - cut_h // 2) & (rows < cy + cut_h - cut_h // 2)
+           & (cols >= cx - cut_w // 2) & (cols < cx + cut_w - cut_w // 2))
+    lam_box = 1.0 - box.mean()          # the area actually pasted (box clipped at the border)
+    flipped = images[::-1]
+    cut = jnp.where(box[None, :, :, None], flipped, images)
+    mixed = lam_mix * images + (1 - lam_mix) * flipped
+    lam = jnp.where(use_cutmix, lam_box, lam_mix)
+    return jnp.where(use_cutmix, cut, mixed), lam * targets + (1 - lam) * targets[::-1]
+
+
+class Finetune(Method):
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.encoder = vit_from_config(config.model)
+        self.head = ClassifierHead(config.method.num_classes)
+
+    def init_params(self, rng, batch):
+        k_enc, k_head = jax.random.split(rng)
+        encoder = self.encoder.init(k_enc, batch["image"])["params"]
+        _, out = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"])
+        return {"encoder": encoder, "head": self.head.init(k_head, out["patch_mean"])["params"]}
+
+    # -- warm start from a pre-training run --------------------------------------------------------
+    def init_frozen(self, rng, batch):
+        if self.config.method.init == "random":
+            return {}
+        return {"pretrained": self.encoder.init(rng, batch["image"])["params"]}
+
+    def load_frozen(self, abstract, shardings):
+        if not abstract:
+            return {}
+        from mim_jax.evaluators import encoder as encoder_lib
+        from mim_jax.methods import get_method
+        init = self.config.method.init
+        pre_config = encoder_lib.pretrain_config_of(init)
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        setup = state_lib.build(pre_config, get_method(pre_config), mesh, total_steps=1, warmup_steps=0,
+                                global_batch_size=parallel.batch_sharding(mesh).num_devices)
+        ckpt = checkpoint.Checkpointer(f"{init}/checkpoints", save_interval_steps=1, max_to_keep=1)
+        _, state, _ = ckpt.restore(setup.abstract)
+        pretrained = state.params["encoder"]
+        mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, pretrained, abstract["pretrained"])
+        if any(jax.tree.leaves(mismatch)):
+            raise ValueError(f"The encoder in {init} does not match config.model ({self.config.model.variant}).")
+        return {"pretrained": jax.device_put(pretrained, shardings["pretrained"])}
+
+    def warm_start(self, params, frozen):
+        if frozen:
+            params = dict(params, encoder=frozen["pretrained"])
+        return params
+
+    # -- step --------------------------------------------------------------------------------------
+    def loss(self, params, extras, frozen, batch, rng, step):
+        cfg = self.config.method
+        key = jax.random.fold_in(rng, step)
+        images, targets = mix_batch(jax.random.fold_in(key, 1), batch["image"], batch["label"], cfg.num_classes,
+                                    mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, smoothing=cfg.label_smoothing)
+        _, out = self.encoder.apply({"params": params["encoder"]}, images, train=True, rngs={"dropout": key})
+        logits = self.head.apply({"params": params["head"]}, out["patch_mean"])
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, {"ce_loss": loss, "train_accuracy": accuracy}
+
+    def param_labels(self, params):
+        """Layer-wise lr decay groups: patch embedding/tokens = layer 0, block i = layer i + 1,
+        final norm and head = layer depth + 1 (BEiT/MAE `param_groups_lrd`)."""
+        depth = self.encoder.depth
+
+        def layer(path):
+            if path[0] == "head" or path[1] == "encoder_norm":
+                return depth + 1
+            if path[1] == "encoder":
+                return int(path[2].split("_")[1]) + 1
+            return 0
+
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict({p: f"layer_{layer(p)}" for p in flat})
+
+    def train_flops_per_example(self):
+        enc = self.encoder
+        tokens = (self.config.input.image_size // enc.patch_size) ** 2
+        patch_dim = enc.patch_size ** 2 * self.config.input.channels
+        forward = (flops.dense(tokens, patch_dim, enc.width)
+                   + flops.transformer_forward(tokens + enc.num_prefix_tokens, enc.width, enc.depth, enc.mlp_dim)
+                   + flops.dense(1, enc.width, self.config.method.num_classes))
+        return flops.TRAIN_MULTIPLIER * forward
+
+    def encode(self, params, images):
+        _, out = self.encoder.apply({"params": params["encoder"]}, images)
+        out["logits"] = self.head.apply({"params": params["head"]}, out["patch_mean"])
+        return out

@@ -1,0 +1,49 @@
+"""Fine-tuning: warm start from a pre-training run, layer-wise lr decay groups, batch mixing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import tiny_mae_config
+
+from mim_jax import parallel, state as state_lib, train
+from mim_jax.data import pipeline
+from mim_jax.methods import finetune, get_method
+
+
+def test_mix_batch_targets_are_soft_labels_matching_the_pasted_area():
+    images = jnp.stack([jnp.zeros((8, 8, 1)), jnp.ones((8, 8, 1))])
+    labels = jnp.array([0, 1])
+    plain, targets = finetune.mix_batch(jax.random.key(0), images, labels, 2, mixup_alpha=0.0, cutmix_alpha=0.0,
+                                        smoothing=0.1)
+    np.testing.assert_allclose(targets, [[0.95, 0.05], [0.05, 0.95]])
+    for seed in range(5):
+        mixed, soft = finetune.mix_batch(jax.random.key(seed), images, labels, 2, mixup_alpha=0.0,
+                                         cutmix_alpha=1.0, smoothing=0.0)
+        pasted = float(mixed[0].mean())          # image 0 is zeros: the mean is the pasted area of image 1
+        np.testing.assert_allclose(soft[0], [1 - pasted, pasted], atol=1e-6)
+        np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
+
+
+def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_path, monkeypatch):
+    source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), seed=0)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+    pre = train.train_and_evaluate(tiny_mae_config(total_steps=2, ckpt_steps=2), str(tmp_path / "pre"))
+
+    from configs import finetune as finetune_config
+    config = finetune_config.get_config(f"init={tmp_path / 'pre'},local")
+    config.input.batch_size = 16
+    config.evals = {}
+    method = get_method(config)
+    setup = state_lib.build(config, method, parallel.make_mesh(config.mesh), total_steps=4, warmup_steps=1,
+                            global_batch_size=16)
+    state = setup.create(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, state.params["encoder"], pre.params["encoder"])
+    labels = method.param_labels(state.params)
+    assert labels["encoder"]["embedding"]["kernel"] == "layer_0"
+    assert labels["encoder"]["encoder"]["block_1"]["mlp"]["fc1"]["kernel"] == "layer_2"
+    assert labels["head"]["head"]["kernel"] == "layer_3"  # depth 2 -> head at depth + 1
+    assert config.optax.groups.layer_0.lr_mult < config.optax.groups.layer_3.lr_mult == 1.0
+    # One real step runs and changes the encoder.
+    batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(16, 16, 16, 1)), jnp.float32),
+             "label": jnp.arange(16, dtype=jnp.int32) % 10, "index": jnp.arange(16, dtype=jnp.int32)}
+    new_state, metrics = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(batch, setup.shardings.step.mesh))
+    assert np.isfinite(float(metrics["loss"]))
