@@ -45,8 +45,8 @@ def test_readme_main_job_runs_resumes_and_survives_a_corrupt_checkpoint(tmp_path
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4] and steps_saved(tmp_path) == [2, 4]
     assert list(tmp_path.glob("events.out.tfevents*"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    probe = [r for r in rows if "eval/knn_top1" in r and "eval/linear_linear_top1" in r]
-    assert probe and probe[-1]["step"] == 4 and 0 <= probe[-1]["eval/knn_top1"] <= 1
+    probe = [r for r in rows if "eval/knn/knn_top1" in r and "eval/linear/linear_top1" in r]
+    assert probe and probe[-1]["step"] == 4 and 0 <= probe[-1]["eval/knn/knn_top1"] <= 1
     # Corrupt the newest checkpoint: the run reports it, resumes from step 2 and finishes.
     for chunk in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):
         chunk.write_bytes(b"garbage")

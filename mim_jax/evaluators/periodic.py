@@ -3,7 +3,7 @@
   config.evals.knn = dict(type="knn", every_epochs=1.0, max_train_examples=10_000, ...)
 
 Each entry takes the options of its evaluation config (configs/knn.py, linear_probe.py, ...) plus a
-unit-free interval (`every_steps` or `every_epochs`). Results are logged as `eval/<name>_<metric>`.
+unit-free interval (`every_steps` or `every_epochs`). Results are logged as `eval/<name>/<metric>`.
 """
 from __future__ import annotations
 
@@ -56,5 +56,5 @@ class PeriodicEvals:
                      if split == "eval" or cfg.type not in run.EVAL_SPLIT_ONLY}
             num_classes = catalog.NUM_CLASSES.get(inp.dataset) or int(feats["eval"][1].max() + 1)
             results = run.EVALUATORS[cfg.type](cfg, feats, num_classes, self.mesh)
-            scalars.update({f"eval/{name}_{k}": v for k, v in results.items()})
+            scalars.update({f"eval/{name}/{k}": v for k, v in results.items()})
         return scalars
