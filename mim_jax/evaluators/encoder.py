@@ -43,6 +43,17 @@ def pretrain_config_of(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(ckpt.restore_config(step))
 
 
+def restore_pretrained(workdir, mesh):
+    """(pre-training config, params, step) of the newest checkpoint in a pre-training workdir,
+    restored onto `mesh` whatever mesh it was written on."""
+    config = pretrain_config_of(workdir)
+    setup = state_lib.build(config, get_method(config), mesh, total_steps=1, warmup_steps=0,
+                            global_batch_size=parallel.batch_sharding(mesh).num_devices)
+    ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_interval_steps=1, max_to_keep=1)
+    step, state, _ = ckpt.restore(setup.abstract)
+    return config, state.params, step
+
+
 def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.ConfigDict | None = None) -> Encoder:
     """`init` is a pre-training workdir (its newest checkpoint), 'random' (the same architecture,
     untrained: needs `base_config`) or 'pixels' (flattened normalised pixels)."""
@@ -51,16 +62,14 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
         fn = ((lambda images: vit.patchify(images, patch)) if feature == "patch_tokens"
               else (lambda images: images.reshape(images.shape[0], -1)))
         return Encoder(jax.jit(fn), base_config, "raw pixels")
-    config = base_config if init == "random" else pretrain_config_of(init)
-    method = get_method(config)
-    setup = state_lib.build(config, method, mesh, total_steps=1, warmup_steps=0,
-                            global_batch_size=parallel.batch_sharding(mesh).num_devices)
     if init == "random":
+        config, method = base_config, get_method(base_config)
+        setup = state_lib.build(config, method, mesh, total_steps=1, warmup_steps=0,
+                                global_batch_size=parallel.batch_sharding(mesh).num_devices)
         params, description = setup.create(jax.random.key(config.seed)).params, "random init"
     else:
-        ckpt = checkpoint.Checkpointer(epath.Path(init) / "checkpoints", save_interval_steps=1, max_to_keep=1)
-        step, state, _ = ckpt.restore(setup.abstract)
-        params, description = state.params, f"{init} @ step {step}"
+        config, params, step = restore_pretrained(init, mesh)
+        method, description = get_method(config), f"{init} @ step {step}"
         logging.info("Loaded encoder from %s", description)
     encode = jax.jit(lambda p, images: select(method.encode(p, images), feature))
     return Encoder(lambda images: encode(params, images), config, description)

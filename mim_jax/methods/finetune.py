@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import checkpoint, flops, parallel, state as state_lib
+from mim_jax import flops
 from mim_jax.methods.base import Method
 from mim_jax.models.vit import param_init, vit_from_config
 
@@ -79,17 +79,12 @@ class Finetune(Method):
         if not abstract:
             return {}
         from mim_jax.evaluators import encoder as encoder_lib
-        from mim_jax.methods import get_method
         init = self.config.method.init
-        pre_config = encoder_lib.pretrain_config_of(init)
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        setup = state_lib.build(pre_config, get_method(pre_config), mesh, total_steps=1, warmup_steps=0,
-                                global_batch_size=parallel.batch_sharding(mesh).num_devices)
-        ckpt = checkpoint.Checkpointer(f"{init}/checkpoints", save_interval_steps=1, max_to_keep=1)
-        _, state, _ = ckpt.restore(setup.abstract)
-        pretrained = state.params["encoder"]
-        mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, pretrained, abstract["pretrained"])
-        if any(jax.tree.leaves(mismatch)):
+        _, params, _ = encoder_lib.restore_pretrained(init, jax.tree.leaves(shardings)[0].mesh)
+        pretrained = params["encoder"]
+        same_tree = jax.tree.structure(pretrained) == jax.tree.structure(abstract["pretrained"])
+        if not same_tree or any(a.shape != b.shape for a, b in
+                                zip(jax.tree.leaves(pretrained), jax.tree.leaves(abstract["pretrained"]))):
             raise ValueError(f"The encoder in {init} does not match config.model ({self.config.model.variant}).")
         return {"pretrained": jax.device_put(pretrained, shardings["pretrained"])}
 
