@@ -1,7 +1,7 @@
 """Fine-tuning of a pre-trained encoder (MAE/BEiT recipe, ViT-B defaults): 100 epochs, batch 1024,
 AdamW(0.9, 0.999) wd 0.05, lr 5e-4 x batch/256, layer-wise lr decay 0.65, 5 warm-up epochs,
-drop path 0.1, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized crop (0.08, 1) + flip.
-Not implemented from the MAE recipe: RandAugment(9, 0.5) and random erasing 0.25.
+drop path 0.1, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized crop (0.08, 1) + flip,
+RandAugment (2 ops, magnitude 9, std 0.5) and random erasing 0.25.
 
   python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_b16 --workdir=/tmp/ft_b16
   python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_local,local --workdir=/tmp/ft_local
@@ -38,7 +38,7 @@ def get_config(arg=None):
     c.model.drop_path = 0.1
     c.total_epochs = 100.0
     c.method = dict(name="finetune", init=arg.init, num_classes=common.NUM_CLASSES.get(pre.input.dataset, 1000),
-                    label_smoothing=0.1, mixup=0.8, cutmix=1.0)
+                    label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=(2, 9.0, 0.5), erase_prob=0.25)
     c.optax.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-6)
     decay = LAYER_DECAY.get(variant.split("/")[0], 0.75)
     c.optax.groups = {f"layer_{i}": dict(lr_mult=decay ** (depth + 1 - i)) for i in range(depth + 2)}

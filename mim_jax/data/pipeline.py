@@ -15,7 +15,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from mim_jax.data import transforms
+from mim_jax.data import randaugment, transforms
 
 INT32_MAX = 2**31 - 1
 
@@ -68,6 +68,25 @@ class PretrainTransform:
         if self.flip:
             image = transforms.horizontal_flip(image, rng)
         return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
+
+
+class FinetuneTransform(PretrainTransform):
+    """Pre-training crops + RandAugment before normalising + random erasing after (MAE fine-tuning)."""
+
+    def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, rand_augment=(2, 9.0, 0.5),
+                 erase_prob=0.25):
+        super().__init__(image_size, crop_scale, crop_ratio, flip, mean, std)
+        self.rand_augment, self.erase_prob = rand_augment, erase_prob
+
+    def __call__(self, record, rng):
+        image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale, self.crop_ratio)
+        if self.flip:
+            image = transforms.horizontal_flip(image, rng)
+        if self.rand_augment:
+            num_ops, magnitude, std = self.rand_augment
+            image = randaugment.rand_augment(image, rng, int(num_ops), magnitude, std)
+        image = randaugment.random_erasing(transforms.normalize(image, self.mean, self.std), rng, self.erase_prob)
+        return {"image": image, "label": np.int32(record["label"])}
 
 
 def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std) -> PretrainTransform:

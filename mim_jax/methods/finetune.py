@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a pre-trained encoder (MAE/BEiT recipe): global-average-pooled tokens
 -> LayerNorm (fc_norm) -> linear head; layer-wise lr decay, drop path, label smoothing, optional
-mixup/cutmix. It is a method like any other: the generic trainer runs it.
+mixup/cutmix, RandAugment and random erasing. It is a method like any other: the generic trainer runs it.
 
 The encoder is warm-started from a pre-training workdir (`config.init`): its weights arrive as
 `frozen` and `warm_start` copies them into the trainable params when the state is created.
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax import flops
+from mim_jax.data import pipeline
 from mim_jax.methods.base import Method
 from mim_jax.models.vit import param_init, vit_from_config
 
@@ -62,6 +63,12 @@ class Finetune(Method):
         super().__init__(config)
         self.encoder = vit_from_config(config.model)
         self.head = ClassifierHead(config.method.num_classes)
+
+    def train_transform(self):
+        inp, cfg = self.config.input, self.config.method
+        return pipeline.FinetuneTransform(inp.image_size, tuple(inp.crop_scale), tuple(inp.crop_ratio), inp.flip,
+                                          tuple(inp.mean), tuple(inp.std), tuple(cfg.rand_augment) or None,
+                                          cfg.erase_prob)
 
     def init_params(self, rng, batch):
         k_enc, k_head = jax.random.split(rng)
