@@ -54,6 +54,16 @@ def test_readme_main_job_runs_resumes_and_survives_a_corrupt_checkpoint(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "could not be restored" in out.stderr and "Resumed from step 2" in out.stderr
 
+    # Fine-tune the pre-trained encoder (README evaluation section) for a few steps.
+    finetune = subprocess.run(
+        [sys.executable, "-m", "mim_jax.main", f"--config=configs/finetune.py:init={tmp_path},local",
+         f"--workdir={tmp_path / 'finetune'}", "--config.total_steps=2", "--config.log_steps=1",
+         "--config.input.batch_size=32", "--config.evals.accuracy.max_eval_examples=256"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    assert 0 <= losses(tmp_path / "finetune")[2] and "eval/accuracy/classification_top1" in (
+        tmp_path / "finetune" / "metrics.jsonl").read_text()
+
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
     out = run_main(tmp_path / "w", tmp_path / "empty", "--config.total_steps=1")
