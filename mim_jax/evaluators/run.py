@@ -20,8 +20,9 @@ def pretrain_config(name_and_arg: str):
 
 
 def features_and_labels(config, mesh):
-    base = None if config.init not in ("random", "pixels") else pretrain_config(config.pretrain)
-    if base is None:
+    if config.init in ("random", "pixels"):
+        base = pretrain_config(config.pretrain)
+    else:
         base = encoder_lib.pretrain_config_of(config.init)
     if config.data_dir:
         base.input.data_dir = config.data_dir
@@ -29,9 +30,9 @@ def features_and_labels(config, mesh):
     inp = base.input
     splits = {"train": config.train_split or inp.split,
               "eval": config.eval_split or catalog.EVAL_SPLITS.get(inp.dataset, "test")}
-    out = {}
     if config.evaluator in EVAL_SPLIT_ONLY:
         del splits["train"]
+    out = {}
     for name, split in splits.items():
         source = pipeline.open_source(inp.dataset, split, inp.data_dir)
         out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
