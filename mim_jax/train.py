@@ -106,7 +106,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
                                              every_steps=config.log_steps)]
     if config.profile_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
-                                              first_profile=start + 10))
+                                              first_profile=start + 3))  # after compilation
     evals = PeriodicEvals(config, method, mesh, steps["steps_per_epoch"])
     stop = _StopSignal()
     pending = []

@@ -98,3 +98,9 @@ def test_checkpoint_written_on_8_devices_restores_on_2(tmp_path):
     assert step == 7
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(restored.params))
+
+
+def test_profiling_on_request_writes_a_trace(tmp_path, synthetic_data):
+    config = tiny_mae_config(profile_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
