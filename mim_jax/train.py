@@ -105,8 +105,9 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     hooks = [periodic_actions.ReportProgress(num_train_steps=steps["total"], writer=writer,
                                              every_steps=config.log_steps)]
     if config.profile_steps and jax.process_index() == 0:
+        # Steps only (no minimum duration), starting once the step is compiled.
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
-                                              first_profile=start + 3))  # after compilation
+                                              profile_duration_ms=None, first_profile=start + 3))
     evals = PeriodicEvals(config, method, mesh, steps["steps_per_epoch"])
     stop = _StopSignal()
     pending = []
