@@ -1,12 +1,14 @@
 """Prepares TFDS's `fashion_mnist` (array_record) offline from the Debian package's files.
 
   apt-get install dataset-fashion-mnist           # the original files, in /usr/share/datasets/fashion-mnist
-  python -m mim_jax.data.fashion_mnist [--data_dir=DIR]
+  python -m mim_jax.data.fashion_mnist [--data_dir=DIR] [--source_dir=DIR]
 
-TFDS's own builder is reused (same name, version, features and splits); only the place its raw
-files come from changes. Debian recompressed the .gz files, so their bytes (and TFDS's registered
-download checksums) differ from the originals while the decompressed contents are identical, which
-is why this does not go through TFDS's manual-download path.
+TFDS's own builder class is reused (same name, version 3.0.1, features, splits and example
+generator); only `_split_generators` changes, to point at local files instead of downloading. The
+TFDS manual-download route does not fit: Debian recompressed the .gz files, so their bytes (and
+sha256) differ from the checksums TFDS registers for the original URLs, although the decompressed
+contents are identical. Afterwards `tfds.data_source('fashion_mnist', data_dir=...)` reads it like
+any TFDS-built data set (dataset_info.json names this module as the builder's, the only trace).
 """
 from __future__ import annotations
 
@@ -17,51 +19,69 @@ import shutil
 import tempfile
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
+# gen_kwargs of TFDS's MNIST._generate_examples -> file name in the original release.
 _FILES = {"train_data": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
           "test_data": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 
 
-def _builder_class(source_dir: str):
+def _local_builder(data_dir: str | None):
+    """An instance of TFDS's FashionMNIST builder that reads `self.raw_files` instead of downloading."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.image_classification import mnist
 
+    # skip_registration: TFDS's registered `fashion_mnist` stays the class tfds.builder() returns.
     class LocalFashionMNIST(mnist.FashionMNIST, skip_registration=True):
-        name = "fashion_mnist"
+        name = "fashion_mnist"  # the folder and file names TFDS's readers look for
+        raw_files: dict[str, str] = {}
 
         def _split_generators(self, dl_manager):
-            extracted = tempfile.mkdtemp(prefix="fashion_mnist_")
-            self._extracted_dir = extracted
-            paths = {}
-            for key, filename in _FILES.items():
-                paths[key] = os.path.join(extracted, filename[:-3])
-                with gzip.open(os.path.join(source_dir, filename)) as src, open(paths[key], "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            return [
-                tfds.core.SplitGenerator(name=split, gen_kwargs=dict(
-                    num_examples=count, data_path=paths[f"{prefix}_data"], label_path=paths[f"{prefix}_labels"]))
-                for split, prefix, count in ((tfds.Split.TRAIN, "train", 60_000), (tfds.Split.TEST, "test", 10_000))]
+            del dl_manager  # nothing to download
+            return [tfds.core.SplitGenerator(name=split, gen_kwargs=dict(
+                num_examples=count, data_path=self.raw_files[f"{split}_data"],
+                label_path=self.raw_files[f"{split}_labels"])) for split, count in SPLIT_SIZES.items()]
 
-    return LocalFashionMNIST
+    return LocalFashionMNIST(data_dir=data_dir)
+
+
+def _decompress(source_dir: str, out_dir: str) -> dict[str, str]:
+    # TFDS's example generator reads raw idx files (it expects its download manager to have
+    # extracted them), so decompress rather than re-implement the generator.
+    paths = {}
+    for key, filename in _FILES.items():
+        paths[key] = os.path.join(out_dir, filename[:-len(".gz")])
+        with gzip.open(os.path.join(source_dir, filename)) as src, open(paths[key], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return paths
 
 
 def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str = DEFAULT_SOURCE_DIR) -> str:
-    """Builds `fashion_mnist` into `data_dir` (TFDS default if None); a no-op when already built.
-    Returns the data set's directory."""
+    """Builds `fashion_mnist` as array_record into `data_dir` (TFDS's default data dir if None:
+    $TFDS_DATA_DIR or ~/tensorflow_datasets). A no-op when already prepared. Never downloads.
+    Returns the prepared version's directory."""
+    import tensorflow_datasets as tfds
+    builder = _local_builder(data_dir)
+    if builder.is_prepared():
+        fmt = builder.info.file_format
+        if fmt is not None and fmt.value != "array_record" and "array_record" not in builder.info.alternative_file_formats:
+            # A `tfds.load` elsewhere may have built it as tfrecord; Grain needs random access.
+            raise RuntimeError(
+                f"fashion_mnist is already prepared in {builder.data_dir} as {fmt.value}, but random access "
+                "(Grain) needs array_record. Delete that folder and run this again, or pass another --data_dir.")
+        logging.info("fashion_mnist already prepared in %s", builder.data_dir)
+        return str(builder.data_dir)
     missing = [f for f in _FILES.values() if not os.path.exists(os.path.join(source_dir, f))]
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST source files {missing} not found in {source_dir}. Install them with "
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four original "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four original "
             "*-ubyte.gz files from github.com/zalandoresearch/fashion-mnist into a folder and pass "
             "--source_dir=FOLDER.")
-    builder = _builder_class(source_dir)(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        logging.info("fashion_mnist already prepared in %s", builder.data_dir)
-        return str(builder.data_dir)
-    try:
-        builder.download_and_prepare()
-    finally:
-        shutil.rmtree(getattr(builder, "_extracted_dir", ""), ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="fashion_mnist_") as raw_dir:
+        builder.raw_files = _decompress(source_dir, raw_dir)
+        # try_download_gcs=False: never look for a pre-built copy on GCS (no network at all).
+        builder.download_and_prepare(file_format="array_record",
+                                     download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     logging.info("Prepared fashion_mnist in %s", builder.data_dir)
     return str(builder.data_dir)
 
@@ -73,7 +93,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined here only, so importing this module never adds absl flags.
     from absl import app, flags
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's, ~/tensorflow_datasets).")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
     flags.DEFINE_string("source_dir", DEFAULT_SOURCE_DIR, "Folder with the four *-ubyte.gz files.")
     app.run(main)

@@ -63,10 +63,12 @@ class PretrainTransform:
         self.image_size, self.crop_scale, self.crop_ratio = image_size, crop_scale, crop_ratio
         self.flip, self.mean, self.std = flip, mean, std
 
-    def __call__(self, record, rng):
+    def crop_and_flip(self, record, rng):
         image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale, self.crop_ratio)
-        if self.flip:
-            image = transforms.horizontal_flip(image, rng)
+        return transforms.horizontal_flip(image, rng) if self.flip else image
+
+    def __call__(self, record, rng):
+        image = self.crop_and_flip(record, rng)
         return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
 
 
@@ -79,9 +81,7 @@ class FinetuneTransform(PretrainTransform):
         self.rand_augment, self.erase_prob = rand_augment, erase_prob
 
     def __call__(self, record, rng):
-        image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale, self.crop_ratio)
-        if self.flip:
-            image = transforms.horizontal_flip(image, rng)
+        image = self.crop_and_flip(record, rng)
         if self.rand_augment:
             num_ops, magnitude, std = self.rand_augment
             image = randaugment.rand_augment(image, rng, int(num_ops), magnitude, std)
