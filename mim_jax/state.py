@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax import optim, parallel
+from mim_jax.data import pipeline
 
 
 @flax.struct.dataclass
@@ -138,6 +139,6 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
 
 def host_batch_to_global(local_batch: dict, mesh) -> dict:
-    sharding = parallel.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
-            if not k.startswith("_")}
+    """The model inputs of a host batch as global arrays (host-only keys such as `_mask` dropped)."""
+    return pipeline.to_global_batch({k: v for k, v in local_batch.items() if not k.startswith("_")}, mesh,
+                                    parallel.BATCH_AXES)

@@ -6,9 +6,12 @@ Global batch s is stream positions [s*B, (s+1)*B); process p of P reads the cont
 (no split_for_jax_process, no ShardByJaxProcess on top), so concatenating the processes' batches
 gives exactly the one-process batch, and augmentations are seeded by stream position: the same
 example gets the same crop on any number of hosts, workers or after a resume.
+
+Everything except `to_global_batch` runs in Grain worker processes too: no jax calls here.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -20,25 +23,36 @@ from mim_jax.data import randaugment, transforms
 INT32_MAX = 2**31 - 1
 
 
+def _how_to_prepare(name: str, data_dir: str | None) -> str:
+    flag = f" --data_dir={data_dir}" if data_dir else ""
+    if name == "fashion_mnist":
+        return f"python -m mim_jax.data.fashion_mnist{flag}"
+    if name.startswith("imagenet2012"):
+        import tensorflow_datasets as tfds
+        root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+        return (f"download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) into "
+                f"{os.path.join(root, 'downloads', 'manual')}/, then run `tfds build {name} "
+                f"--file_format=array_record{flag}`")
+    return f"`tfds build {name} --file_format=array_record{flag}`"
+
+
 def open_source(name: str, split: str, data_dir: str | None = None):
-    """A random-access TFDS source (array_record). Never downloads: a missing data set is an error
-    that says how to prepare it."""
+    """A random-access TFDS source (array_record). Never downloads: a data set that is missing,
+    or prepared only as tfrecord, is a FileNotFoundError that says how to prepare it."""
     import tensorflow_datasets as tfds
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several types (not found, wrong format, bad split).
-        if name == "fashion_mnist":
-            how = "python -m mim_jax.data.fashion_mnist" + (f" --data_dir={data_dir}" if data_dir else "")
-        elif name.startswith("imagenet2012"):
-            how = ("download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into "
-                   "<data_dir>/downloads/manual/, then `tfds build imagenet2012 --file_format=array_record"
-                   + (f" --data_dir={data_dir}" if data_dir else "") + "`")
-        else:
-            how = (f"`tfds build {name} --file_format=array_record` (or `tfds convert_format` an existing "
-                   "tfrecord copy to array_record)")
+    builder = tfds.builder(name, data_dir=data_dir)  # reads metadata only
+    where = data_dir or tfds.core.constants.DATA_DIR
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"TFDS data set {name!r} is not prepared in {where}. Prepare it with: "
+                                f"{_how_to_prepare(name, data_dir)}")
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if "array_record" not in formats:  # tfds.data_source would fall back to nothing useful
         raise FileNotFoundError(
-            f"TFDS data set {name!r} (split {split!r}) is not available as array_record in "
-            f"{data_dir or 'the default TFDS data dir'}: {type(e).__name__}: {e}\nPrepare it with: {how}") from e
+            f"TFDS data set {name!r} is prepared in {builder.data_dir} as {sorted(formats)}, but Grain "
+            f"needs array_record. Convert it with `tfds convert_format --dataset_version_dir="
+            f"{builder.data_dir} --out_file_format=array_record` (needs apache-beam), or delete it and "
+            f"prepare again: {_how_to_prepare(name, data_dir)}")
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
 class SyntheticSource:
@@ -51,11 +65,12 @@ class SyntheticSource:
         return self.num_examples
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, int(index)])
+        rng = np.random.default_rng([self.seed, int(index)])  # a function of the index: random access
         return {"image": rng.integers(0, 256, self.image_shape, dtype=np.uint8),
                 "label": int(rng.integers(self.num_classes))}
 
 
+# Transforms are classes, not closures, so they pickle into Grain worker processes.
 class PretrainTransform:
     """record, rng -> {'image': float32 HWC, 'label': int32}: random-resized crop, flip, normalise."""
 
@@ -115,7 +130,7 @@ class _LoadLocal:
     def __call__(self, i):
         position = (i // self.b) * self.B + self.p * self.b + i % self.b
         real = self.num_real is None or position < self.num_real
-        record = self.source[self.order[position] if real else 0]
+        record = self.source[self.order[position] if real else 0]  # padding repeats example 0
         out = self.transform(record, np.random.default_rng([self.seed, position]))
         out["index"] = np.int32(position % INT32_MAX)
         if self.num_real is not None:
@@ -130,8 +145,9 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 
 
 def _iterate(dataset, local_batch, num_workers, prefetch_buffer):
+    # Batching inside the MapDataset makes a whole batch the unit of work: reader threads (and
+    # worker processes with mp_prefetch) each build complete batches in parallel.
     dataset = dataset.batch(local_batch, drop_remainder=True)
-    # Reader threads build whole batches; worker processes (mp_prefetch) parallelise further.
     threads = 2 if num_workers else 4
     iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                          prefetch_buffer_size=max(prefetch_buffer, threads)))
@@ -140,16 +156,74 @@ def _iterate(dataset, local_batch, num_workers, prefetch_buffer):
     return iter(iterator)
 
 
+class _StepIterator(grain.DatasetIterator):
+    """The training stream as a Grain iterator whose checkpoint state is the next global step.
+
+    Grain's own states count elements of the pipeline they came from, so a state saved by a stream
+    built at start_step=k would be misread by one built at step 0 (and mp_prefetch states depend
+    on the worker count). {'next_step': s} means the same for any start, process count or worker
+    count; set_state rebuilds the pipeline at s, which is free because the dataset is random access.
+    """
+
+    def __init__(self, build: Callable[[int], grain.DatasetIterator], start_step: int):
+        super().__init__()
+        self._build, self._next_step, self._iterator = build, start_step, None
+
+    def _current(self):
+        if self._iterator is None:
+            self._iterator = self._build(self._next_step)
+        return self._iterator
+
+    def __next__(self):
+        self._assert_not_closed()
+        batch = next(self._current())
+        self._next_step += 1
+        return batch
+
+    def get_state(self):
+        return {"next_step": self._next_step}
+
+    def set_state(self, state):
+        if "next_step" not in state:  # e.g. a checkpoint from an older pipeline
+            raise ValueError(f"Data iterator state {state} was not written by train_iterator (no 'next_step').")
+        self._drop()
+        self._next_step = int(state["next_step"])
+
+    def start_prefetch(self):  # grain.checkpoint.CheckpointRestore calls this after set_state
+        self._current().start_prefetch()
+
+    def _drop(self):
+        if self._iterator is not None:
+            self._iterator.close()  # stops worker processes now rather than at garbage collection
+            self._iterator = None
+
+    def close(self):
+        self._drop()
+        super().close()
+
+
 def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int, process_count: int,
                    transform: Callable, start_step: int = 0, num_workers: int = 0, prefetch_buffer: int = 2):
-    """Infinite iterator of local batches {'image', 'label', 'index'}; checkpointable with
-    grain.checkpoint. `start_step` starts at that global batch (a resume on another process count)."""
+    """Infinite iterator of this process's batches {'image', 'label', 'index'} of the global stream.
+
+    b = global_batch_size // process_count examples per batch. `index` is the global stream
+    position (epoch * len(source) + offset) modulo 2**31 - 1, so it fits int32 and is unique for
+    the first 2**31 - 1 examples of training; `transform(record, rng)` gets
+    rng = np.random.default_rng([seed, position]) (seed must be >= 0). The stream starts at global
+    batch `start_step`; get_state/set_state (also via grain.checkpoint) save and restore the next
+    global batch number, valid for any process count, worker count or start_step.
+    """
     b = _local_batch(global_batch_size, process_count)
-    # Reshuffled every epoch (repeat re-seeds the shuffle per epoch).
+    # Reshuffled every epoch: repeat() asks the shuffle for positions past its length, and the
+    # shuffle draws a new permutation for each epoch from the seed.
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
     load = _LoadLocal(source, order, transform, seed, b, global_batch_size, process_index)
-    local = grain.MapDataset.range(start_step * b, sys.maxsize).map(load)
-    return _iterate(local, b, num_workers, prefetch_buffer)
+
+    def build(step):  # local element i of the dataset is the i-th example this process reads
+        local = grain.MapDataset.range(step * b, sys.maxsize).map(load)
+        return _iterate(local, b, num_workers, prefetch_buffer)
+
+    return _StepIterator(build, start_step)
 
 
 def eval_iterator(source, *, global_batch_size: int, process_index: int, process_count: int,
@@ -161,3 +235,16 @@ def eval_iterator(source, *, global_batch_size: int, process_index: int, process
     order = grain.MapDataset.range(len(source))
     load = _LoadLocal(source, order, transform, 0, b, global_batch_size, process_index, num_real=len(source))
     return _iterate(grain.MapDataset.range(steps * b).map(load), b, num_workers, prefetch_buffer)
+
+
+def to_global_batch(local_batch, mesh, batch_axes=("data", "fsdp")):
+    """This process's numpy batch -> global jax.Arrays with the leading axis sharded over
+    `batch_axes` (those the mesh has). Runs in the main process only (imports jax)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:  # replicating would silently treat each process's batch as the whole batch
+        raise ValueError(f"Mesh axes {mesh.axis_names} include none of the batch axes {batch_axes}.")
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

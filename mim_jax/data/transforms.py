@@ -1,4 +1,8 @@
-"""Image augmentations in NumPy/OpenCV. They run in Grain worker processes: never import jax here."""
+"""Image augmentations in NumPy/OpenCV. They run in Grain worker processes: never import jax here.
+
+Images are HWC uint8 with C = 1 or 3; the channel axis is kept even when C = 1 (cv2 drops it).
+Randomness comes only from the numpy Generator passed in, so a crop is a function of its seed.
+"""
 from __future__ import annotations
 
 import math
