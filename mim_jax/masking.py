@@ -1,9 +1,17 @@
 """Mask samplers, sampled inside the jitted train step.
 
 Every sampler maps ONE key to ONE boolean mask [N] (raster order over the patch grid, True =
-masked) with a static, exact number of masked patches, so all shapes stay static under jit. Keys
-come from the run seed and each example's global stream index (`example_keys`), so a mask does
-not depend on the mesh, the process count, the batch composition or a resume.
+masked) with a static, exact number of masked patches, so every shape downstream (visible tokens,
+decoder queries) is static under jit. Batch them with `sample_masks` (a vmap).
+
+Keys come from the run seed and each example's global stream index (`example_keys`), never from
+the step or the device, so a mask does not depend on the mesh, the process count, the batch
+composition or a resume.
+
+Samplers:
+  random_mask         MAE: a uniformly random subset of exactly K positions.
+  block_mask          BEiT/CAE block-wise masking (CAE `furnace/masking_generator.py`), exact K.
+  inverse_block_mask  CAPI (`data.py`, InverseBlockMasking): one visible rectangle, rolled.
 """
 from __future__ import annotations
 
@@ -16,133 +24,265 @@ import jax.numpy as jnp
 Sampler = Callable[[jax.Array], jax.Array]
 
 
-def example_keys(key: jax.Array, example_index: jax.Array) -> jax.Array:
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index)
+# ---- keys ----------------------------------------------------------------------------------------
+
+def example_keys(key: jax.Array, example_index: jax.Array, tag: int | None = None) -> jax.Array:
+    """One key per example: fold_in(key, example_index[b]) -> keys [B].
+
+    `example_index` is the int32 index of each example in the whole training stream, so it already
+    identifies the step; folding in the step (or the device) as well would make masks change with
+    the batch size, the mesh or a resume. `tag` (optional; `Method.example_keys` folds its own
+    `purpose` in before calling this) separates independent uses, e.g. mask vs. prediction subset.
+    Indices wrap at 2**32 (fold_in takes uint32 data).
+    """
+    if tag is not None:
+        key = jax.random.fold_in(key, tag)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(example_index))
 
 
-def random_mask(key, num_patches: int, num_masked: int) -> jax.Array:
-    """MAE: a uniformly random subset of exactly `num_masked` positions."""
-    order = jnp.argsort(jax.random.uniform(key, (num_patches,)))
-    return jnp.zeros(num_patches, bool).at[order[:num_masked]].set(True)
+def sample_masks(sampler: Sampler, keys: jax.Array) -> jax.Array:
+    """Masks [B, N] from keys [B]."""
+    return jax.vmap(sampler)(keys)
 
 
-def _rectangle(grid_hw, top, left, h, w):
+# ---- MAE -----------------------------------------------------------------------------------------
+
+def random_mask(key: jax.Array, num_patches: int, num_masked: int) -> jax.Array:
+    """MAE: exactly `num_masked` of `num_patches` positions, every subset equally likely."""
+    _check_count(num_patches, num_masked)
+    chosen = jax.random.permutation(key, num_patches)[:num_masked]
+    return jnp.zeros(num_patches, bool).at[chosen].set(True)
+
+
+# ---- BEiT / CAE block-wise -----------------------------------------------------------------------
+
+def _rectangle(grid_hw, top, left, h, w) -> jax.Array:
+    """Boolean [H, W] that is True on rows [top, top+h) and columns [left, left+w)."""
     rows = jnp.arange(grid_hw[0])[:, None]
     cols = jnp.arange(grid_hw[1])[None, :]
     return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
 
 
-def block_mask(key, grid_hw, num_masked: int, min_block: int = 16, max_block: int | None = None,
-               aspect=(0.3, 1 / 0.3), max_attempts: int = 1000) -> jax.Array:
-    """BEiT/CAE block-wise masking with an exact count (CAE `furnace/masking_generator.py`).
+def _uniform_int(u, n):
+    """Uniform integer in {0, ..., n-1} from u ~ U[0, 1) (the minimum guards float rounding)."""
+    return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)
 
-    Each attempt draws area ~ U(min_block, min(remaining, max_block)) (like Python's
-    random.uniform, the bounds swap when remaining < min_block), a log-uniform aspect ratio, a
-    rectangle h = round(sqrt(area*ar)), w = round(sqrt(area/ar)) that must be strictly smaller
-    than the grid, and a uniform position; it is accepted if it adds between 1 and `remaining`
-    new cells. Attempts repeat until the count is exact. The official generator gives up after 10
-    failed attempts and may return fewer cells; to keep the count static we keep trying, and after
-    `max_attempts` (not reached in our tests over 10^4 masks) fill the rest with random cells.
+
+def _block_step(key, mask, grid_hw, num_masked: int, min_block: float, max_block: int,
+                aspect, candidates: int) -> jax.Array:
+    """`candidates` independent CAE attempts against `mask` [N]; the first acceptable one is added.
+
+    Rejected attempts leave the mask unchanged, so trying several at once and keeping the first
+    acceptable one gives exactly the distribution of trying them one after another; it only cuts
+    the number of sequential while_loop iterations, which matters for the slow tail (see
+    `block_mask`).
     """
     gh, gw = grid_hw
-    max_block = max_block or num_masked
+    remaining = num_masked - mask.sum()
+    # CAE's max_mask_patches: bounds both the area draw and the number of new cells accepted.
+    cap = jnp.minimum(remaining, max_block).astype(jnp.float32)
+    # Python's random.uniform(a, b) is a + (b - a) * U(0, 1): when remaining < min_block it draws
+    # from [remaining, min_block], i.e. the bounds just swap. Area is then often > remaining; such
+    # rectangles are accepted only if they overlap the mask enough.
+    lo, hi = jnp.minimum(min_block, cap), jnp.maximum(min_block, cap)
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
 
-    def attempt(carry):
-        mask, key, i = carry
-        key, k_area, k_ar, k_top, k_left = jax.random.split(key, 5)
-        remaining = num_masked - mask.sum()
-        hi = jnp.minimum(remaining, max_block).astype(jnp.float32)
-        area = jax.random.uniform(k_area, (), minval=jnp.minimum(min_block, hi), maxval=jnp.maximum(min_block, hi))
-        ar = jnp.exp(jax.random.uniform(k_ar, (), minval=log_lo, maxval=log_hi))
+    def attempt(u):
+        # Four U[0, 1) draws per attempt, used the way Python's random module uses them.
+        area = lo + (hi - lo) * u[0]
+        ar = jnp.exp(log_lo + (log_hi - log_lo) * u[1])
+        # jnp.round rounds half to even, like Python's round().
         h = jnp.round(jnp.sqrt(area * ar)).astype(jnp.int32)
         w = jnp.round(jnp.sqrt(area / ar)).astype(jnp.int32)
-        top = jax.random.randint(k_top, (), 0, jnp.maximum(gh - h, 0) + 1)
-        left = jax.random.randint(k_left, (), 0, jnp.maximum(gw - w, 0) + 1)
+        # Uniform integers in {0, ..., H - h} and {0, ..., W - w} (inclusive, like random.randint).
+        top = _uniform_int(u[2], jnp.maximum(gh - h, 0) + 1)
+        left = _uniform_int(u[3], jnp.maximum(gw - w, 0) + 1)
         rect = _rectangle(grid_hw, top, left, h, w).reshape(-1)
         new = (rect & ~mask).sum()
-        ok = (h < gh) & (w < gw) & (new >= 1) & (new <= remaining)
-        return jnp.where(ok, mask | rect, mask), key, i + 1
+        ok = (h < gh) & (w < gw) & (new >= 1) & (new <= cap)   # strict h < H, w < W as in CAE
+        return rect, ok
+
+    rects, ok = jax.vmap(attempt)(jax.random.uniform(key, (candidates, 4)))
+    first = jnp.argmax(ok)                                     # index of the first True, else 0
+    return jnp.where(ok[first], mask | rects[first], mask)
+
+
+def _block_mask(key, grid_hw, num_masked: int, min_block: float = 16, max_block: int | None = None,
+                aspect=(0.3, 1 / 0.3), max_attempts: int = 2048, candidates: int = 8):
+    """block_mask plus diagnostics: (mask [N], loop iterations, cells filled by the fallback)."""
+    gh, gw = grid_hw
+    n = gh * gw
+    _check_count(n, num_masked)
+    max_block = num_masked if max_block is None else max_block
+    max_steps = -(-max_attempts // candidates)
+    loop_key, fill_key = jax.random.split(key)
 
     def not_done(carry):
-        mask, _, i = carry
-        return (mask.sum() < num_masked) & (i < max_attempts)
+        mask, step = carry
+        return (mask.sum() < num_masked) & (step < max_steps)
 
-    mask, key, _ = jax.lax.while_loop(not_done, attempt, (jnp.zeros(gh * gw, bool), key, 0))
-    # Fallback (practically never taken): top up with random unmasked cells.
-    scores = jnp.where(mask, -1.0, jax.random.uniform(key, (gh * gw,)))
-    order = jnp.argsort(-scores)
-    fill = jnp.zeros(gh * gw, bool).at[order].set(jnp.arange(gh * gw) < num_masked - mask.sum())
-    return mask | fill
+    def body(carry):
+        mask, step = carry
+        mask = _block_step(jax.random.fold_in(loop_key, step), mask, grid_hw, num_masked, min_block,
+                           max_block, aspect, candidates)
+        return mask, step + 1
+
+    mask, steps = jax.lax.while_loop(not_done, body, (jnp.zeros(n, bool), jnp.int32(0)))
+
+    # Fallback for a run that hit the bound: add uniformly random unmasked cells until the count
+    # is exact (the official generator would just keep trying). Sort unmasked cells first, in a
+    # random order, and take as many as are missing; a no-op when the loop finished.
+    missing = num_masked - mask.sum()
+    order = jnp.argsort(jnp.where(mask, 2.0, jax.random.uniform(fill_key, (n,))))
+    fill = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < missing)
+    return mask | fill, steps, missing
+
+
+def block_mask(key, grid_hw, num_masked: int, min_block: float = 16, max_block: int | None = None,
+               aspect=(0.3, 1 / 0.3), max_attempts: int = 2048, candidates: int = 8) -> jax.Array:
+    """BEiT/CAE block-wise masking with an exact count (cae_v2.md §3).
+
+    Until exactly `num_masked` cells are masked, with cap = min(remaining, max_block) (max_block
+    defaults to num_masked, as in CAE): draw area ~ U(min_block, cap) (bounds swapped when
+    cap < min_block, like Python's random.uniform), aspect ratio log-uniform in `aspect`,
+    h = round(sqrt(area*ar)), w = round(sqrt(area/ar)); only if h < H and w < W, draw top and left
+    uniformly (inclusive); accept the rectangle if it adds between 1 and cap new cells.
+
+    CAE's generator loops until the count is exact, with no bound. Here the loop is a
+    jax.lax.while_loop over at most `max_attempts` attempts, `candidates` per iteration (same
+    distribution, see `_block_step`). If the bound is ever hit, the remaining cells are filled with
+    uniformly random unmasked cells so the count stays exact. The default bound (2048 attempts =
+    256 iterations) essentially never binds: the number of iterations has a short exponential tail,
+    and over 10^6 masks for each of 14x14 with K in {16, 30, 49, 98, 147} and 16x16 with K = 166
+    the mean was 4-10 iterations, the 99.99th percentile <= 35 and the maximum 54; the fallback
+    never fired. (One attempt per iteration would need up to ~420 sequential iterations; under
+    vmap the whole batch waits for its slowest mask.)
+    """
+    return _block_mask(key, grid_hw, num_masked, min_block, max_block, aspect, max_attempts,
+                       candidates)[0]
+
+
+# ---- CAPI inverse block --------------------------------------------------------------------------
+
+def _log_aspect_bounds(grid_hw, num_visible: int, aspect):
+    """CAPI clamps log(ar) to [log(n/W^2), log(H^2/n)], which keeps h <= H and w <= W."""
+    gh, gw = grid_hw
+    lo = max(math.log(aspect[0]), math.log(num_visible / gw ** 2))
+    hi = min(math.log(aspect[1]), math.log(gh ** 2 / num_visible))
+    if lo > hi:
+        raise ValueError(f"No aspect ratio in {aspect} fits {num_visible} visible cells in a "
+                         f"{gh}x{gw} grid.")
+    return lo, hi
 
 
 def inverse_block_params(key, grid_hw, num_masked: int, aspect=(0.5, 2.0)):
-    """Random parameters of CAPI's inverse block mask: (h, w, top, left, shift_y, shift_x)."""
+    """The random draws of CAPI's inverse block mask: int32 (h, w, top, left, shift_y, shift_x)."""
     gh, gw = grid_hw
-    n = gh * gw - num_masked
+    n = gh * gw - num_masked                      # visible cells
+    lo, hi = _log_aspect_bounds(grid_hw, n, aspect)
     k_ar, k_top, k_left, k_sy, k_sx = jax.random.split(key, 5)
-    # Bounds as in the official code: they keep h <= gh and w <= gw (they do not bind at CAPI's sizes).
-    lo = max(math.log(aspect[0]), math.log(n / gw ** 2))
-    hi = min(math.log(aspect[1]), math.log(gh ** 2 / n))
     ar = jnp.exp(jax.random.uniform(k_ar, (), minval=lo, maxval=hi))
+    # ceil so that h*w >= n. Mathematically h <= H and w <= W by the bounds above; the minimum
+    # only absorbs float32 rounding at the bound (CAPI adds 1e-5 to n for the same reason).
     h = jnp.minimum(jnp.ceil(jnp.sqrt(n * ar)).astype(jnp.int32), gh)
     w = jnp.minimum(jnp.ceil(jnp.sqrt(n / ar)).astype(jnp.int32), gw)
     top = jax.random.randint(k_top, (), 0, gh - h + 1)
     left = jax.random.randint(k_left, (), 0, gw - w + 1)
-    return h, w, top, left, jax.random.randint(k_sy, (), 0, gh), jax.random.randint(k_sx, (), 0, gw)
+    shift_y = jax.random.randint(k_sy, (), 0, gh)
+    shift_x = jax.random.randint(k_sx, (), 0, gw)
+    return h, w, top, left, shift_y, shift_x
 
 
-def inverse_block_from_params(grid_hw, num_masked: int, h, w, top, left, shift_y, shift_x) -> jax.Array:
-    """Deterministic part: the first n cells (raster order) of the h x w rectangle are visible,
-    the grid is rolled cyclically by (shift_y, shift_x), and the mask is the complement."""
+def inverse_block_from_params(grid_hw, num_masked: int, h, w, top, left, shift_y, shift_x):
+    """Deterministic part of CAPI's mask: the first n = N - num_masked cells (raster order) of the
+    h x w rectangle at (top, left) are visible (full rows plus one partial row), the grid is rolled
+    cyclically by (shift_y, shift_x), and the mask is the complement. Needs h*w >= n."""
     gh, gw = grid_hw
     n = gh * gw - num_masked
-    rect = _rectangle(grid_hw, top, left, h, w)
-    rank = jnp.cumsum(rect.reshape(-1)).reshape(gh, gw)      # raster rank inside the rectangle
-    visible = rect & (rank <= n)
-    visible = jnp.roll(visible, (shift_y, shift_x), axis=(0, 1))
+    rect = _rectangle(grid_hw, top, left, h, w).reshape(-1)
+    visible = rect & (jnp.cumsum(rect) <= n)      # cumsum = 1-based raster rank inside the rectangle
+    visible = jnp.roll(visible.reshape(gh, gw), (shift_y, shift_x), axis=(0, 1))
     return ~visible.reshape(-1)
 
 
-def inverse_block_mask(key, grid_hw, num_masked: int, aspect=(0.5, 2.0), roll: bool = True) -> jax.Array:
-    """CAPI: a visible block of exactly N - num_masked cells, cyclically rolled, then inverted.
+def inverse_block_mask(key, grid_hw, num_masked: int, aspect=(0.5, 2.0), roll: bool = True):
+    """CAPI (capi.md §2): a visible block of exactly N - num_masked cells, rolled, then inverted.
 
-    The roll makes every position equally likely to be visible; without it the centre is favoured.
+    The roll (uniform in {0..H-1} x {0..W-1}, with wrap-around) makes every position equally likely
+    to be masked; without it the centre is favoured. The visible region may wrap around the edges.
     """
-    h, w, top, left, sy, sx = inverse_block_params(key, grid_hw, num_masked, aspect)
+    gh, gw = grid_hw
+    _check_count(gh * gw, num_masked)
+    if num_masked == gh * gw:                     # nothing visible (CAPI returns this too)
+        return jnp.ones(gh * gw, bool)
+    h, w, top, left, shift_y, shift_x = inverse_block_params(key, grid_hw, num_masked, aspect)
     if not roll:
-        sy = sx = 0
-    return inverse_block_from_params(grid_hw, num_masked, h, w, top, left, sy, sx)
+        shift_y = shift_x = 0
+    return inverse_block_from_params(grid_hw, num_masked, h, w, top, left, shift_y, shift_x)
 
+
+# ---- indices -------------------------------------------------------------------------------------
 
 def mask_indices(mask: jax.Array, num_masked: int):
-    """(visible_idx [N-K], masked_idx [K]), each ascending: gather for encoders, scatter for decoders."""
+    """(visible_idx [N-K], masked_idx [K]) int32, each ascending.
+
+    The encoder gathers visible tokens with the first, the decoder scatters predictions back with
+    the second. `num_masked` must be the mask's exact (static) count.
+    """
     n = mask.shape[0]
-    order = jnp.argsort(mask, stable=True)   # False (visible) first, positions ascending
+    order = jnp.argsort(mask, stable=True)        # False (visible) first; stable keeps positions ascending
     return order[: n - num_masked].astype(jnp.int32), order[n - num_masked:].astype(jnp.int32)
 
 
 def predict_subset(key, mask: jax.Array, num_predict: int) -> jax.Array:
-    """CAPI prediction subsampling: `num_predict` distinct masked positions, uniformly at random."""
+    """CAPI prediction subsampling: `num_predict` distinct masked positions, a uniformly random
+    subset (in random order), int32 [num_predict]. Needs num_predict <= the mask's count."""
+    # Masked cells get a random score in [0, 1), visible ones -1: the top scores are a uniformly
+    # random subset of the masked cells.
     scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
-    return jnp.argsort(-scores)[:num_predict].astype(jnp.int32)
+    return jax.lax.top_k(scores, num_predict)[1].astype(jnp.int32)
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+_OPTIONS = {
+    "random": (),
+    "block": ("min_block", "max_block", "aspect", "max_attempts", "candidates"),
+    "inverse_block": ("aspect", "roll"),
+}
 
 
 def num_masked_from_config(cfg, num_patches: int) -> int:
-    if cfg.get("num_masked"):
-        return int(cfg["num_masked"])
-    return int(num_patches * cfg["ratio"])
+    """`num_masked` if set, else int(num_patches * ratio) (CAE's and CAPI's rounding)."""
+    k = cfg.get("num_masked")
+    k = int(num_patches * cfg["ratio"]) if k is None else int(k)
+    _check_count(num_patches, k)
+    return k
 
 
 def sampler_from_config(cfg, grid_hw) -> Sampler:
-    """{'type': 'random'|'block'|'inverse_block', 'num_masked': K or 'ratio': r, ...} -> sampler."""
+    """{'type': 'random'|'block'|'inverse_block', 'num_masked': K or 'ratio': r, **options} -> a
+    sampler key -> mask [N]. Options: block: min_block, max_block, aspect, max_attempts,
+    candidates; inverse_block: aspect, roll. Unknown keys raise (catches typos in configs)."""
+    kind = cfg["type"]
+    if kind not in _OPTIONS:
+        raise ValueError(f"Unknown mask type {kind!r}: use one of {sorted(_OPTIONS)}.")
+    unknown = set(cfg.keys()) - {"type", "ratio", "num_masked", *_OPTIONS[kind]}
+    if unknown:
+        raise ValueError(f"Unknown options {sorted(unknown)} for mask type {kind!r}.")
     n = grid_hw[0] * grid_hw[1]
     k = num_masked_from_config(cfg, n)
-    kind = cfg["type"]
+    options = {name: cfg[name] for name in _OPTIONS[kind] if cfg.get(name) is not None}
+    if "aspect" in options:
+        options["aspect"] = tuple(options["aspect"])
+    grid_hw = tuple(grid_hw)
     if kind == "random":
         return lambda key: random_mask(key, n, k)
     if kind == "block":
-        return lambda key: block_mask(key, grid_hw, k, min_block=cfg.get("min_block", 16))
-    if kind == "inverse_block":
-        return lambda key: inverse_block_mask(key, grid_hw, k, roll=cfg.get("roll", True))
-    raise ValueError(f"Unknown mask type {kind!r}: use 'random', 'block' or 'inverse_block'.")
+        return lambda key: block_mask(key, grid_hw, k, **options)
+    return lambda key: inverse_block_mask(key, grid_hw, k, **options)
+
+
+def _check_count(num_patches: int, num_masked: int):
+    if not 0 <= num_masked <= num_patches:
+        raise ValueError(f"num_masked={num_masked} must be in [0, {num_patches}].")
