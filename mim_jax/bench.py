@@ -26,7 +26,7 @@ def benchmark(config, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mim_jax import metrics, parallel, state as state_lib
+    from mim_jax import flops, parallel, state as state_lib
     from mim_jax.methods import get_method
 
     mesh = parallel.make_mesh(config.mesh)
@@ -48,7 +48,7 @@ def benchmark(config, steps: int) -> dict:
     for _ in range(3):
         state, m = setup.train_step(state, setup.frozen, batch)
     jax.block_until_ready(m)
-    throughput = metrics.Throughput(bs, method.train_flops_per_example(), config.peak_flops)
+    throughput = flops.Throughput(bs, method.train_flops_per_example(), config.peak_flops)
     start = time.perf_counter()
     for _ in range(steps):
         state, m = setup.train_step(state, setup.frozen, batch)

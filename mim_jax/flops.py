@@ -1,9 +1,12 @@
-"""Analytic FLOP counts (a multiply-add is 2 FLOPs) and peak device throughput, for MFU.
+"""Analytic FLOP counts (a multiply-add is 2 FLOPs), peak device throughput, and the measured
+images/s and MFU of a run.
 
 Only matmuls are counted, as in MaxText/PaLM MFU accounting; a training step costs 3x the forward
 pass (the backward pass computes gradients for both activations and weights).
 """
 from __future__ import annotations
+
+import time
 
 import jax
 
@@ -34,3 +37,33 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
         if name in kind:
             return peak
     return None
+
+
+class Throughput:
+    """Step time, images/s and MFU over the steps since the last report."""
+
+    def __init__(self, global_batch_size: int, train_flops_per_example: float, peak_flops: float | None = None):
+        self.batch = global_batch_size
+        self.flops_per_step = train_flops_per_example * global_batch_size
+        self.peak = peak_flops if peak_flops else peak_flops_per_device()
+        self.devices = jax.device_count()
+        self.reset()
+
+    def reset(self):
+        self._start, self._steps, self._data_wait = time.perf_counter(), 0, 0.0
+
+    def add_step(self, data_wait: float):
+        self._steps += 1
+        self._data_wait += data_wait
+
+    def report(self) -> dict:
+        elapsed = time.perf_counter() - self._start
+        step_time = elapsed / max(self._steps, 1)
+        out = {"step_time_s": step_time, "images_per_s": self.batch / step_time,
+               "images_per_s_per_device": self.batch / step_time / self.devices,
+               "data_wait_fraction": self._data_wait / max(elapsed, 1e-9),
+               "tflops_per_device": self.flops_per_step / step_time / self.devices / 1e12}
+        if self.peak:
+            out["mfu"] = self.flops_per_step / step_time / (self.devices * self.peak)
+        self.reset()
+        return out

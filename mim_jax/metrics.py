@@ -1,15 +1,12 @@
-"""Metric writers (TensorBoard + JSON lines + log lines, host 0 only) and throughput accounting."""
+"""Metric writers: TensorBoard + JSON lines + log lines (host 0 only)."""
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import numpy as np
 from clu import metric_writers
 from etils import epath
-
-from mim_jax import flops
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -46,36 +43,6 @@ def create_writer(workdir) -> metric_writers.MetricWriter:
         return metric_writers.create_default_writer(workdir, just_logging=True)
     default = metric_writers.create_default_writer(workdir, asynchronous=True)
     return metric_writers.MultiWriter([default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl")])
-
-
-class Throughput:
-    """Step time, images/s and MFU over the steps since the last report."""
-
-    def __init__(self, global_batch_size: int, train_flops_per_example: float, peak_flops: float | None = None):
-        self.batch = global_batch_size
-        self.flops_per_step = train_flops_per_example * global_batch_size
-        self.peak = peak_flops if peak_flops else flops.peak_flops_per_device()
-        self.devices = jax.device_count()
-        self.reset()
-
-    def reset(self):
-        self._start, self._steps, self._data_wait = time.perf_counter(), 0, 0.0
-
-    def add_step(self, data_wait: float):
-        self._steps += 1
-        self._data_wait += data_wait
-
-    def report(self) -> dict:
-        elapsed = time.perf_counter() - self._start
-        step_time = elapsed / max(self._steps, 1)
-        out = {"step_time_s": step_time, "images_per_s": self.batch / step_time,
-               "images_per_s_per_device": self.batch / step_time / self.devices,
-               "data_wait_fraction": self._data_wait / max(elapsed, 1e-9),
-               "tflops_per_device": self.flops_per_step / step_time / self.devices / 1e12}
-        if self.peak:
-            out["mfu"] = self.flops_per_step / step_time / (self.devices * self.peak)
-        self.reset()
-        return out
 
 
 def to_host_scalars(metric_list) -> dict:

@@ -11,7 +11,7 @@ import jax
 from clu import periodic_actions
 from etils import epath
 
-from mim_jax import checkpoint, config_lib, metrics, parallel, state as state_lib
+from mim_jax import checkpoint, config_lib, flops, metrics, parallel, state as state_lib
 from mim_jax.data import pipeline
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method
@@ -101,7 +101,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     writer = metrics.create_writer(workdir)
     if start == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-    throughput = metrics.Throughput(config.input.batch_size, method.train_flops_per_example(), config.peak_flops)
+    throughput = flops.Throughput(config.input.batch_size, method.train_flops_per_example(), config.peak_flops)
     hooks = [periodic_actions.ReportProgress(num_train_steps=steps["total"], writer=writer,
                                              every_steps=config.log_steps)]
     if config.profile_steps and jax.process_index() == 0:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_mae_config
 
-from mim_jax import checkpoint, metrics, parallel, state as state_lib, train
+from mim_jax import checkpoint, flops, parallel, state as state_lib, train
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method
 
@@ -60,7 +60,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synthetic_data
     reference = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
 
     calls = {"n": 0}
-    original = metrics.Throughput.add_step
+    original = flops.Throughput.add_step
 
     def add_step_then_preempt(self, data_wait):
         calls["n"] += 1
@@ -68,10 +68,10 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synthetic_data
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, data_wait)
 
-    monkeypatch.setattr(metrics.Throughput, "add_step", add_step_then_preempt)
+    monkeypatch.setattr(flops.Throughput, "add_step", add_step_then_preempt)
     interrupted = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert int(interrupted.step) == 4
-    monkeypatch.setattr(metrics.Throughput, "add_step", original)
+    monkeypatch.setattr(flops.Throughput, "add_step", original)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert int(resumed.step) == 6
     jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
