@@ -35,11 +35,12 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     c.input = ml_collections.ConfigDict(dict(
         dataset=dataset, split=split, data_dir=placeholder(str), batch_size=batch_size,
         image_size=image_size, channels=channels, mean=mean, std=std,
-        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, num_workers=8, prefetch_buffer=2))
+        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, interpolation="auto",
+        num_workers=8, prefetch_buffer=2))
 
     c.optax = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4, lr_scale_batch=256, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.05, clip_norm=0.0, warmup_steps=placeholder(int), warmup_epochs=40.0,
+        weight_decay=0.05, decay_rule="kernels", clip_norm=0.0, warmup_steps=placeholder(int), warmup_epochs=40.0,
         warmup_percent=placeholder(float), decay_percent=1.0, groups=ml_collections.ConfigDict()))
 
     c.mesh = [("data", -1), ("fsdp", 1)]
@@ -50,8 +51,8 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
 def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
     """Encoder block; the width/depth/... placeholders override the variant's sizes when set."""
     model = dict(variant=variant, posemb="sincos2d", cls_token=True, num_registers=0, norm="layernorm",
-                 use_bias=True, layerscale=placeholder(float), drop_path=0.0, dtype="bfloat16",
-                 attention_impl=placeholder(str), remat=False, width=placeholder(int),
+                 use_bias=True, qkv_bias="dense", init_style="mae", layerscale=placeholder(float),
+                 drop_path=0.0, dtype="bfloat16", attention_impl=placeholder(str), remat=False, width=placeholder(int),
                  depth=placeholder(int), mlp_dim=placeholder(int), num_heads=placeholder(int))
     model.update(overrides)
     return ml_collections.ConfigDict(model)

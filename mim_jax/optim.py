@@ -1,4 +1,5 @@
-"""Optimizer from config: AdamW (decay on kernels only), warmup + cosine, clipping, per-group settings."""
+"""Optimizer from config: AdamW (decay on kernels, or on all but 1-D params), warmup + cosine,
+clipping, per-group settings."""
 from __future__ import annotations
 
 import flax.traverse_util as traverse_util
@@ -22,15 +23,27 @@ def schedule(optax_config, peak_lr: float, total_steps: int, warmup_steps: int, 
     return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
-def weight_decay_mask(params):
-    """Decay only matmul kernels: norms, biases, LayerScale, tokens and positions are exempt."""
+def weight_decay_mask(params, rule: str = "kernels"):
+    """Which parameters get weight decay.
+
+    'kernels' (MAE, timm): matmul kernels only; norms, biases, LayerScale, tokens and positions
+    are exempt. 'not_1d' (BEiT/CAE `optim_factory`): everything but 1-D parameters, so the CLS
+    and mask tokens ([1, 1, D]) are decayed too.
+    """
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
+    if rule == "kernels":
+        decide = lambda path, leaf: path[-1] == "kernel"   # noqa: E731
+    elif rule == "not_1d":
+        decide = lambda path, leaf: leaf.ndim > 1           # noqa: E731
+    else:
+        raise ValueError(f"Unknown weight-decay rule {rule!r} (config.optax.decay_rule): use 'kernels' or 'not_1d'.")
+    return traverse_util.unflatten_dict({path: decide(path, leaf) for path, leaf in flat.items()})
 
 
 def _adamw(lr, group_config, params):
+    rule = group_config.get("decay_rule", "kernels")
     return optax.adamw(lr, b1=group_config.b1, b2=group_config.b2, eps=group_config.eps,
-                       weight_decay=group_config.weight_decay, mask=weight_decay_mask)
+                       weight_decay=group_config.weight_decay, mask=lambda p: weight_decay_mask(p, rule))
 
 
 def make_optimizer(optax_config, params, labels, lr_schedule):

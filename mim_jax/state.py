@@ -62,7 +62,10 @@ def batch_spec(config, global_batch_size: int) -> dict:
             "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
 
-def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int) -> Setup:
+def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int,
+          load_frozen: bool = True) -> Setup:
+    """`load_frozen=False` skips the frozen weights (a teacher) for callers that only restore or
+    evaluate the trained params: they need neither its download nor its memory."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch = batch_spec(config, global_batch_size)
     batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
@@ -85,9 +88,9 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
-        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
+        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch) if load_frozen else {}
         frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings) if load_frozen else {}
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.

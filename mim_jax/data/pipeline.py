@@ -72,14 +72,21 @@ class SyntheticSource:
 
 # Transforms are classes, not closures, so they pickle into Grain worker processes.
 class PretrainTransform:
-    """record, rng -> {'image': float32 HWC, 'label': int32}: random-resized crop, flip, normalise."""
+    """record, rng -> {'image': float32 HWC, 'label': int32}: [colour jitter,] random-resized crop,
+    flip, normalise."""
 
-    def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std):
+    def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
+                 interpolation="auto"):
         self.image_size, self.crop_scale, self.crop_ratio = image_size, crop_scale, crop_ratio
         self.flip, self.mean, self.std = flip, mean, std
+        self.color_jitter, self.interpolation = color_jitter, interpolation
 
     def crop_and_flip(self, record, rng):
-        image = transforms.random_resized_crop(record["image"], rng, self.image_size, self.crop_scale, self.crop_ratio)
+        image = record["image"]
+        if self.color_jitter:  # BEiT/CAE jitter the whole image first (contrast uses its mean)
+            image = transforms.color_jitter(image, rng, *(self.color_jitter,) * 3)
+        image = transforms.random_resized_crop(image, rng, self.image_size, self.crop_scale, self.crop_ratio,
+                                               self.interpolation)
         return transforms.horizontal_flip(image, rng) if self.flip else image
 
     def __call__(self, record, rng):
@@ -104,8 +111,9 @@ class FinetuneTransform(PretrainTransform):
         return {"image": image, "label": np.int32(record["label"])}
 
 
-def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std) -> PretrainTransform:
-    return PretrainTransform(image_size, crop_scale, crop_ratio, flip, mean, std)
+def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
+                       interpolation="auto") -> PretrainTransform:
+    return PretrainTransform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter, interpolation)
 
 
 class EvalTransform:

@@ -11,10 +11,16 @@ import cv2
 import numpy as np
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    # Area averaging when shrinking avoids aliasing; bilinear when enlarging.
-    shrink = image.shape[0] > size or image.shape[1] > size
-    out = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+def _resize(image: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:
+    """'auto': area averaging when shrinking (no aliasing), bilinear when enlarging; 'bicubic' as
+    the BEiT/CAE recipes (torchvision's bicubic, values clipped back to uint8)."""
+    if interpolation == "bicubic":
+        flag = cv2.INTER_CUBIC
+    elif interpolation == "auto":
+        flag = cv2.INTER_AREA if image.shape[0] > size or image.shape[1] > size else cv2.INTER_LINEAR
+    else:
+        raise ValueError(f"Unknown interpolation {interpolation!r}: use 'auto' or 'bicubic'.")
+    out = cv2.resize(image, (size, size), interpolation=flag)
     return out.reshape(size, size, image.shape[2])  # cv2 drops a single channel axis
 
 
@@ -41,9 +47,37 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale, ra
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "auto") -> np.ndarray:
     top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    return _resize(image[top:top + h, left:left + w], size)
+    return _resize(image[top:top + h, left:left + w], size, interpolation)
+
+
+def _grayscale(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma as torchvision/PIL, [H, W, 1] float."""
+    if image.shape[2] == 1:
+        return image.astype(np.float32)
+    return (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.4) -> np.ndarray:
+    """torchvision ColorJitter(b, c, s, hue=0): each factor uniform in [max(0, 1-x), 1+x], the
+    three adjustments in a random order, each blending with a reference and clipping to [0, 255]:
+    black (brightness), the mean grey level (contrast), the grey image (saturation)."""
+    out = image.astype(np.float32)
+    for op in rng.permutation(3):
+        strength = (brightness, contrast, saturation)[op]
+        if not strength:
+            continue
+        factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
+        if op == 0:
+            reference = 0.0
+        elif op == 1:
+            reference = float(np.round(_grayscale(out).mean()))
+        else:
+            reference = _grayscale(out)
+        out = np.clip(factor * out + (1 - factor) * reference, 0, 255)
+    return np.round(out).astype(np.uint8)
 
 
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:

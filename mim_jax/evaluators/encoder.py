@@ -35,10 +35,12 @@ def select(out: dict, feature: str) -> jax.Array:
 
 
 def pretrain_config_of(workdir) -> ml_collections.ConfigDict:
-    ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_interval_steps=1, max_to_keep=1)
-    step = ckpt.latest_step()
+    directory = epath.Path(workdir) / "checkpoints"
+    # Checked first: orbax would create a missing directory, leaving litter at a mistyped path.
+    ckpt = checkpoint.Checkpointer(directory, save_interval_steps=1, max_to_keep=1) if directory.exists() else None
+    step = ckpt.latest_step() if ckpt else None
     if step is None:
-        raise FileNotFoundError(f"No pre-training checkpoint in {workdir}/checkpoints: pass the --workdir "
+        raise FileNotFoundError(f"No pre-training checkpoint in {directory}: pass the --workdir "
                                 "of a `python -m mim_jax.main --config=configs/<method>.py` run.")
     return ml_collections.ConfigDict(ckpt.restore_config(step))
 
@@ -48,7 +50,7 @@ def restore_pretrained(workdir, mesh):
     restored onto `mesh` whatever mesh it was written on."""
     config = pretrain_config_of(workdir)
     setup = state_lib.build(config, get_method(config), mesh, total_steps=1, warmup_steps=0,
-                            global_batch_size=parallel.batch_sharding(mesh).num_devices)
+                            global_batch_size=parallel.batch_sharding(mesh).num_devices, load_frozen=False)
     ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_interval_steps=1, max_to_keep=1)
     step, state, _ = ckpt.restore(setup.abstract)
     return config, state.params, step
@@ -65,7 +67,7 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
     if init == "random":
         config, method = base_config, get_method(base_config)
         setup = state_lib.build(config, method, mesh, total_steps=1, warmup_steps=0,
-                                global_batch_size=parallel.batch_sharding(mesh).num_devices)
+                                global_batch_size=parallel.batch_sharding(mesh).num_devices, load_frozen=False)
         params, description = setup.create(jax.random.key(config.seed)).params, "random init"
     else:
         config, params, step = restore_pretrained(init, mesh)

@@ -9,6 +9,7 @@ from mim_jax.methods.base import Method
 REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
     "finetune": "mim_jax.methods.finetune:Finetune",
+    "cae_v2": "mim_jax.methods.cae_v2:CAEv2",
 }
 
 

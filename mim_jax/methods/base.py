@@ -74,7 +74,8 @@ class Method(abc.ABC):
         inp = self.config.input
         return pipeline.pretrain_transform(
             image_size=inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
-            flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std))
+            flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.get("color_jitter", 0.0),
+            interpolation=inp.get("interpolation", "auto"))
 
     # -- accounting and features ---------------------------------------------------------------
     @abc.abstractmethod

@@ -64,9 +64,12 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def sincos_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
-    """Fixed 2-D sin-cos positions [grid_h*grid_w, width] (MAE layout: first half encodes the
-    column (w) coordinate, second half the row (h) coordinate, each as [sin | cos])."""
+def sincos_2d(grid_h: int, grid_w: int, width: int, row_first: bool = False) -> np.ndarray:
+    """Fixed 2-D sin-cos positions [grid_h*grid_w, width], each half as [sin | cos].
+
+    MAE's layout (default) encodes the column (w) coordinate in the first half and the row in the
+    second; BEiT/CAE's (`row_first=True`) the other way round. The network learns whichever it
+    was trained with, so released weights need their own layout."""
     if width % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {width}.")
     quarter = width // 4
@@ -78,11 +81,13 @@ def sincos_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
         angles = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    return np.concatenate([encode(ww), encode(hh)], axis=1).astype(np.float32)
+    halves = [encode(hh), encode(ww)] if row_first else [encode(ww), encode(hh)]
+    return np.concatenate(halves, axis=1).astype(np.float32)
 
 
 def attention(q, k, v, implementation: str | None, pad_multiple: int | None = None):
     """softmax(q k^T / sqrt(d)) v over [B, T, heads, head_dim] via jax.nn.dot_product_attention.
+    Keys and values may be longer or shorter than the queries (cross-attention).
 
     cuDNN's fused kernel rejects lengths that are not a multiple of 64 (e.g. 197 = 196 + CLS), so
     for implementation='cudnn' we pad to the next multiple and pass the true lengths: the padded
@@ -90,16 +95,18 @@ def attention(q, k, v, implementation: str | None, pad_multiple: int | None = No
     """
     if pad_multiple is None:
         pad_multiple = 64 if implementation == "cudnn" else 1
-    b, t = q.shape[:2]
-    padded = -(-t // pad_multiple) * pad_multiple
-    if padded == t:
+    b, t_q, t_kv = q.shape[0], q.shape[1], k.shape[1]
+    pad_q, pad_kv = -t_q % pad_multiple, -t_kv % pad_multiple
+    if not (pad_q or pad_kv):
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
-    lengths = jnp.full((b,), t, jnp.int32)
+
+    def pad(x, n):
+        return jnp.pad(x, [(0, 0), (0, n), (0, 0), (0, 0)])
+
     out = jax.nn.dot_product_attention(
-        jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), implementation=implementation,
-        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-    return out[:, :t]
+        pad(q, pad_q), pad(k, pad_kv), pad(v, pad_kv), implementation=implementation,
+        query_seq_lengths=jnp.full((b,), t_q, jnp.int32), key_value_seq_lengths=jnp.full((b,), t_kv, jnp.int32))
+    return out[:, :t_q]
 
 
 def make_norm(kind: str, dtype: Dtype, name: str | None = None) -> nn.Module:
@@ -130,6 +137,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     use_bias: bool = True
     implementation: str | None = None
+    qkv_bias: str = "dense"     # "dense": the qkv layer's own bias (iff use_bias); "qv": BEiT's
     kernel_init: Callable = nn.initializers.xavier_uniform()
 
     @nn.compact
@@ -138,9 +146,17 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         # One fused projection for q, k and v (a single larger matmul is faster than three),
         # xavier-initialised over the whole (D, 3D) matrix as timm's fused qkv Linear.
-        qkv = nn.Dense(3 * width, dtype=self.dtype, use_bias=self.use_bias, name="qkv",
-                       kernel_init=param_init(self.kernel_init, ("embed", "qkv")),
+        qkv = nn.Dense(3 * width, dtype=self.dtype, use_bias=self.use_bias and self.qkv_bias == "dense",
+                       name="qkv", kernel_init=param_init(self.kernel_init, ("embed", "qkv")),
                        bias_init=param_init(nn.initializers.zeros, ("qkv",)))(x)
+        if self.qkv_bias == "qv":
+            # BEiT/CAE: learned q and v biases, the k bias fixed at zero (it would cancel in the
+            # softmax anyway); separate parameters so released checkpoints map one to one.
+            q_bias, v_bias = (self.param(n, param_init(nn.initializers.zeros, ("qkv",)), (width,))
+                              for n in ("q_bias", "v_bias"))
+            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        elif self.qkv_bias != "dense":
+            raise ValueError(f"Unknown qkv_bias {self.qkv_bias!r}: use 'dense' or 'qv'.")
         qkv = qkv.reshape(*x.shape[:2], 3, self.num_heads, head_dim)
         q, k, v = (constrain(qkv[:, :, i], ("act_batch", "act_len", "act_heads", "act_kv")) for i in range(3))
         out = attention(q, k, v, self.implementation).reshape(x.shape[:2] + (width,))
@@ -177,6 +193,7 @@ class Block(nn.Module):
     layerscale: float | None = None
     drop_path: float = 0.0
     attention_impl: str | None = None
+    qkv_bias: str = "dense"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -187,7 +204,7 @@ class Block(nn.Module):
                 y = y * gamma.astype(y.dtype)
             return DropPath(self.drop_path)(y, deterministic)
 
-        y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, name="attn")(
+        y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, self.qkv_bias, name="attn")(
             make_norm(self.norm, self.dtype, "norm1")(x))
         x = constrain(x + branch(y, "attn"), ("act_batch", "act_len", "act_emb"))
         y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(make_norm(self.norm, self.dtype, "norm2")(x))
@@ -206,6 +223,7 @@ class Transformer(nn.Module):
     drop_path: float = 0.0          # maximum rate, linearly increasing with depth
     attention_impl: str | None = None
     remat: bool = False
+    qkv_bias: str = "dense"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -214,7 +232,8 @@ class Transformer(nn.Module):
         for i in range(self.depth):
             rate = self.drop_path * i / max(self.depth - 1, 1)
             x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.norm, self.use_bias,
-                          self.layerscale, rate, self.attention_impl, name=f"block_{i}")(x, deterministic)
+                          self.layerscale, rate, self.attention_impl, self.qkv_bias,
+                          name=f"block_{i}")(x, deterministic)
             out[f"block_{i}"] = x
         return x, out
 
@@ -226,7 +245,7 @@ class ViT(nn.Module):
     depth: int = 12
     mlp_dim: int = 3072
     num_heads: int = 12
-    posemb: str = "sincos2d"        # or "learn"
+    posemb: str = "sincos2d"        # or "sincos2d_rowfirst" (BEiT/CAE layout), "learn"
     cls_token: bool = True
     num_registers: int = 0
     norm: str = "layernorm"
@@ -236,6 +255,8 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
+    qkv_bias: str = "dense"
+    init_style: str = "mae"         # "beit": BEiT/CAE init of the patch embedding and CLS token
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -249,17 +270,24 @@ class ViT(nn.Module):
         if visible_idx is not None:
             # Gather pixels before the embedding so the patch projection also runs on K, not N.
             patches = jnp.take_along_axis(patches, visible_idx[..., None], axis=1)
+        if self.init_style not in ("mae", "beit"):
+            raise ValueError(f"Unknown init_style {self.init_style!r}: use 'mae' or 'beit'.")
+        # MAE: xavier on the flattened conv kernel, CLS ~ N(0, 0.02). BEiT/CAE: both from a normal
+        # of std 0.02 truncated at +-1 std (their trunc_normal_ helper passes a=-std, b=std).
+        token_init = (nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0) if self.init_style == "beit"
+                      else nn.initializers.normal(0.02))
+        embed_init = token_init if self.init_style == "beit" else nn.initializers.xavier_uniform()
         x = nn.Dense(self.width, dtype=self.dtype, name="embedding",
-                     kernel_init=param_init(nn.initializers.xavier_uniform(), ("patch", "embed")),
+                     kernel_init=param_init(embed_init, ("patch", "embed")),
                      bias_init=param_init(nn.initializers.zeros, ("embed",)))(patches.astype(self.dtype))
 
-        if self.posemb == "sincos2d":
-            pos = jnp.asarray(sincos_2d(*grid, self.width))[None]
+        if self.posemb in ("sincos2d", "sincos2d_rowfirst"):
+            pos = jnp.asarray(sincos_2d(*grid, self.width, row_first=self.posemb == "sincos2d_rowfirst"))[None]
         elif self.posemb == "learn":
             pos = self.param("pos_embedding", param_init(nn.initializers.normal(0.02), (None, "norm")),
                              (n, self.width))[None]
         else:
-            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d' or 'learn'.")
+            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d', 'sincos2d_rowfirst' or 'learn'.")
         pos = jnp.broadcast_to(pos, (b, n, self.width))
         if visible_idx is not None:
             pos = jnp.take_along_axis(pos, visible_idx[..., None], axis=1)
@@ -267,7 +295,7 @@ class ViT(nn.Module):
 
         prefix = []
         if self.cls_token:  # The CLS position embedding is zero (MAE), so it gets none.
-            prefix.append(self.param("cls", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
+            prefix.append(self.param("cls", param_init(token_init, (None, None, "norm")),
                                      (1, 1, self.width)))
         if self.num_registers:
             prefix.append(self.param("registers", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
@@ -279,7 +307,7 @@ class ViT(nn.Module):
 
         x, out = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.norm,
                              self.use_bias, self.layerscale, self.drop_path, self.attention_impl,
-                             self.remat, name="encoder")(x, not train)
+                             self.remat, self.qkv_bias, name="encoder")(x, not train)
         out["pre_norm"] = x
         x = make_norm(self.norm, self.dtype, "encoder_norm")(x)
         out["encoded"] = x

@@ -1,0 +1,178 @@
+"""CAE v2 (Zhang et al., arXiv 2211.09799; TMLR 2023 "Context Autoencoder with CLIP Latent
+Alignment"), following the official code (Atten4Vis/CAE, `--model_type caev2`; cae_v2.md).
+
+Student: a BEiT-style ViT (q/v biases, LayerScale, fixed row-first sin-cos positions) sees [CLS]
+and the visible patches of a block-wise mask with an exact, size-dependent count. A latent
+regressor (cross-attention only) predicts the masked latents from the visible ones. One shared
+LayerNorm + Linear maps [CLS], visible and predicted latents to the teacher space, where each
+token is L2-normalised and aligned with the frozen teacher's token at the same position (CLIP
+ViT-B/16 after ln_post and proj, 512-d) by a cosine loss, equally weighted over all 1 + N tokens.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax import flops, masking, teachers
+from mim_jax.methods.base import Method
+from mim_jax.models.regressor import LatentRegressor
+from mim_jax.models.vit import Dtype, make_norm, param_init, sincos_2d, vit_from_config
+
+SUPERVISE = ("all", "visible", "masked")
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def arrange_targets(target, visible_idx, masked_idx, has_cls: bool):
+    """Teacher tokens [B, (1+)N, D] -> the prediction order [cls, visible..., masked...]."""
+    patches = target[:, 1:] if has_cls else target
+    take = lambda idx: jnp.take_along_axis(patches, idx[..., None], axis=1)  # noqa: E731
+    parts = ([target[:, :1]] if has_cls else []) + [take(visible_idx), take(masked_idx)]
+    return jnp.concatenate(parts, axis=1)
+
+
+def alignment_loss(pred, target, weights):
+    """Weighted mean over tokens of 1 - cos(pred, target); pred/target [B, T, D], weights [T]."""
+    cos = jnp.sum(l2_normalize(pred.astype(jnp.float32)) * l2_normalize(target.astype(jnp.float32)), axis=-1)
+    return jnp.sum((1.0 - cos) * weights) / (jnp.sum(weights) * cos.shape[0]), cos
+
+
+class LatentPredictor(nn.Module):
+    """Encoder tokens -> L2-normalised teacher-space predictions [B, 1+N, out_dim], ordered
+    [cls, visible (ascending), masked (ascending)]."""
+    grid: tuple[int, int]
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    out_dim: int
+    layerscale: float = 0.1
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, encoded, visible_idx, masked_idx, *, train: bool = False):
+        x = encoded
+        if x.shape[-1] != self.width:  # Tiny: 192 -> 96, with a LayerNorm (borrowed from MAE)
+            x = nn.Dense(self.width, dtype=self.dtype, name="encoder_to_regressor",
+                         kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "dec_embed")),
+                         bias_init=param_init(nn.initializers.zeros, ("dec_embed",)))(x)
+            x = make_norm("layernorm", self.dtype, "encoder_to_regressor_norm")(x)
+        cls, visible = x[:, :1], x[:, 1:]
+        pos = jnp.broadcast_to(jnp.asarray(sincos_2d(*self.grid, self.width, row_first=True))[None],
+                               (x.shape[0], self.grid[0] * self.grid[1], self.width))
+        take = lambda idx: jnp.take_along_axis(pos, idx[..., None], axis=1)  # noqa: E731
+        predicted = LatentRegressor(self.depth, self.num_heads, self.mlp_dim, self.layerscale, self.drop_path,
+                                    self.dtype, self.attention_impl, name="regressor")(
+            visible, take(visible_idx), take(masked_idx), train=train)
+        # One LayerNorm and Linear shared by every token (the official "decoder" of depth 0).
+        tokens = make_norm("layernorm", self.dtype, "head_norm")(jnp.concatenate([cls, visible, predicted], axis=1))
+        out = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
+                       kernel_init=param_init(nn.initializers.xavier_uniform(), ("dec_embed", None)),
+                       bias_init=param_init(nn.initializers.zeros, (None,)))(tokens)
+        return l2_normalize(out.astype(jnp.float32))
+
+
+class CAEv2(Method):
+
+    def __init__(self, config):
+        super().__init__(config)
+        inp, cfg, reg = config.input, config.method, config.regressor
+        self.encoder = vit_from_config(config.model)
+        if not self.encoder.cls_token:
+            raise ValueError("CAE v2 aligns the [CLS] token: config.model.cls_token must be True.")
+        p = self.encoder.patch_size
+        self.grid = (inp.image_size // p, inp.image_size // p)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_masked = masking.num_masked_from_config(cfg.mask, self.num_patches)
+        self.num_visible = self.num_patches - self.num_masked
+        self.sampler = masking.sampler_from_config(cfg.mask, self.grid)
+        if cfg.supervise not in SUPERVISE:
+            raise ValueError(f"config.method.supervise={cfg.supervise!r}: use one of {SUPERVISE}.")
+        self.teacher = teachers.from_config(config.teacher, grid=self.grid, student_mean=tuple(inp.mean),
+                                            student_std=tuple(inp.std))
+        width = reg.width or self.encoder.width
+        self.predictor_kwargs = dict(grid=self.grid, width=width, depth=reg.depth, num_heads=reg.num_heads,
+                                     mlp_dim=int(reg.mlp_ratio * width), layerscale=reg.layerscale,
+                                     drop_path=reg.drop_path, dtype=self.encoder.dtype,
+                                     attention_impl=self.encoder.attention_impl)
+
+    @property
+    def predictor(self) -> LatentPredictor:
+        # Built on use: its output width is the teacher's, which may need the teacher's config.
+        return LatentPredictor(**self.predictor_kwargs, out_dim=self.teacher.out_dim)
+
+    def _masks(self, rng, batch):
+        masks = jax.vmap(self.sampler)(self.example_keys(rng, batch))
+        return jax.vmap(lambda m: masking.mask_indices(m, self.num_masked))(masks)
+
+    def token_weights(self) -> jax.Array:
+        """Loss weight of each position in [cls, visible..., masked...]: the official recipe weighs
+        all 1 + N tokens equally; 'visible'/'masked' are the arXiv v1 ablations."""
+        w_vis = 1.0 if self.config.method.supervise in ("all", "visible") else 0.0
+        w_mask = 1.0 if self.config.method.supervise in ("all", "masked") else 0.0
+        w_cls = w_vis if self.teacher.has_cls else 0.0
+        return jnp.asarray([w_cls] + [w_vis] * self.num_visible + [w_mask] * self.num_masked, jnp.float32)
+
+    # -- state -----------------------------------------------------------------------------------
+    def init_params(self, rng, batch):
+        k_enc, k_pred = jax.random.split(rng)
+        visible, masked = self._masks(rng, batch)
+        encoder = self.encoder.init(k_enc, batch["image"], visible)["params"]
+        tokens, _ = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"], visible)
+        predictor = self.predictor.init(k_pred, tokens, visible, masked)["params"]
+        return {"encoder": encoder, "predictor": predictor}
+
+    def init_frozen(self, rng, batch):
+        # Record the target width in the config saved with each checkpoint, so the trained
+        # encoder can be restored later without resolving the teacher again.
+        self.config.teacher.dim = self.teacher.out_dim
+        return {"teacher": self.teacher.init(rng, batch["image"])}
+
+    def load_frozen(self, abstract, shardings):
+        return {"teacher": self.teacher.load(abstract["teacher"], shardings["teacher"])}
+
+    # -- step ------------------------------------------------------------------------------------
+    def loss(self, params, extras, frozen, batch, rng, step):
+        images = batch["image"]
+        visible, masked = self._masks(rng, batch)
+        dropout = jax.random.fold_in(rng, step)
+        tokens, _ = self.encoder.apply({"params": params["encoder"]}, images, visible, train=True,
+                                       rngs={"dropout": dropout})
+        pred = self.predictor.apply({"params": params["predictor"]}, tokens, visible, masked, train=True,
+                                    rngs={"dropout": jax.random.fold_in(dropout, 1)})
+        target = jax.lax.stop_gradient(self.teacher(frozen["teacher"], images))
+        target = arrange_targets(target, visible, masked, self.teacher.has_cls)
+        if not self.teacher.has_cls:   # a teacher without [CLS] (e.g. CAPI-style): patches only
+            pred = pred[:, 1:]
+        weights = self.token_weights()[-pred.shape[1]:]
+        loss, cos = alignment_loss(pred, target, weights)
+        metrics = {"align_loss": loss, "cos_visible": cos[:, -self.num_patches:-self.num_masked].mean(),
+                   "cos_masked": cos[:, -self.num_masked:].mean()}
+        if self.teacher.has_cls:
+            metrics["cos_cls"] = cos[:, 0].mean()
+        return self.config.method.loss_weight * loss, metrics
+
+    # -- accounting and features -------------------------------------------------------------------
+    def train_flops_per_example(self):
+        enc, kw = self.encoder, self.predictor_kwargs
+        d_r, k, n_v = kw["width"], self.num_masked, self.num_visible
+        patch_dim = enc.patch_size ** 2 * self.config.input.channels
+        encoder = (flops.dense(n_v, patch_dim, enc.width)
+                   + flops.transformer_forward(n_v + 1, enc.width, enc.depth, enc.mlp_dim))
+        project = flops.dense(n_v + 1, enc.width, d_r) if d_r != enc.width else 0.0
+        # Per regressor block: q/out projections on K queries, k/v on Nv+K tokens, attention
+        # K x (Nv+K), MLP on K queries.
+        regressor = kw["depth"] * (flops.dense(k, d_r, d_r) * 2 + flops.dense(n_v + k, d_r, d_r) * 2
+                                   + 4.0 * k * (n_v + k) * d_r + 2 * flops.dense(k, d_r, kw["mlp_dim"]))
+        head = flops.dense(self.num_patches + 1, d_r, self.teacher.out_dim)
+        # The teacher runs forward only.
+        return flops.TRAIN_MULTIPLIER * (encoder + project + regressor + head) + self.teacher.forward_flops()
+
+    def encode(self, params, images):
+        _, out = self.encoder.apply({"params": params["encoder"]}, images)
+        return out

@@ -1,0 +1,195 @@
+"""Frozen feature teachers: the targets of feature-distillation MIM (CAE v2's CLIP targets).
+
+A teacher turns the student's batch into per-token target features [B, (1+)N, D] on the same
+patch grid as the student. It lives in the method's `frozen` tree: sharded by logical axis names
+like the student, run in its own dtype, with no gradients and no optimizer state.
+
+`source` picks one:
+- `run:DIR`: the encoder of any pre-training workdir of this project (its newest checkpoint), so
+  distillation works offline with a teacher trained here;
+- anything else is a Hugging Face CLIP checkpoint (`openai/clip-vit-base-patch16`, a folder with
+  model.safetensors + config.json, or the .safetensors file itself): see `models/clip_weights.py`.
+
+Teachers resolve their weights lazily (`out_dim` may read a config; `load` reads the weights), so
+building a method to evaluate its trained encoder never touches the teacher.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax import flops
+
+RUN_PREFIX = "run:"
+
+
+def renormalize(images, src_mean, src_std, dst_mean, dst_std, size: int | None = None):
+    """Re-expresses images normalised with (src_mean, src_std) in (dst_mean, dst_std), resized
+    bicubically to `size` if given: the teacher sees the student's crop with its own statistics."""
+    src_mean, src_std, dst_mean, dst_std = (jnp.asarray(v, jnp.float32) for v in (src_mean, src_std, dst_mean, dst_std))
+    x = (images.astype(jnp.float32) * src_std + src_mean - dst_mean) / dst_std
+    if size is not None and size != images.shape[1]:
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
+    return x
+
+
+def _to_shardings(host_tree, shardings, dtype):
+    """Host numpy tree -> global arrays on `shardings` (works with several processes: each builds
+    its own addressable shards from the same host copy)."""
+    def put(x, sharding):
+        x = np.asarray(x, dtype)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, host_tree, shardings)
+
+
+class ClipTeacher:
+    """OpenAI CLIP vision tower (Hugging Face weights): all tokens after ln_post and the visual
+    projection, the CAE v2 target (cae_v2.md §2)."""
+
+    def __init__(self, source: str, *, grid: tuple[int, int], student_mean, student_std, dtype="bfloat16",
+                 out_dim: int | None = None):
+        self.source, self.grid, self.dtype = source, tuple(grid), jnp.dtype(dtype)
+        self.student_mean, self.student_std = student_mean, student_std
+        self._out_dim = out_dim
+
+    @functools.cached_property
+    def _fields(self) -> dict:
+        from mim_jax.models import clip, clip_weights
+        return clip.clip_config_from_hf(clip_weights.read_config(self.source))
+
+    @functools.cached_property
+    def tower(self):
+        from mim_jax.models import clip
+        return clip.CLIPVisionTower(**self._fields, dtype=self.dtype)
+
+    @property
+    def out_dim(self) -> int:
+        if self._out_dim is None:
+            self._out_dim = self._fields["proj_dim"] or self._fields["width"]
+        return self._out_dim
+
+    has_cls = True
+
+    @property
+    def input_size(self) -> int:
+        # The teacher's patch grid must be the student's: e.g. CLIP-L/14 sees 14*14 = 196 pixels
+        # for a 14x14 student grid; the tower interpolates its position table to that grid.
+        return self.grid[0] * self.tower.patch_size
+
+    def init(self, rng, images):
+        return self.tower.init(rng, jnp.zeros((1, self.input_size, self.input_size, 3), jnp.float32))["params"]
+
+    def load(self, abstract, shardings):
+        from mim_jax.models import clip_weights
+        _, params = clip_weights.load_clip_vision(self.source)
+        _check_same_shapes(params, abstract, f"CLIP weights from {self.source}")
+        return _to_shardings(params, shardings, self.dtype)
+
+    def __call__(self, params, images):
+        from mim_jax.models import clip
+        x = renormalize(images, self.student_mean, self.student_std, clip.CLIP_MEAN, clip.CLIP_STD, self.input_size)
+        return self.tower.apply({"params": params}, x.astype(self.dtype)).astype(jnp.float32)
+
+    def forward_flops(self) -> float:
+        t = self.tower
+        n = self.grid[0] * self.grid[1]
+        return (flops.dense(n, 3 * t.patch_size ** 2, t.width) + flops.transformer_forward(n + 1, t.width, t.depth, t.mlp_dim)
+                + (flops.dense(n + 1, t.width, t.proj_dim) if t.proj_dim else 0.0))
+
+
+class RunTeacher:
+    """The encoder of a pre-training workdir of this project: its final-norm tokens ([CLS] first if
+    it has one; registers dropped)."""
+
+    def __init__(self, workdir: str, *, grid: tuple[int, int], student_mean, student_std, out_dim: int | None = None):
+        self.workdir, self.grid = workdir, tuple(grid)
+        self.student_mean, self.student_std = student_mean, student_std
+        self._out_dim = out_dim
+
+    @functools.cached_property
+    def config(self):
+        from mim_jax.evaluators import encoder as encoder_lib
+        return encoder_lib.pretrain_config_of(self.workdir)
+
+    @functools.cached_property
+    def method(self):
+        from mim_jax.methods import get_method
+        method = get_method(self.config)
+        if not hasattr(method, "encoder"):
+            raise ValueError(f"The run in {self.workdir} ({self.config.method.name}) has no ViT encoder to distil from.")
+        return method
+
+    @property
+    def out_dim(self) -> int:
+        if self._out_dim is None:
+            self._out_dim = self.method.encoder.width
+        return self._out_dim
+
+    @property
+    def has_cls(self) -> bool:
+        return self.method.encoder.cls_token
+
+    @property
+    def input_size(self) -> int:
+        return self.grid[0] * self.method.encoder.patch_size
+
+    def _batch(self, images):
+        size, channels = self.input_size, self.config.input.channels
+        return {"image": jnp.zeros((images.shape[0], size, size, channels), jnp.float32),
+                "label": jnp.zeros(images.shape[0], jnp.int32), "index": jnp.arange(images.shape[0], dtype=jnp.int32)}
+
+    def init(self, rng, images):
+        return self.method.init_params(rng, self._batch(images))
+
+    def load(self, abstract, shardings):
+        from mim_jax.evaluators import encoder as encoder_lib
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        _, params, step = encoder_lib.restore_pretrained(self.workdir, mesh)
+        _check_same_shapes(params, abstract, f"the encoder in {self.workdir} (step {step})")
+        return jax.device_put(params, shardings)
+
+    def __call__(self, params, images):
+        inp = self.config.input
+        if images.shape[-1] != inp.channels:
+            raise ValueError(f"The teacher in {self.workdir} takes {inp.channels}-channel images, "
+                             f"the student {images.shape[-1]}.")
+        x = renormalize(images, self.student_mean, self.student_std, inp.mean, inp.std, self.input_size)
+        out = self.method.encode(params, x)
+        tokens = out["patch_tokens"]
+        if self.has_cls:
+            tokens = jnp.concatenate([out["cls"][:, None], tokens], axis=1)
+        return tokens.astype(jnp.float32)
+
+    def forward_flops(self) -> float:
+        enc = self.method.encoder
+        n = self.grid[0] * self.grid[1]
+        return (flops.dense(n, enc.patch_size ** 2 * self.config.input.channels, enc.width)
+                + flops.transformer_forward(n + enc.num_prefix_tokens, enc.width, enc.depth, enc.mlp_dim))
+
+
+def _check_same_shapes(params, abstract, what: str):
+    flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    if flat.keys() != want.keys():
+        missing = sorted(jax.tree_util.keystr(k) for k in want.keys() - flat.keys())[:5]
+        extra = sorted(jax.tree_util.keystr(k) for k in flat.keys() - want.keys())[:5]
+        raise ValueError(f"{what} do not match the teacher architecture: missing {missing}, unexpected {extra}.")
+    bad = [f"{jax.tree_util.keystr(k)}: {np.shape(flat[k])} != {want[k].shape}" for k in want
+           if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
+    if bad:
+        raise ValueError(f"{what} have the wrong shapes for the teacher: {bad[:5]}.")
+
+
+def from_config(teacher_config, *, grid, student_mean, student_std):
+    """`config.teacher` = {source, dtype, dim} -> a teacher on the student's patch grid."""
+    source = teacher_config.source
+    if not source:
+        raise ValueError("config.teacher.source is empty: give a CLIP checkpoint (e.g. "
+                         "'openai/clip-vit-base-patch16' or a local folder) or run:<pre-training workdir>.")
+    common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.get("dim"))
+    if source.startswith(RUN_PREFIX):
+        return RunTeacher(source[len(RUN_PREFIX):], **common)
+    return ClipTeacher(source, dtype=teacher_config.get("dtype", "bfloat16"), **common)
