@@ -288,3 +288,14 @@ def test_missing_run_teacher_is_a_clear_error(tmp_path):
 def test_block_mask_exact_for_the_local_grid():
     masks = jax.vmap(lambda k: masking.block_mask(k, (7, 7), 15, min_block=4))(jax.random.split(jax.random.key(0), 64))
     np.testing.assert_array_equal(np.asarray(masks).sum(1), 15)
+
+
+def test_analytic_flops_match_xla_cost_analysis(mae_teacher_dir):
+    from mim_jax import bench
+    config = _tiny_config(f"run:{mae_teacher_dir}")
+    config.model.update(width=64, depth=3, mlp_dim=256, num_heads=4)   # big enough that matmuls dominate
+    config.regressor.update(width=64, depth=2, num_heads=4)
+    config.input.batch_size = 32
+    report = bench.benchmark(config, steps=1)
+    ratio = report["analytic_tflops_per_step"] / report["xla_tflops_per_step"]
+    assert 0.6 < ratio < 1.05, report

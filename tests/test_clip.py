@@ -122,3 +122,18 @@ def test_checkpoint_of_another_size_is_a_clear_error(clip_dir, tmp_path):
     (tmp_path / "model.safetensors").symlink_to(clip_dir / "model.safetensors")
     with pytest.raises(ValueError, match="lacks 'vision_model.encoder.layers.2"):
         clip_weights.load_clip_vision(str(tmp_path))
+
+
+def test_cae_v2_offline_without_teacher_weights_stops_before_training(tmp_path, monkeypatch):
+    from configs import cae_v2
+    from mim_jax import state as state_lib
+    from mim_jax.methods import get_method
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty cache
+    config = cae_v2.get_config("variant=Ti")
+    config.input.update(image_size=112, batch_size=8)      # 7x7 patches
+    config.model.update(depth=1)
+    config.method.mask.num_masked = 10
+    with pytest.raises(FileNotFoundError, match="clip-vit-base-patch16/resolve/main/model.safetensors"):
+        state_lib.build(config, get_method(config), parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]),
+                        total_steps=1, warmup_steps=0, global_batch_size=8)
