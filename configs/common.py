@@ -40,7 +40,8 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
 
     c.optax = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4, lr_scale_batch=256, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.05, decay_rule="kernels", clip_norm=0.0, warmup_steps=placeholder(int), warmup_epochs=40.0,
+        weight_decay=0.05, decay_rule="kernels", cosine_truncation=1.0, clip_norm=0.0,
+        warmup_steps=placeholder(int), warmup_epochs=40.0,
         warmup_percent=placeholder(float), decay_percent=1.0, groups=ml_collections.ConfigDict()))
 
     c.mesh = [("data", -1), ("fsdp", 1)]

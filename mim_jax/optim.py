@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.traverse_util as traverse_util
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -15,11 +16,20 @@ def learning_rate(optax_config, global_batch_size: int) -> float:
 
 def schedule(optax_config, peak_lr: float, total_steps: int, warmup_steps: int, decay_steps: int | None = None):
     """Linear warmup to `peak_lr`, then cosine to `min_lr` over `decay_steps` (default: the rest of
-    training; CAPI cuts its cosine at 80% of training and stays at min_lr afterwards)."""
+    training), constant afterwards.
+
+    `cosine_truncation` < 1 (CAPI: 0.8) runs only that fraction of the half cosine period over the
+    decay, ending at min_lr + (peak - min_lr) * (1 + cos(pi * truncation)) / 2 instead of min_lr."""
     decay_steps = decay_steps or total_steps
+    truncation = optax_config.get("cosine_truncation", 1.0)
+    length = max(decay_steps - warmup_steps, 1)
+    min_lr = optax_config.min_lr
+
+    def cosine(step):
+        progress = jnp.clip(step / length, 0.0, 1.0)
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * truncation * progress))
+
     warmup = optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1))
-    cosine = optax.cosine_decay_schedule(peak_lr, max(decay_steps - warmup_steps, 1),
-                                         alpha=optax_config.min_lr / peak_lr if peak_lr else 0.0)
     return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
@@ -34,9 +44,12 @@ def weight_decay_mask(params, rule: str = "kernels"):
     if rule == "kernels":
         decide = lambda path, leaf: path[-1] == "kernel"   # noqa: E731
     elif rule == "not_1d":
-        decide = lambda path, leaf: leaf.ndim > 1           # noqa: E731
+        decide = lambda path, leaf: getattr(leaf, "ndim", 0) > 1   # noqa: E731  (MaskedNode: another group)
+    elif rule == "all":    # e.g. a separate optimizer's params (CAPI's clustering head, bias included)
+        decide = lambda path, leaf: True                    # noqa: E731
     else:
-        raise ValueError(f"Unknown weight-decay rule {rule!r} (config.optax.decay_rule): use 'kernels' or 'not_1d'.")
+        raise ValueError(f"Unknown weight-decay rule {rule!r} (config.optax.decay_rule): "
+                         "use 'kernels', 'not_1d' or 'all'.")
     return traverse_util.unflatten_dict({path: decide(path, leaf) for path, leaf in flat.items()})
 
 

@@ -49,11 +49,12 @@ def restore_pretrained(workdir, mesh):
     """(pre-training config, params, step) of the newest checkpoint in a pre-training workdir,
     restored onto `mesh` whatever mesh it was written on."""
     config = pretrain_config_of(workdir)
-    setup = state_lib.build(config, get_method(config), mesh, total_steps=1, warmup_steps=0,
+    method = get_method(config)
+    setup = state_lib.build(config, method, mesh, total_steps=1, warmup_steps=0,
                             global_batch_size=parallel.batch_sharding(mesh).num_devices, load_frozen=False)
     ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_interval_steps=1, max_to_keep=1)
     step, state, _ = ckpt.restore(setup.abstract)
-    return config, state.params, step
+    return config, method.eval_params(state.params, state.extras), step
 
 
 def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.ConfigDict | None = None) -> Encoder:

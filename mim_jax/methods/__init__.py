@@ -10,6 +10,7 @@ REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
     "finetune": "mim_jax.methods.finetune:Finetune",
     "cae_v2": "mim_jax.methods.cae_v2:CAEv2",
+    "capi": "mim_jax.methods.capi:CAPI",
 }
 
 

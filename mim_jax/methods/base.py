@@ -61,7 +61,9 @@ class Method(abc.ABC):
         comes from `batch['index']` via `self.example_keys`, per-step randomness (drop path) from
         `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant."""
 
-    def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array) -> PyTree:
+    def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array, lr: jax.Array) -> PyTree:
+        """After each optimizer step, from the updated params; `lr` is this step's learning rate
+        (CAPI's EMA momentum is 1 - lr)."""
         return extras
 
     def param_labels(self, params: PyTree) -> PyTree | None:
@@ -85,6 +87,11 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def encode(self, params: PyTree, images: jax.Array) -> dict:
         """Features of the pre-trained encoder on full images, for evaluators."""
+
+    def eval_params(self, params: PyTree, extras: PyTree) -> PyTree:
+        """The weights a finished run is evaluated with (CAPI: the EMA teacher's); periodic
+        evaluations during training use the trained params, as the official codes do."""
+        return params
 
     def example_keys(self, rng_seed: jax.Array, batch: dict, purpose: int = 0) -> jax.Array:
         """One key per example from the run seed and the global example index (not the step)."""

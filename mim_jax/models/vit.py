@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax.models import rope as rope_lib
+
 Dtype = Any
 
 # width, depth, mlp_dim, heads (ViT paper + DeiT Ti/S; H as in MAE).
@@ -109,13 +111,13 @@ def attention(q, k, v, implementation: str | None, pad_multiple: int | None = No
     return out[:, :t_q]
 
 
-def make_norm(kind: str, dtype: Dtype, name: str | None = None) -> nn.Module:
+def make_norm(kind: str, dtype: Dtype, name: str | None = None, eps: float = 1e-6, affine: bool = True) -> nn.Module:
     scale = param_init(nn.initializers.ones, ("norm",))
     if kind == "layernorm":
-        return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name, scale_init=scale,
+        return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale, use_scale=affine, use_bias=affine,
                             bias_init=param_init(nn.initializers.zeros, ("norm",)))
     if kind == "rmsnorm":
-        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name, scale_init=scale)
+        return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale, use_scale=affine)
     raise ValueError(f"Unknown norm {kind!r}: use 'layernorm' or 'rmsnorm'.")
 
 
@@ -138,10 +140,11 @@ class Attention(nn.Module):
     use_bias: bool = True
     implementation: str | None = None
     qkv_bias: str = "dense"     # "dense": the qkv layer's own bias (iff use_bias); "qv": BEiT's
+    rope: str | None = None     # 2-D RoPE kind (models/rope.py) applied to q and k at `coords`
     kernel_init: Callable = nn.initializers.xavier_uniform()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, coords=None):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         # One fused projection for q, k and v (a single larger matmul is faster than three),
@@ -159,6 +162,8 @@ class Attention(nn.Module):
             raise ValueError(f"Unknown qkv_bias {self.qkv_bias!r}: use 'dense' or 'qv'.")
         qkv = qkv.reshape(*x.shape[:2], 3, self.num_heads, head_dim)
         q, k, v = (constrain(qkv[:, :, i], ("act_batch", "act_len", "act_heads", "act_kv")) for i in range(3))
+        if self.rope:
+            q, k = rope_lib.apply_rope(q, coords, self.rope), rope_lib.apply_rope(k, coords, self.rope)
         out = attention(q, k, v, self.implementation).reshape(x.shape[:2] + (width,))
         return nn.Dense(width, dtype=self.dtype, use_bias=self.use_bias, name="out",
                         kernel_init=param_init(self.kernel_init, ("qkv", "embed")),
@@ -194,9 +199,11 @@ class Block(nn.Module):
     drop_path: float = 0.0
     attention_impl: str | None = None
     qkv_bias: str = "dense"
+    rope: str | None = None
+    norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, coords=None):
         def branch(y, name):
             if self.layerscale is not None:
                 gamma = self.param(f"{name}_scale", param_init(
@@ -204,10 +211,11 @@ class Block(nn.Module):
                 y = y * gamma.astype(y.dtype)
             return DropPath(self.drop_path)(y, deterministic)
 
-        y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, self.qkv_bias, name="attn")(
-            make_norm(self.norm, self.dtype, "norm1")(x))
+        y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, self.qkv_bias, self.rope,
+                      name="attn")(make_norm(self.norm, self.dtype, "norm1", self.norm_eps)(x), coords)
         x = constrain(x + branch(y, "attn"), ("act_batch", "act_len", "act_emb"))
-        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(make_norm(self.norm, self.dtype, "norm2")(x))
+        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(
+            make_norm(self.norm, self.dtype, "norm2", self.norm_eps)(x))
         return constrain(x + branch(y, "mlp"), ("act_batch", "act_len", "act_emb"))
 
 
@@ -224,16 +232,19 @@ class Transformer(nn.Module):
     attention_impl: str | None = None
     remat: bool = False
     qkv_bias: str = "dense"
+    rope: str | None = None
+    norm_eps: float = 1e-6
+    drop_path_uniform: bool = False   # CAPI: the same rate in every block instead of a linear ramp
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, coords=None):
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         out = {}
         for i in range(self.depth):
-            rate = self.drop_path * i / max(self.depth - 1, 1)
+            rate = self.drop_path if self.drop_path_uniform else self.drop_path * i / max(self.depth - 1, 1)
             x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.norm, self.use_bias,
-                          self.layerscale, rate, self.attention_impl, self.qkv_bias,
-                          name=f"block_{i}")(x, deterministic)
+                          self.layerscale, rate, self.attention_impl, self.qkv_bias, self.rope, self.norm_eps,
+                          name=f"block_{i}")(x, deterministic, coords)
             out[f"block_{i}"] = x
         return x, out
 
@@ -245,7 +256,7 @@ class ViT(nn.Module):
     depth: int = 12
     mlp_dim: int = 3072
     num_heads: int = 12
-    posemb: str = "sincos2d"        # or "sincos2d_rowfirst" (BEiT/CAE layout), "learn"
+    posemb: str = "sincos2d"        # or "sincos2d_rowfirst" (BEiT/CAE), "learn", "rope" (CAPI), "rope_axial"
     cls_token: bool = True
     num_registers: int = 0
     norm: str = "layernorm"
@@ -257,6 +268,26 @@ class ViT(nn.Module):
     remat: bool = False
     qkv_bias: str = "dense"
     init_style: str = "mae"         # "beit": BEiT/CAE init of the patch embedding and CLS token
+    norm_eps: float = 1e-6
+    final_norm_affine: bool = True  # CAPI's enc_norm has no scale
+    drop_path_uniform: bool = False
+
+    @property
+    def rope(self) -> str | None:
+        return {"rope": "capi", "rope_axial": "axial"}.get(self.posemb)
+
+    def token_coords(self, grid, visible_idx, batch: int):
+        """RoPE (row, col) coordinates in [0, 1] of [CLS, registers, patches]: patches on the grid,
+        registers on the edge of the patches' bounding box (CAPI), CLS at the origin. [B, T, 2]."""
+        coords = jnp.broadcast_to(jnp.asarray(rope_lib.grid_coords(*grid))[None], (batch, grid[0] * grid[1], 2))
+        if visible_idx is not None:
+            coords = jnp.take_along_axis(coords, visible_idx[..., None], axis=1)
+        prefix = []
+        if self.cls_token:
+            prefix.append(jnp.zeros((batch, 1, 2), jnp.float32))
+        if self.num_registers:
+            prefix.append(rope_lib.scale_to_bbox(rope_lib.edge_register_coords(self.num_registers), coords))
+        return jnp.concatenate(prefix + [coords], axis=1)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -283,11 +314,14 @@ class ViT(nn.Module):
 
         if self.posemb in ("sincos2d", "sincos2d_rowfirst"):
             pos = jnp.asarray(sincos_2d(*grid, self.width, row_first=self.posemb == "sincos2d_rowfirst"))[None]
+        elif self.rope:
+            pos = jnp.zeros((1, n, self.width))   # positions enter through RoPE in every attention
         elif self.posemb == "learn":
             pos = self.param("pos_embedding", param_init(nn.initializers.normal(0.02), (None, "norm")),
                              (n, self.width))[None]
         else:
-            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d', 'sincos2d_rowfirst' or 'learn'.")
+            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d', 'sincos2d_rowfirst', 'learn', "
+                             "'rope' or 'rope_axial'.")
         pos = jnp.broadcast_to(pos, (b, n, self.width))
         if visible_idx is not None:
             pos = jnp.take_along_axis(pos, visible_idx[..., None], axis=1)
@@ -305,17 +339,21 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), x], axis=1)
         x = constrain(x, ("act_batch", "act_len", "act_emb"))
 
+        coords = self.token_coords(grid, visible_idx, b) if self.rope else None
         x, out = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.norm,
                              self.use_bias, self.layerscale, self.drop_path, self.attention_impl,
-                             self.remat, self.qkv_bias, name="encoder")(x, not train)
+                             self.remat, self.qkv_bias, self.rope, self.norm_eps, self.drop_path_uniform,
+                             name="encoder")(x, not train, coords)
         out["pre_norm"] = x
-        x = make_norm(self.norm, self.dtype, "encoder_norm")(x)
+        x = make_norm(self.norm, self.dtype, "encoder_norm", self.norm_eps, self.final_norm_affine)(x)
         out["encoded"] = x
         p = self.num_prefix_tokens
         if self.cls_token:
             out["cls"] = x[:, 0]
         out["patch_tokens"] = x[:, p:]
         out["patch_mean"] = x[:, p:].mean(axis=1)
+        if coords is not None:
+            out["coords"] = coords
         return x, out
 
 

@@ -1,0 +1,172 @@
+"""CAPI (Darcet et al., "Cluster and Predict Latent Patches for Improved Masked Image Modeling",
+arXiv 2502.08769), following the official code (facebookresearch/capi; capi.md).
+
+One step (`train_capi.py`):
+1. teacher = EMA of the student encoder, on the whole image (no drop path); its patch tokens
+   (registers dropped) are L2-normalised and scored by the clustering head (K prototypes);
+2. positionwise Sinkhorn-Knopp over the global batch turns the scores into targets Q; the
+   clustering head learns from -sum Q log softmax(scores / 0.12) over all tokens (its own loss,
+   its own AdamW group: lr x0.5, weight decay 0.01);
+3. the student encoder sees one visible block (inverse block masking + roll), the
+   cross-attention predictor queries ~5% of the masked positions, the weight-normalised head
+   predicts Q there: L = -sum Q log softmax(logits / 0.12);
+4. after the optimizer step, EMA with momentum 1 - lr(t) over the encoder, predictor and head
+   (not the clustering head).
+The two losses touch disjoint parameters (teacher tokens and Q are stop-gradient), so one
+backward pass of their sum gives both gradients.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+
+from mim_jax import flops, masking, sinkhorn
+from mim_jax.methods.base import Method
+from mim_jax.models.capi import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
+from mim_jax.models.rope import grid_coords
+from mim_jax.models.vit import vit_from_config
+
+STUDENT = ("encoder", "predictor", "head")     # what the EMA teacher tracks
+
+
+def ema_momentum(lr, scale: float = 1.0):
+    """CAPI's teacher momentum is exactly 1 - lr(t) (paper Table 6; `scale` > 1 speeds the teacher
+    up for short runs such as the `local` preset)."""
+    return 1.0 - scale * lr
+
+
+class CAPI(Method):
+
+    def __init__(self, config):
+        super().__init__(config)
+        inp, cfg, pred = config.input, config.method, config.predictor
+        self.encoder = vit_from_config(config.model)
+        if self.encoder.cls_token or not self.encoder.rope:
+            raise ValueError("CAPI's encoder has no [CLS] token and uses RoPE: set model.cls_token=False and "
+                             "model.posemb='rope' (or 'rope_axial').")
+        p = self.encoder.patch_size
+        self.grid = (inp.image_size // p, inp.image_size // p)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_masked = masking.num_masked_from_config(cfg.mask, self.num_patches)
+        self.num_predict = max(int(self.num_masked * cfg.prediction_subsampling), 1)
+        self.sampler = masking.sampler_from_config(cfg.mask, self.grid)
+        self.predictor = Predictor(pred.depth, pred.num_heads or self.encoder.num_heads,
+                                   int(pred.mlp_ratio * self.encoder.width), pred.drop_path, self.encoder.norm_eps,
+                                   self.encoder.rope, self.encoder.dtype, self.encoder.attention_impl)
+        self.head = WeightNormHead(cfg.num_prototypes)
+        self.clustering = ClusteringHead(cfg.num_prototypes)
+        chunk = cfg.get("sinkhorn_chunk") or self.num_patches
+        self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
+
+    # -- masks and coordinates ---------------------------------------------------------------------
+    def _masks(self, rng, batch):
+        keys = self.example_keys(rng, batch)
+        masks = jax.vmap(self.sampler)(keys)
+        visible, _ = jax.vmap(lambda m: masking.mask_indices(m, self.num_masked))(masks)
+        predict = jax.vmap(lambda k, m: masking.predict_subset(k, m, self.num_predict))(
+            self.example_keys(rng, batch, purpose=1), masks)
+        return visible, predict
+
+    def _query_coords(self, idx):
+        coords = jnp.asarray(grid_coords(*self.grid))
+        return coords[idx]
+
+    # -- state -----------------------------------------------------------------------------------
+    def init_params(self, rng, batch):
+        k_enc, k_pred, k_head, k_clust = jax.random.split(rng, 4)
+        visible, predict = self._masks(rng, batch)
+        encoder = self.encoder.init(k_enc, batch["image"], visible)["params"]
+        tokens, out = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"], visible)
+        predictor = self.predictor.init(k_pred, tokens, out["coords"], self._query_coords(predict))["params"]
+        return {"encoder": encoder, "predictor": predictor,
+                "head": self.head.init(k_head, tokens[:, :1])["params"],
+                "clustering": self.clustering.init(k_clust, tokens[:, :1])["params"]}
+
+    def init_extras(self, rng, params, batch):
+        # The teacher starts as an exact copy of the student.
+        return {"ema": {k: params[k] for k in STUDENT}}
+
+    def update_extras(self, extras, params, step, lr):
+        m = ema_momentum(lr, self.config.method.ema_lr_scale)
+        ema = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})
+        return {"ema": ema}
+
+    def eval_params(self, params, extras):
+        return dict(params, **extras["ema"])
+
+    def param_labels(self, params):
+        """Official groups: the clustering head is a separate optimizer; the patch embedding trains
+        at 0.2x lr; norm weights take 0.1x weight decay."""
+        def group(path):
+            if path[0] == "clustering":
+                return "clustering"
+            if path[0] == "encoder" and path[1] == "embedding":
+                return "patch_embed"
+            if any("norm" in part for part in path[:-1]) and path[-1] == "scale":
+                return "norms"
+            return "default"
+
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict({p: group(p) for p in flat})
+
+    # -- step ------------------------------------------------------------------------------------
+    def teacher_tokens(self, ema, images):
+        """EMA encoder on the whole image, in eval mode: final-norm patch tokens [B, P, D]."""
+        _, out = self.encoder.apply({"params": ema["encoder"]}, images)
+        return out["patch_tokens"]
+
+    def loss(self, params, extras, frozen, batch, rng, step):
+        cfg = self.config.method
+        images = batch["image"]
+        visible, predict = self._masks(rng, batch)
+        teacher = jax.lax.stop_gradient(self.teacher_tokens(extras["ema"], images))
+        clustering_loss, targets, stats = sinkhorn.clustering_targets(
+            lambda p, z: self.clustering.apply({"params": p}, z), params["clustering"], teacher, predict,
+            target_temp=cfg.target_temp, pred_temp=cfg.clustering_temp, iterations=cfg.sinkhorn_iterations,
+            chunk=self.sinkhorn_chunk)
+
+        dropout = jax.random.fold_in(rng, step)
+        tokens, out = self.encoder.apply({"params": params["encoder"]}, images, visible, train=True,
+                                         rngs={"dropout": dropout})
+        predicted = self.predictor.apply({"params": params["predictor"]}, tokens, out["coords"],
+                                         self._query_coords(predict), train=True,
+                                         rngs={"dropout": jax.random.fold_in(dropout, 1)})[-1]
+        logits = self.head.apply({"params": params["head"]}, predicted)
+        capi_loss = jnp.mean(sinkhorn.soft_cross_entropy(targets, logits, cfg.student_temp))
+        in_use = jnp.sum(stats["assignment_histogram"] > 0)
+        metrics = {"capi_loss": capi_loss, "clustering_loss": clustering_loss,
+                   "target_entropy": stats["target_entropy"], "prototypes_in_use": in_use.astype(jnp.float32),
+                   "student_accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
+        return capi_loss + clustering_loss, metrics
+
+    # -- accounting and features -------------------------------------------------------------------
+    def train_flops_per_example(self):
+        enc, pred = self.encoder, self.predictor
+        d, k, n_vis = enc.width, self.config.method.num_prototypes, self.num_patches - self.num_masked
+        patch_dim = enc.patch_size ** 2 * self.config.input.channels
+
+        def encoder(tokens, patches):
+            return flops.dense(patches, patch_dim, d) + flops.transformer_forward(tokens, d, enc.depth, enc.mlp_dim)
+
+        teacher = encoder(self.num_patches + enc.num_registers, self.num_patches)
+        student = encoder(n_vis + enc.num_registers, n_vis)
+        q, ctx = self.num_predict, n_vis + enc.num_registers
+        predictor = pred.depth * (2 * flops.dense(q, d, d) + 2 * flops.dense(ctx, d, d) + 4.0 * q * ctx * d
+                                  + 2 * flops.dense(q, d, pred.mlp_dim))
+        head = flops.dense(q, d, k)
+        clustering = flops.dense(self.num_patches, d, k)    # forward; backward reaches only the weights
+        return (teacher + 2 * clustering + flops.TRAIN_MULTIPLIER * (student + predictor + head))
+
+    def encode(self, params, images):
+        """Patch tokens (`patch_tokens`, `patch_mean`) and CAPI's global representation (`cls`):
+        mask queries at every position through the predictor, block 1 output averaged."""
+        tokens, out = self.encoder.apply({"params": params["encoder"]}, images)
+        b = images.shape[0]
+        queries = jnp.broadcast_to(jnp.asarray(grid_coords(*self.grid))[None], (b, self.num_patches, 2))
+        outputs = self.predictor.apply({"params": params["predictor"]}, tokens, out["coords"], queries)
+        out["cls"] = predictor_pooling(outputs, block=0)
+        out["registers"] = tokens[:, :self.encoder.num_registers]
+        return out
+

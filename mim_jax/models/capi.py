@@ -1,0 +1,112 @@
+"""CAPI's predictor and heads (facebookresearch/capi `model.py`; capi.md §1.3-1.4).
+
+- `Predictor`: one shared mask token per predicted position; blocks of cross-attention only
+  (queries never attend to each other, so every prediction is independent), RoPE on queries (at
+  their positions) and keys (at the encoder tokens' positions, registers included), each block
+  with its own k/v projections of the same encoder output; pre-RMSNorm on the queries only; a
+  non-affine final RMSNorm.
+- `WeightNormHead`: the student head, L2-normalised input times weight-normalised prototypes
+  (`weight_norm` over each prototype row, gain g learned and initialised to 1).
+- `ClusteringHead`: the teacher's clustering head, L2-normalised token times N(0, 1) prototypes
+  plus a bias. It is trained by its own loss, never by the student's.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mim_jax.models import rope as rope_lib
+from mim_jax.models.vit import DropPath, Dtype, Mlp, attention, constrain, make_norm, param_init
+
+
+def l2_normalize(x, eps: float):
+    """torch.nn.functional.normalize: x / max(||x||, eps)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CrossAttentionBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    drop_path: float = 0.0
+    norm_eps: float = 1e-5
+    rope: str = "capi"
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, context, coords, context_coords, deterministic: bool):
+        width = x.shape[-1]
+        heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, width // self.num_heads)  # noqa: E731
+
+        def dense(name, names, features=width):
+            return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name,
+                            kernel_init=param_init(nn.initializers.xavier_uniform(), names))
+
+        y = make_norm("rmsnorm", self.dtype, "norm1", self.norm_eps)(x)
+        q = rope_lib.apply_rope(heads(dense("q", ("embed", "qkv"))(y)), coords, self.rope)
+        k = rope_lib.apply_rope(heads(dense("k", ("embed", "qkv"))(context)), context_coords, self.rope)
+        v = heads(dense("v", ("embed", "qkv"))(context))
+        y = dense("out", ("qkv", "embed"))(attention(q, k, v, self.attention_impl).reshape(x.shape))
+        x = x + DropPath(self.drop_path)(y, deterministic)
+        y = Mlp(self.mlp_dim, self.dtype, use_bias=False, name="mlp")(
+            make_norm("rmsnorm", self.dtype, "norm2", self.norm_eps)(x))
+        return constrain(x + DropPath(self.drop_path)(y, deterministic), ("act_batch", "act_len", "act_emb"))
+
+
+class Predictor(nn.Module):
+    """(encoder tokens [B, T, D] after enc_norm, their coords [B, T, 2], query coords [B, Q, 2])
+    -> per-block outputs after the non-affine dec_norm, [depth] x [B, Q, D]."""
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    drop_path: float = 0.0          # the same in every block (CAPI)
+    norm_eps: float = 1e-5
+    rope: str = "capi"
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, context, context_coords, query_coords, *, train: bool = False):
+        width = context.shape[-1]
+        token = self.param("mask_token", param_init(nn.initializers.normal(0.02), (None, "norm")), (1, width))
+        x = jnp.broadcast_to(token.astype(self.dtype), query_coords.shape[:2] + (width,))
+        dec_norm = make_norm("rmsnorm", self.dtype, "dec_norm", self.norm_eps, affine=False)
+        outputs = []
+        for i in range(self.depth):
+            x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.drop_path, self.norm_eps, self.rope,
+                                    self.dtype, self.attention_impl, name=f"block_{i}")(
+                x, context, query_coords, context_coords, not train)
+            outputs.append(dec_norm(x))
+        return outputs
+
+
+class WeightNormHead(nn.Module):
+    """logits_k = g_k <v_k / ||v_k||, x / ||x||> over `num_prototypes` prototypes."""
+    num_prototypes: int
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("v", param_init(nn.initializers.truncated_normal(0.02), ("embed", None)),
+                       (x.shape[-1], self.num_prototypes))
+        # [1, K] rather than [K]: the official gain is a [K, 1] tensor and takes full weight decay.
+        g = self.param("g", param_init(nn.initializers.ones, (None, None)), (1, self.num_prototypes))
+        weight = g * v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-8)
+        return l2_normalize(x.astype(jnp.float32), 1e-12) @ weight
+
+
+class ClusteringHead(nn.Module):
+    """logits = W^T (z / ||z||) + c, W ~ N(0, 1): the online clustering of teacher tokens."""
+    num_prototypes: int
+
+    @nn.compact
+    def __call__(self, z):
+        return nn.Dense(self.num_prototypes, name="prototypes",
+                        kernel_init=param_init(nn.initializers.normal(1.0), ("embed", None)),
+                        bias_init=param_init(nn.initializers.zeros, (None,)))(
+            l2_normalize(z.astype(jnp.float32), 1e-7))
+
+
+def predictor_pooling(predictor_outputs, block: int = 0):
+    """CAPI's global representation: mask queries at every position, the output of the first
+    predictor block (after dec_norm) averaged over positions."""
+    return predictor_outputs[block].mean(axis=1)
