@@ -34,7 +34,7 @@ def benchmark(config, steps: int) -> dict:
     bs = config.input.batch_size
     setup = state_lib.build(config, method, mesh, total_steps=10_000, warmup_steps=100, global_batch_size=bs)
     state = setup.create(jax.random.key(0))
-    spec = state_lib.batch_spec(config, bs)
+    spec = method.batch_spec(bs)
     sharding = parallel.batch_sharding(mesh)
     batch = {"image": jax.device_put(jax.random.normal(jax.random.key(1), spec["image"].shape), sharding),
              "label": jax.device_put(jnp.zeros(bs, jnp.int32), sharding),

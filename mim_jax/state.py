@@ -55,19 +55,12 @@ def shardings_by_param_path(tree, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def batch_spec(config, global_batch_size: int) -> dict:
-    inp = config.input
-    return {"image": jax.ShapeDtypeStruct((global_batch_size, inp.image_size, inp.image_size, inp.channels), jnp.float32),
-            "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
-            "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
-
-
 def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int,
           load_frozen: bool = True) -> Setup:
     """`load_frozen=False` skips the frozen weights (a teacher) for callers that only restore or
     evaluate the trained params: they need neither its download nor its memory."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    batch = batch_spec(config, global_batch_size)
+    batch = method.batch_spec(global_batch_size)
     batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
     peak_lr = optim.learning_rate(config.optax, global_batch_size)
     lr_schedule = optim.schedule(config.optax, peak_lr, total_steps, warmup_steps,
@@ -94,7 +87,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
-        init_batch = batch_spec(config, parallel.batch_sharding(mesh).num_devices)
+        init_batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
         def create(rng, frozen):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)

@@ -186,7 +186,7 @@ def _tiny_config():
 def test_parameter_groups_follow_the_official_optimizers():
     config = _tiny_config()
     method = get_method(config)
-    params = jax.eval_shape(method.init_params, jax.random.key(0), state_lib.batch_spec(config, 8))
+    params = jax.eval_shape(method.init_params, jax.random.key(0), method.batch_spec(8))
     labels = traverse = jax.tree_util.tree_flatten_with_path(method.param_labels(nn.unbox(params)))[0]
     by_path = {"/".join(k.key for k in path): label for path, label in traverse}
     assert by_path["clustering/prototypes/kernel"] == by_path["clustering/prototypes/bias"] == "clustering"

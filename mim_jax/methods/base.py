@@ -20,6 +20,7 @@ import abc
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from mim_jax.data import pipeline
@@ -72,10 +73,19 @@ class Method(abc.ABC):
         return None
 
     # -- host side -----------------------------------------------------------------------------
-    def train_transform(self) -> Callable:
+    def batch_spec(self, global_batch_size: int) -> dict:
+        """Shapes of one global batch as `train_transform` delivers it (Beyond Masking's images are
+        a wider view than the encoder's input)."""
+        inp = self.config.input
+        return {"image": jax.ShapeDtypeStruct((global_batch_size, inp.image_size, inp.image_size, inp.channels),
+                                              jnp.float32),
+                "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
+                "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+
+    def train_transform(self, image_size: int | None = None) -> Callable:
         inp = self.config.input
         return pipeline.pretrain_transform(
-            image_size=inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
+            image_size=image_size or inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.get("color_jitter", 0.0),
             interpolation=inp.get("interpolation", "auto"))
 
