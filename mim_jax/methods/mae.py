@@ -44,7 +44,8 @@ class MAE(Method):
         self.decoder = PixelDecoder(
             grid=self.grid, out_dim=p * p * inp.channels, width=dec.width, depth=dec.depth,
             num_heads=dec.num_heads, mlp_dim=dec.mlp_dim, num_prefix_tokens=self.encoder.num_prefix_tokens,
-            dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat)
+            dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat,
+            **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init") if k in dec})
 
     def _masks(self, rng, batch):
         masks = jax.vmap(self.sampler)(self.example_keys(rng, batch))

@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mim_jax.models.vit import Transformer, constrain, make_norm, param_init, sincos_2d
+from mim_jax.models.vit import Transformer, constrain, linear_init, make_norm, param_init, positions
 
 
 def unshuffle(visible_tokens, mask_token, visible_idx, masked_idx):
@@ -37,22 +37,27 @@ class PixelDecoder(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
+    posemb: str = "sincos2d"        # fixed table (models.vit.positions); Beyond Masking: "sincos1d"
+    embed_bias: bool = True         # Beyond Masking's encoder-to-decoder Linear has none
+    linear_init: str = "xavier"     # "trunc_normal": MAE-pytorch lineage (also the mask token)
 
     @nn.compact
     def __call__(self, tokens, visible_idx, masked_idx, *, train: bool = False):
-        x = nn.Dense(self.width, dtype=self.dtype, name="embed",
-                     kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "dec_embed")),
+        init = linear_init(self.linear_init)
+        x = nn.Dense(self.width, dtype=self.dtype, name="embed", use_bias=self.embed_bias,
+                     kernel_init=param_init(init, ("embed", "dec_embed")),
                      bias_init=param_init(nn.initializers.zeros, ("dec_embed",)))(tokens)
         p = self.num_prefix_tokens
-        mask_token = self.param("mask_token", param_init(nn.initializers.normal(0.02), (None, None, "norm")),
-                                (1, 1, self.width))
+        token_init = init if self.linear_init == "trunc_normal" else nn.initializers.normal(0.02)
+        mask_token = self.param("mask_token", param_init(token_init, (None, None, "norm")), (1, 1, self.width))
         patches = unshuffle(x[:, p:], mask_token, visible_idx, masked_idx)
-        patches = patches + jnp.asarray(sincos_2d(*self.grid, self.width))[None].astype(x.dtype)
+        patches = patches + jnp.asarray(positions(self.posemb, self.grid, self.width))[None].astype(x.dtype)
         x = constrain(jnp.concatenate([x[:, :p], patches], axis=1), ("act_batch", "act_len", "act_emb"))
         x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                           attention_impl=self.attention_impl, remat=self.remat, name="decoder")(x, not train)
+                           attention_impl=self.attention_impl, remat=self.remat, linear_init=self.linear_init,
+                           name="decoder")(x, not train)
         x = make_norm("layernorm", self.dtype, "decoder_norm")(x)
         pred = nn.Dense(self.out_dim, dtype=self.dtype, name="pred",
-                        kernel_init=param_init(nn.initializers.xavier_uniform(), ("dec_embed", "patch")),
+                        kernel_init=param_init(init, ("dec_embed", "patch")),
                         bias_init=param_init(nn.initializers.zeros, ("patch",)))(x[:, p:])
         return pred.astype(jnp.float32)

@@ -87,6 +87,36 @@ def sincos_2d(grid_h: int, grid_w: int, width: int, row_first: bool = False) -> 
     return np.concatenate(halves, axis=1).astype(np.float32)
 
 
+def sincos_1d(length: int, width: int) -> np.ndarray:
+    """Transformer-style fixed positions over a flattened index [length, width]: sin on even and
+    cos on odd channels, channel pair j at frequency 1 / 10000^(2j/width) (MAE-pytorch's
+    `get_sinusoid_encoding_table`, used by Beyond Masking's encoder and decoder)."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    angles = pos / 10000 ** (2 * (np.arange(width) // 2) / width)
+    table = np.where(np.arange(width) % 2 == 0, np.sin(angles), np.cos(angles))
+    return table.astype(np.float32)
+
+
+def positions(kind: str, grid, width: int) -> np.ndarray:
+    """Fixed position table [grid_h*grid_w, width] of `kind`: 'sincos2d' (MAE), 'sincos2d_rowfirst'
+    (BEiT/CAE) or 'sincos1d' (Transformer-style over the raster index)."""
+    if kind == "sincos1d":
+        return sincos_1d(grid[0] * grid[1], width)
+    if kind in ("sincos2d", "sincos2d_rowfirst"):
+        return sincos_2d(*grid, width, row_first=kind == "sincos2d_rowfirst")
+    raise ValueError(f"Unknown fixed position embedding {kind!r}: use 'sincos2d', 'sincos2d_rowfirst' or 'sincos1d'.")
+
+
+def linear_init(style: str) -> Callable:
+    """Kernel init of every Linear layer in the blocks: 'xavier' (MAE, CAE), or 'trunc_normal'
+    (MAE-pytorch/BEiT lineage: N(0, 0.02) truncated at +-1 std, as their `trunc_normal_` helper)."""
+    if style == "xavier":
+        return nn.initializers.xavier_uniform()
+    if style == "trunc_normal":
+        return nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0)
+    raise ValueError(f"Unknown linear init {style!r}: use 'xavier' or 'trunc_normal'.")
+
+
 def attention(q, k, v, implementation: str | None, pad_multiple: int | None = None):
     """softmax(q k^T / sqrt(d)) v over [B, T, heads, head_dim] via jax.nn.dot_product_attention.
     Keys and values may be longer or shorter than the queries (cross-attention).
@@ -201,6 +231,7 @@ class Block(nn.Module):
     qkv_bias: str = "dense"
     rope: str | None = None
     norm_eps: float = 1e-6
+    linear_init: str = "xavier"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, coords=None):
@@ -211,10 +242,11 @@ class Block(nn.Module):
                 y = y * gamma.astype(y.dtype)
             return DropPath(self.drop_path)(y, deterministic)
 
+        init = linear_init(self.linear_init)
         y = Attention(self.num_heads, self.dtype, self.use_bias, self.attention_impl, self.qkv_bias, self.rope,
-                      name="attn")(make_norm(self.norm, self.dtype, "norm1", self.norm_eps)(x), coords)
+                      init, name="attn")(make_norm(self.norm, self.dtype, "norm1", self.norm_eps)(x), coords)
         x = constrain(x + branch(y, "attn"), ("act_batch", "act_len", "act_emb"))
-        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(
+        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, init, name="mlp")(
             make_norm(self.norm, self.dtype, "norm2", self.norm_eps)(x))
         return constrain(x + branch(y, "mlp"), ("act_batch", "act_len", "act_emb"))
 
@@ -235,6 +267,7 @@ class Transformer(nn.Module):
     rope: str | None = None
     norm_eps: float = 1e-6
     drop_path_uniform: bool = False   # CAPI: the same rate in every block instead of a linear ramp
+    linear_init: str = "xavier"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, coords=None):
@@ -244,7 +277,7 @@ class Transformer(nn.Module):
             rate = self.drop_path if self.drop_path_uniform else self.drop_path * i / max(self.depth - 1, 1)
             x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.norm, self.use_bias,
                           self.layerscale, rate, self.attention_impl, self.qkv_bias, self.rope, self.norm_eps,
-                          name=f"block_{i}")(x, deterministic, coords)
+                          self.linear_init, name=f"block_{i}")(x, deterministic, coords)
             out[f"block_{i}"] = x
         return x, out
 
@@ -256,7 +289,8 @@ class ViT(nn.Module):
     depth: int = 12
     mlp_dim: int = 3072
     num_heads: int = 12
-    posemb: str = "sincos2d"        # or "sincos2d_rowfirst" (BEiT/CAE), "learn", "rope" (CAPI), "rope_axial"
+    posemb: str = "sincos2d"        # or "sincos2d_rowfirst" (BEiT/CAE), "sincos1d" (Beyond Masking),
+                                    # "learn", "rope" (CAPI), "rope_axial"
     cls_token: bool = True
     num_registers: int = 0
     norm: str = "layernorm"
@@ -267,7 +301,8 @@ class ViT(nn.Module):
     attention_impl: str | None = None
     remat: bool = False
     qkv_bias: str = "dense"
-    init_style: str = "mae"         # "beit": BEiT/CAE init of the patch embedding and CLS token
+    init_style: str = "mae"         # patch embedding and CLS init: "mae", "beit" (BEiT/CAE) or "torch"
+    linear_init: str = "xavier"     # every Linear in the blocks: "xavier" or "trunc_normal"
     norm_eps: float = 1e-6
     final_norm_affine: bool = True  # CAPI's enc_norm has no scale
     drop_path_uniform: bool = False
@@ -301,27 +336,30 @@ class ViT(nn.Module):
         if visible_idx is not None:
             # Gather pixels before the embedding so the patch projection also runs on K, not N.
             patches = jnp.take_along_axis(patches, visible_idx[..., None], axis=1)
-        if self.init_style not in ("mae", "beit"):
-            raise ValueError(f"Unknown init_style {self.init_style!r}: use 'mae' or 'beit'.")
+        if self.init_style not in ("mae", "beit", "torch"):
+            raise ValueError(f"Unknown init_style {self.init_style!r}: use 'mae', 'beit' or 'torch'.")
         # MAE: xavier on the flattened conv kernel, CLS ~ N(0, 0.02). BEiT/CAE: both from a normal
         # of std 0.02 truncated at +-1 std (their trunc_normal_ helper passes a=-std, b=std).
-        token_init = (nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0) if self.init_style == "beit"
-                      else nn.initializers.normal(0.02))
-        embed_init = token_init if self.init_style == "beit" else nn.initializers.xavier_uniform()
+        # torch: the patch embedding keeps PyTorch's Conv2d default, U(+-1/sqrt(fan_in))
+        # (MAE-pytorch, which Beyond Masking forks, never re-initialises it).
+        trunc = nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0)
+        token_init = trunc if self.init_style in ("beit", "torch") else nn.initializers.normal(0.02)
+        embed_init = {"mae": nn.initializers.xavier_uniform(), "beit": trunc,
+                      "torch": nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")}[self.init_style]
         x = nn.Dense(self.width, dtype=self.dtype, name="embedding",
                      kernel_init=param_init(embed_init, ("patch", "embed")),
                      bias_init=param_init(nn.initializers.zeros, ("embed",)))(patches.astype(self.dtype))
 
-        if self.posemb in ("sincos2d", "sincos2d_rowfirst"):
-            pos = jnp.asarray(sincos_2d(*grid, self.width, row_first=self.posemb == "sincos2d_rowfirst"))[None]
+        if self.posemb in ("sincos2d", "sincos2d_rowfirst", "sincos1d"):
+            pos = jnp.asarray(positions(self.posemb, grid, self.width))[None]
         elif self.rope:
             pos = jnp.zeros((1, n, self.width))   # positions enter through RoPE in every attention
         elif self.posemb == "learn":
             pos = self.param("pos_embedding", param_init(nn.initializers.normal(0.02), (None, "norm")),
                              (n, self.width))[None]
         else:
-            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d', 'sincos2d_rowfirst', 'learn', "
-                             "'rope' or 'rope_axial'.")
+            raise ValueError(f"Unknown posemb {self.posemb!r}: use 'sincos2d', 'sincos2d_rowfirst', 'sincos1d', "
+                             "'learn', 'rope' or 'rope_axial'.")
         pos = jnp.broadcast_to(pos, (b, n, self.width))
         if visible_idx is not None:
             pos = jnp.take_along_axis(pos, visible_idx[..., None], axis=1)
@@ -343,7 +381,7 @@ class ViT(nn.Module):
         x, out = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.norm,
                              self.use_bias, self.layerscale, self.drop_path, self.attention_impl,
                              self.remat, self.qkv_bias, self.rope, self.norm_eps, self.drop_path_uniform,
-                             name="encoder")(x, not train, coords)
+                             self.linear_init, name="encoder")(x, not train, coords)
         out["pre_norm"] = x
         x = make_norm(self.norm, self.dtype, "encoder_norm", self.norm_eps, self.final_norm_affine)(x)
         out["encoded"] = x
