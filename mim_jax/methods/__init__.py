@@ -11,6 +11,7 @@ REGISTRY = {
     "finetune": "mim_jax.methods.finetune:Finetune",
     "cae_v2": "mim_jax.methods.cae_v2:CAEv2",
     "capi": "mim_jax.methods.capi:CAPI",
+    "beyond_masking": "mim_jax.methods.beyond_masking:BeyondMasking",
 }
 
 
