@@ -263,9 +263,8 @@ def test_init_decay_and_architecture_follow_mae_pytorch():
 
 # ---- the step ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("degradation", ["zoom_in", "zoom_out"])
-def test_sharded_step_equals_single_device(degradation):
-    config = bm_config.get_config(f"local,degradation={degradation}")
+def test_sharded_step_equals_single_device():
+    config = bm_config.get_config("local")
     config.input.update(batch_size=16, num_workers=0)
     config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
     config.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
