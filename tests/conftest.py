@@ -32,6 +32,31 @@ def tiny_mae_config(**overrides):
     return c
 
 
+def synthetic_batches(config, n, image_shape=(16, 16, 1), num_examples=256):
+    """`n` host batches of a synthetic source through the method's own train transform."""
+    from mim_jax.data import pipeline
+    from mim_jax.methods import get_method
+    source = pipeline.SyntheticSource(num_examples, image_shape=image_shape, num_classes=10, seed=0)
+    it = pipeline.train_iterator(source, global_batch_size=config.input.batch_size, seed=0, process_index=0,
+                                 process_count=1, transform=get_method(config).train_transform())
+    return [next(it) for _ in range(n)]
+
+
+def run_steps(config, mesh, batches):
+    """Fresh state on `mesh`, one train step per batch: (final state, per-step metrics on host)."""
+    import jax
+
+    from mim_jax import state as state_lib
+    from mim_jax.methods import get_method
+    setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2,
+                            global_batch_size=config.input.batch_size)
+    state, history = setup.create(jax.random.key(0)), []
+    for b in batches:
+        state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
+        history.append(jax.device_get(m))
+    return state, history
+
+
 FASHION_MNIST_FILES = "/usr/share/datasets/fashion-mnist"
 
 

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_steps, synthetic_batches
+
 from configs import beyond_masking as bm_config
-from mim_jax import image_ops, optim, parallel, state as state_lib
-from mim_jax.data import pipeline
+from mim_jax import image_ops, optim, parallel
 from mim_jax.methods import beyond_masking, get_method
 from mim_jax.models import vit
 
@@ -268,24 +269,13 @@ def test_sharded_step_equals_single_device():
     config.input.update(batch_size=16, num_workers=0)
     config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
     config.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-    method = get_method(config)
-    source = pipeline.SyntheticSource(64, image_shape=(28, 28, 1), num_classes=10, seed=0)
-    it = pipeline.train_iterator(source, global_batch_size=16, seed=0, process_index=0, process_count=1,
-                                 transform=method.train_transform())
-    batches = [next(it) for _ in range(2)]
-    assert batches[0]["image"].shape == (16, method.view_size, method.view_size, 1)
-
-    def run(mesh):
-        setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2, global_batch_size=16)
-        state, losses = setup.create(jax.random.key(0)), []
-        for b in batches:
-            state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
-            losses.append(float(m["loss"]))
-        return losses
-
-    sharded = run(parallel.make_mesh([("data", 2), ("fsdp", 4)]))
-    single = run(parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]))
-    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    batches = synthetic_batches(config, 2, image_shape=(28, 28, 1), num_examples=64)
+    view = get_method(config).view_size
+    assert batches[0]["image"].shape == (16, view, view, 1)     # the host delivers the wider view
+    _, sharded = run_steps(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
+    _, single = run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
+    for key in ("loss", "centre_loss", "edge_loss"):
+        np.testing.assert_allclose([m[key] for m in sharded], [m[key] for m in single], rtol=1e-5)
 
 
 def test_analytic_flops_match_xla_cost_analysis():

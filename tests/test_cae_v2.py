@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_mae_config
+from conftest import run_steps, synthetic_batches, tiny_mae_config
 
 from configs import cae_v2 as cae_v2_config
 from mim_jax import masking, optim, parallel, state as state_lib, train
@@ -260,22 +260,10 @@ def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeyp
 
 def test_sharded_cae_step_matches_single_device(mae_teacher_dir):
     config = _tiny_config(f"run:{mae_teacher_dir}")
-    source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), num_classes=10, seed=0)
-    it = pipeline.train_iterator(source, global_batch_size=16, seed=0, process_index=0, process_count=1,
-                                 transform=get_method(config).train_transform())
-    batches = [next(it) for _ in range(2)]
-
-    def run(mesh):
-        setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2, global_batch_size=16)
-        state, losses = setup.create(jax.random.key(0)), []
-        for b in batches:
-            state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
-            losses.append(float(m["loss"]))
-        return losses
-
-    sharded = run(parallel.make_mesh([("data", 2), ("fsdp", 4)]))
-    single = run(parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]))
-    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    batches = synthetic_batches(config, 2, num_examples=64)
+    _, sharded = run_steps(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
+    _, single = run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
+    np.testing.assert_allclose([m["loss"] for m in sharded], [m["loss"] for m in single], rtol=1e-5)
 
 
 def test_missing_run_teacher_is_a_clear_error(tmp_path):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import run_steps, synthetic_batches
+
 from configs import capi as capi_config
 from mim_jax import optim, parallel, sinkhorn, state as state_lib
-from mim_jax.data import pipeline
 from mim_jax.methods import capi, get_method
 from mim_jax.models import capi as capi_models, rope
 
@@ -200,28 +201,11 @@ def test_parameter_groups_follow_the_official_optimizers():
 
 # ---- the step ----------------------------------------------------------------------------------
 
-def _batches(config, n):
-    source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), num_classes=10, seed=0)
-    it = pipeline.train_iterator(source, global_batch_size=config.input.batch_size, seed=0, process_index=0,
-                                 process_count=1, transform=get_method(config).train_transform())
-    return [next(it) for _ in range(n)]
-
-
-def _run(config, mesh, batches):
-    setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2,
-                            global_batch_size=config.input.batch_size)
-    state, history = setup.create(jax.random.key(0)), []
-    for b in batches:
-        state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
-        history.append(jax.device_get(m))
-    return state, history
-
-
 def test_sharded_step_equals_single_device_and_ema_follows_one_minus_lr():
     config = _tiny_config()
-    batches = _batches(config, 2)
-    sharded_state, sharded = _run(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
-    single_state, single = _run(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
+    batches = synthetic_batches(config, 2, num_examples=64)
+    sharded_state, sharded = run_steps(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
+    single_state, single = run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
     for key in ("capi_loss", "clustering_loss", "target_entropy", "prototypes_in_use"):
         np.testing.assert_allclose([m[key] for m in sharded], [m[key] for m in single], rtol=2e-5)
     assert set(sharded_state.extras["ema"]) == {"encoder", "predictor", "head"}    # not the clustering head
@@ -243,7 +227,7 @@ def test_sharded_step_equals_single_device_and_ema_follows_one_minus_lr():
 def test_each_loss_reaches_only_its_own_parameters():
     config = _tiny_config()
     method = get_method(config)
-    batch = {k: jnp.asarray(v) for k, v in _batches(config, 1)[0].items() if not k.startswith("_")}
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batches(config, 1, num_examples=64)[0].items() if not k.startswith("_")}
     params = nn.unbox(method.init_params(jax.random.key(0), batch))
     extras = method.init_extras(jax.random.key(1), params, batch)
 

@@ -5,7 +5,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_mae_config
+from conftest import run_steps, synthetic_batches, tiny_mae_config
 
 from mim_jax import checkpoint, flops, parallel, state as state_lib, train
 from mim_jax.data import pipeline
@@ -20,29 +20,14 @@ def synthetic_data(monkeypatch):
     return source
 
 
-def _batches(config, n):
-    source = pipeline.SyntheticSource(256, image_shape=(16, 16, 1), num_classes=10, seed=0)
-    method = get_method(config)
-    it = pipeline.train_iterator(source, global_batch_size=config.input.batch_size, seed=0, process_index=0,
-                                 process_count=1, transform=method.train_transform())
-    return [next(it) for _ in range(n)]
-
-
 def _run_steps(config, mesh, batches):
-    method = get_method(config)
-    setup = state_lib.build(config, method, mesh, total_steps=10, warmup_steps=2,
-                            global_batch_size=config.input.batch_size)
-    state = setup.create(jax.random.key(0))
-    losses = []
-    for b in batches:
-        state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
-        losses.append(float(m["loss"]))
-    return state, losses
+    state, history = run_steps(config, mesh, batches)
+    return state, [float(m["loss"]) for m in history]
 
 
 def test_sharded_step_matches_single_device():
     config = tiny_mae_config()
-    batches = _batches(config, 3)
+    batches = synthetic_batches(config, 3)
     config.mesh = [("data", 2), ("fsdp", 4)]
     sharded, sharded_losses = _run_steps(config, parallel.make_mesh(config.mesh), batches)
     single, single_losses = _run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
