@@ -167,8 +167,9 @@ class BeyondMasking(MAE):
         return loss_fn(pred, weights)
 
     def init_params(self, rng, batch):
-        size = self.config.input.image_size
-        return super().init_params(rng, dict(batch, image=batch["image"][:, :size, :size]))
+        # Parameter shapes depend only on the encoder's input size, not on the view's.
+        size, b = self.config.input.image_size, batch["image"].shape[0]
+        return super().init_params(rng, dict(batch, image=jnp.zeros((b, size, size, self.channels))))
 
     def encode(self, params, images):
         out = super().encode(params, images)
