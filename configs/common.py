@@ -11,7 +11,7 @@ from mim_jax.data.catalog import DATASETS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_
 SHARDING_RULES = (
     ("act_batch", ("data", "fsdp")),
     ("embed", "fsdp"), ("dec_embed", "fsdp"),
-    ("mlp", None), ("qkv", None), ("patch", None), ("norm", None),
+    ("mlp", None), ("qkv", None), ("patch", None), ("norm", None), ("layers", None),
     ("act_len", None), ("act_emb", None), ("act_mlp", None), ("act_heads", None), ("act_kv", None),
 )
 

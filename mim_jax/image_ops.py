@@ -29,7 +29,7 @@ def area_resize(images, size: int):
 
 
 def unpatchify(patches, patch: int, channels: int):
-    """Inverse of `models.vit.patchify` for a square grid: [B, N, p*p*C] -> [B, H, W, C]."""
+    """Inverse of `models.layers.patchify` for a square grid: [B, N, p*p*C] -> [B, H, W, C]."""
     b, n, _ = patches.shape
     side = int(round(n ** 0.5))
     if side * side != n:

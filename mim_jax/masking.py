@@ -15,6 +15,7 @@ Samplers:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -244,6 +245,35 @@ def predict_subset(key, mask: jax.Array, num_predict: int) -> jax.Array:
 
 
 # ---- config --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MaskPlan:
+    """How a method masks: the patch grid, the exact (static) number of masked patches and the
+    sampler, built once from `config.method.mask`; `sample` runs inside the jitted step."""
+    grid: tuple[int, int]
+    num_masked: int
+    sampler: Sampler
+
+    @classmethod
+    def from_config(cls, cfg, grid_hw) -> "MaskPlan":
+        grid_hw = tuple(grid_hw)
+        return cls(grid=grid_hw, num_masked=num_masked_from_config(cfg, grid_hw[0] * grid_hw[1]),
+                   sampler=sampler_from_config(cfg, grid_hw))
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_visible(self) -> int:
+        return self.num_patches - self.num_masked
+
+    def sample(self, keys: jax.Array):
+        """keys [B] -> (masks [B, N] bool, visible_idx [B, N-K], masked_idx [B, K]), indices ascending."""
+        masks = sample_masks(self.sampler, keys)
+        visible, masked = jax.vmap(lambda m: mask_indices(m, self.num_masked))(masks)
+        return masks, visible, masked
+
 
 _OPTIONS = {
     "random": (),

@@ -93,7 +93,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)
             params, extras = nn.unbox(init_boxed(rng, zeros))
             params = method.warm_start(params, frozen)
-            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), extras)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extras=extras)
 
         create = jax.jit(create, out_shardings=shardings)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -111,7 +111,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
         extras = method.update_extras(state.extras, params, state.step, lr_schedule(state.step))
         metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
-        return TrainState(state.step + 1, params, opt_state, extras), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics
 
     jitted = jax.jit(train_step, donate_argnums=(0,),
                      in_shardings=(shardings, frozen_shardings, batch_sharding),

@@ -96,8 +96,7 @@ class ClipTeacher:
     def forward_flops(self) -> float:
         t = self.tower
         n = self.grid[0] * self.grid[1]
-        return (flops.dense(n, 3 * t.patch_size ** 2, t.width) + flops.transformer_forward(n + 1, t.width, t.depth, t.mlp_dim)
-                + (flops.dense(n + 1, t.width, t.proj_dim) if t.proj_dim else 0.0))
+        return flops.vit_forward(t, n, channels=3) + (flops.dense(n + 1, t.width, t.proj_dim) if t.proj_dim else 0.0)
 
 
 class RunTeacher:
@@ -164,10 +163,7 @@ class RunTeacher:
         return tokens.astype(jnp.float32)
 
     def forward_flops(self) -> float:
-        enc = self.method.encoder
-        n = self.grid[0] * self.grid[1]
-        return (flops.dense(n, enc.patch_size ** 2 * self.config.input.channels, enc.width)
-                + flops.transformer_forward(n + enc.num_prefix_tokens, enc.width, enc.depth, enc.mlp_dim))
+        return flops.vit_forward(self.method.encoder, self.grid[0] * self.grid[1], self.config.input.channels)
 
 
 def _check_same_shapes(params, abstract, what: str):

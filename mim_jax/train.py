@@ -108,7 +108,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         # Steps only (no minimum duration), starting once the step is compiled.
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
                                               profile_duration_ms=None, first_profile=start + 3))
-    evals = PeriodicEvals(config, method, mesh, steps["steps_per_epoch"])
+    evals = PeriodicEvals(config, method, mesh=mesh, steps_per_epoch=steps["steps_per_epoch"])
     stop = _StopSignal()
     pending = []
     step = start

@@ -12,7 +12,7 @@ from conftest import run_steps, synthetic_batches
 from configs import beyond_masking as bm_config
 from mim_jax import image_ops, optim, parallel
 from mim_jax.methods import beyond_masking, get_method
-from mim_jax.models import vit
+from mim_jax.models import layers
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -53,7 +53,7 @@ def test_patch_channel_normalize_matches_the_official_rearrange():
 
 def test_unpatchify_inverts_patchify():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 12, 3)), jnp.float32)
-    np.testing.assert_array_equal(image_ops.unpatchify(vit.patchify(x, 4), 4, 3), x)
+    np.testing.assert_array_equal(image_ops.unpatchify(layers.patchify(x, 4), 4, 3), x)
 
 
 def official_mirror(x, size, left, top):
@@ -107,7 +107,7 @@ def test_blur_conv_matches_torch_conv2d():
 
 
 def test_sincos_1d_is_the_transformer_table():
-    table = vit.sincos_1d(196, 384)
+    table = layers.sincos_1d(196, 384)
     pos, j = 17, np.arange(384)
     angle = pos / np.power(10000, 2 * (j // 2) / 384)
     np.testing.assert_allclose(table[pos], np.where(j % 2 == 0, np.sin(angle), np.cos(angle)), atol=1e-6)

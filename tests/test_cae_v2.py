@@ -13,7 +13,7 @@ from configs import cae_v2 as cae_v2_config
 from mim_jax import masking, optim, parallel, state as state_lib, train
 from mim_jax.data import pipeline, transforms
 from mim_jax.methods import cae_v2, get_method
-from mim_jax.models import regressor, vit
+from mim_jax.models import layers, regressor, vit
 
 
 # ---- reference helpers (float64 NumPy) --------------------------------------------------------
@@ -149,19 +149,19 @@ def test_regressor_drop_path_is_linear_from_zero():
 
 def test_row_first_sincos_matches_the_cae_formula():
     grid, width = 5, 16
-    pos = vit.sincos_2d(grid, grid, width, row_first=True)
+    pos = layers.sincos_2d(grid, grid, width, row_first=True)
     omega = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4))
     for token in (0, 3, 7, 24):
         r, c = divmod(token, grid)
         expected = np.concatenate([np.sin(r * omega), np.cos(r * omega), np.sin(c * omega), np.cos(c * omega)])
         np.testing.assert_allclose(pos[token], expected, atol=1e-6)
     # MAE's layout is the same with the halves swapped.
-    np.testing.assert_array_equal(vit.sincos_2d(grid, grid, width), np.concatenate([pos[:, 8:], pos[:, :8]], 1))
+    np.testing.assert_array_equal(layers.sincos_2d(grid, grid, width), np.concatenate([pos[:, 8:], pos[:, :8]], 1))
 
 
 def test_qv_bias_attention_matches_numpy():
     width, heads = 16, 2
-    model = vit.Attention(num_heads=heads, qkv_bias="qv")
+    model = layers.Attention(num_heads=heads, qkv_bias="qv")
     x = np.random.default_rng(2).normal(size=(2, 5, width)).astype(np.float32)
     params = nn.unbox(model.init(jax.random.key(0), x)["params"])
     assert "bias" not in params["qkv"] and params["q_bias"].shape == (width,)

@@ -167,7 +167,7 @@ def test_official_mask_and_prediction_counts():
     method = get_method(capi_config.get_config("variant=L/14"))
     assert (method.grid, method.num_masked, method.num_predict) == ((16, 16), 166, 8)
     batch = {"index": jnp.arange(32, dtype=jnp.int32)}
-    visible, predict = jax.jit(lambda b: method._masks(jax.random.key(0), b))(batch)
+    visible, predict = jax.jit(lambda b: method.masks_and_queries(jax.random.key(0), b))(batch)
     assert visible.shape == (32, 90) and predict.shape == (32, 8)
     for v, p in zip(np.asarray(visible), np.asarray(predict)):
         assert len(set(p)) == 8 and not set(p) & set(v)                 # distinct, all masked

@@ -113,7 +113,8 @@ class FinetuneTransform(PretrainTransform):
 
 def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
                        interpolation="auto") -> PretrainTransform:
-    return PretrainTransform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter, interpolation)
+    return PretrainTransform(image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, mean=mean,
+                             std=std, color_jitter=color_jitter, interpolation=interpolation)
 
 
 class EvalTransform:

@@ -15,7 +15,7 @@ from etils import epath
 from mim_jax import checkpoint, parallel, state as state_lib
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method
-from mim_jax.models import vit
+from mim_jax.models import layers, vit
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
     untrained: needs `base_config`) or 'pixels' (flattened normalised pixels)."""
     if init == "pixels":  # tokens are raw patches (attentive probe), otherwise the whole image
         patch = vit.decode_variant(base_config.model.variant)["patch_size"]
-        fn = ((lambda images: vit.patchify(images, patch)) if feature == "patch_tokens"
+        fn = ((lambda images: layers.patchify(images, patch)) if feature == "patch_tokens"
               else (lambda images: images.reshape(images.shape[0], -1)))
         return Encoder(jax.jit(fn), base_config, "raw pixels")
     if init == "random":

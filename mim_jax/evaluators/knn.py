@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-def l2_normalize(x, eps=1e-12):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from mim_jax.models.layers import l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes", "mesh", "axes"))

@@ -44,7 +44,7 @@ def features_and_labels(config, mesh):
 
 def run_knn(config, feats, num_classes, mesh) -> dict:
     (bank, bank_labels), (queries, labels) = feats["train"], feats["eval"]
-    classifier = knn.KnnClassifier(bank, bank_labels, num_classes, mesh, k=config.k, temperature=config.temperature)
+    classifier = knn.KnnClassifier(bank, bank_labels, num_classes=num_classes, mesh=mesh, k=config.k, temperature=config.temperature)
     scores = np.concatenate([np.asarray(classifier.predict(queries[i:i + 1024])) for i in range(0, len(queries), 1024)])
     return {f"knn_{k}": v for k, v in knn.topk_accuracy(scores, labels).items()}
 

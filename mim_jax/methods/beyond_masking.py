@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mim_jax import image_ops
 from mim_jax.methods.mae import MAE, masked_mse
-from mim_jax.models.vit import patchify
+from mim_jax.models.layers import patchify
 
 DEGRADATIONS = ("none", "zoom_in", "zoom_out", "distort", "blur", "decolorize")
 
@@ -155,13 +155,9 @@ class BeyondMasking(MAE):
         return view, target
 
     def loss(self, params, extras, frozen, batch, rng, step):
-        masks, visible, masked = self._masks(rng, batch)
+        masks, visible, masked = self.sample_masks(rng, batch)
         inputs, loss_fn = self.degrade(batch["image"], batch, rng, step)
-        dropout = jax.random.fold_in(rng, step)
-        tokens, _ = self.encoder.apply({"params": params["encoder"]}, inputs, visible, train=True,
-                                       rngs={"dropout": dropout})
-        pred = self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked, train=True,
-                                  rngs={"dropout": jax.random.fold_in(dropout, 1)})
+        pred = self.reconstruct(params, inputs, visible, masked, rng, step)
         # Masked tokens when masking; every token for the unmasked single degradations.
         weights = masks if self.num_masked else jnp.ones_like(masks)
         return loss_fn(pred, weights)

@@ -14,16 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, masking, teachers
-from mim_jax.methods.base import Method
+from mim_jax import flops, teachers
+from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
+from mim_jax.models.layers import Dtype, l2_normalize, make_norm, param_init, sincos_2d
 from mim_jax.models.regressor import LatentRegressor
-from mim_jax.models.vit import Dtype, make_norm, param_init, sincos_2d, vit_from_config
 
 SUPERVISE = ("all", "visible", "masked")
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def arrange_targets(target, visible_idx, masked_idx, has_cls: bool):
@@ -66,8 +62,9 @@ class LatentPredictor(nn.Module):
         pos = jnp.broadcast_to(jnp.asarray(sincos_2d(*self.grid, self.width, row_first=True))[None],
                                (x.shape[0], self.grid[0] * self.grid[1], self.width))
         take = lambda idx: jnp.take_along_axis(pos, idx[..., None], axis=1)  # noqa: E731
-        predicted = LatentRegressor(self.depth, self.num_heads, self.mlp_dim, self.layerscale, self.drop_path,
-                                    self.dtype, self.attention_impl, name="regressor")(
+        predicted = LatentRegressor(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                                    layerscale=self.layerscale, drop_path=self.drop_path, dtype=self.dtype,
+                                    attention_impl=self.attention_impl, name="regressor")(
             visible, take(visible_idx), take(masked_idx), train=train)
         # One LayerNorm and Linear shared by every token (the official "decoder" of depth 0).
         tokens = make_norm("layernorm", self.dtype, "head_norm")(jnp.concatenate([cls, visible, predicted], axis=1))
@@ -77,20 +74,13 @@ class LatentPredictor(nn.Module):
         return l2_normalize(out.astype(jnp.float32))
 
 
-class CAEv2(Method):
+class CAEv2(MaskedEncoderMethod):
 
     def __init__(self, config):
         super().__init__(config)
         inp, cfg, reg = config.input, config.method, config.regressor
-        self.encoder = vit_from_config(config.model)
         if not self.encoder.cls_token:
             raise ValueError("CAE v2 aligns the [CLS] token: config.model.cls_token must be True.")
-        p = self.encoder.patch_size
-        self.grid = (inp.image_size // p, inp.image_size // p)
-        self.num_patches = self.grid[0] * self.grid[1]
-        self.num_masked = masking.num_masked_from_config(cfg.mask, self.num_patches)
-        self.num_visible = self.num_patches - self.num_masked
-        self.sampler = masking.sampler_from_config(cfg.mask, self.grid)
         if cfg.supervise not in SUPERVISE:
             raise ValueError(f"config.method.supervise={cfg.supervise!r}: use one of {SUPERVISE}.")
         self.teacher = teachers.from_config(config.teacher, grid=self.grid, student_mean=tuple(inp.mean),
@@ -106,10 +96,6 @@ class CAEv2(Method):
         # Built on use: its output width is the teacher's, which may need the teacher's config.
         return LatentPredictor(**self.predictor_kwargs, out_dim=self.teacher.out_dim)
 
-    def _masks(self, rng, batch):
-        masks = jax.vmap(self.sampler)(self.example_keys(rng, batch))
-        return jax.vmap(lambda m: masking.mask_indices(m, self.num_masked))(masks)
-
     def token_weights(self) -> jax.Array:
         """Loss weight of each position in [cls, visible..., masked...]: the official recipe weighs
         all 1 + N tokens equally; 'visible'/'masked' are the arXiv v1 ablations."""
@@ -121,7 +107,7 @@ class CAEv2(Method):
     # -- state -----------------------------------------------------------------------------------
     def init_params(self, rng, batch):
         k_enc, k_pred = jax.random.split(rng)
-        visible, masked = self._masks(rng, batch)
+        _, visible, masked = self.sample_masks(rng, batch)
         encoder = self.encoder.init(k_enc, batch["image"], visible)["params"]
         tokens, _ = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"], visible)
         predictor = self.predictor.init(k_pred, tokens, visible, masked)["params"]
@@ -139,12 +125,10 @@ class CAEv2(Method):
     # -- step ------------------------------------------------------------------------------------
     def loss(self, params, extras, frozen, batch, rng, step):
         images = batch["image"]
-        visible, masked = self._masks(rng, batch)
-        dropout = jax.random.fold_in(rng, step)
-        tokens, _ = self.encoder.apply({"params": params["encoder"]}, images, visible, train=True,
-                                       rngs={"dropout": dropout})
+        _, visible, masked = self.sample_masks(rng, batch)
+        tokens, _ = self.encode_visible(params, images, visible, rng, step)
         pred = self.predictor.apply({"params": params["predictor"]}, tokens, visible, masked, train=True,
-                                    rngs={"dropout": jax.random.fold_in(dropout, 1)})
+                                    rngs={"dropout": dropout_key(rng, step, 1)})
         target = jax.lax.stop_gradient(self.teacher(frozen["teacher"], images))
         target = arrange_targets(target, visible, masked, self.teacher.has_cls)
         if not self.teacher.has_cls:   # a teacher without [CLS] (e.g. CAPI-style): patches only
@@ -161,9 +145,7 @@ class CAEv2(Method):
     def train_flops_per_example(self):
         enc, kw = self.encoder, self.predictor_kwargs
         d_r, k, n_v = kw["width"], self.num_masked, self.num_visible
-        patch_dim = enc.patch_size ** 2 * self.config.input.channels
-        encoder = (flops.dense(n_v, patch_dim, enc.width)
-                   + flops.transformer_forward(n_v + 1, enc.width, enc.depth, enc.mlp_dim))
+        encoder = self.encoder_flops()
         project = flops.dense(n_v + 1, enc.width, d_r) if d_r != enc.width else 0.0
         # Per regressor block: q/out projections on K queries, k/v on Nv+K tokens, attention
         # K x (Nv+K), MLP on K queries.
@@ -172,7 +154,3 @@ class CAEv2(Method):
         head = flops.dense(self.num_patches + 1, d_r, self.teacher.out_dim)
         # The teacher runs forward only.
         return flops.TRAIN_MULTIPLIER * (encoder + project + regressor + head) + self.teacher.forward_flops()
-
-    def encode(self, params, images):
-        _, out = self.encoder.apply({"params": params["encoder"]}, images)
-        return out

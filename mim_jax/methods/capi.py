@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, masking, sinkhorn
-from mim_jax.methods.base import Method
+from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.capi import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
 from mim_jax.models.rope import grid_coords
-from mim_jax.models.vit import vit_from_config
 
 STUDENT = ("encoder", "predictor", "head")     # what the EMA teacher tracks
 
@@ -37,34 +36,28 @@ def ema_momentum(lr, scale: float = 1.0):
     return 1.0 - scale * lr
 
 
-class CAPI(Method):
+class CAPI(MaskedEncoderMethod):
 
     def __init__(self, config):
         super().__init__(config)
-        inp, cfg, pred = config.input, config.method, config.predictor
-        self.encoder = vit_from_config(config.model)
+        cfg, pred = config.method, config.predictor
         if self.encoder.cls_token or not self.encoder.rope:
             raise ValueError("CAPI's encoder has no [CLS] token and uses RoPE: set model.cls_token=False and "
                              "model.posemb='rope' (or 'rope_axial').")
-        p = self.encoder.patch_size
-        self.grid = (inp.image_size // p, inp.image_size // p)
-        self.num_patches = self.grid[0] * self.grid[1]
-        self.num_masked = masking.num_masked_from_config(cfg.mask, self.num_patches)
         self.num_predict = max(int(self.num_masked * cfg.prediction_subsampling), 1)
-        self.sampler = masking.sampler_from_config(cfg.mask, self.grid)
-        self.predictor = Predictor(pred.depth, pred.num_heads or self.encoder.num_heads,
-                                   int(pred.mlp_ratio * self.encoder.width), pred.drop_path, self.encoder.norm_eps,
-                                   self.encoder.rope, self.encoder.dtype, self.encoder.attention_impl)
+        self.predictor = Predictor(
+            depth=pred.depth, num_heads=pred.num_heads or self.encoder.num_heads,
+            mlp_dim=int(pred.mlp_ratio * self.encoder.width), drop_path=pred.drop_path, norm_eps=self.encoder.norm_eps,
+            rope=self.encoder.rope, dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl)
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
         chunk = cfg.get("sinkhorn_chunk") or self.num_patches
         self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
 
     # -- masks and coordinates ---------------------------------------------------------------------
-    def _masks(self, rng, batch):
-        keys = self.example_keys(rng, batch)
-        masks = jax.vmap(self.sampler)(keys)
-        visible, _ = jax.vmap(lambda m: masking.mask_indices(m, self.num_masked))(masks)
+    def masks_and_queries(self, rng, batch):
+        """(visible_idx [B, N-K], the masked positions the predictor queries [B, num_predict])."""
+        masks, visible, _ = self.sample_masks(rng, batch)
         predict = jax.vmap(lambda k, m: masking.predict_subset(k, m, self.num_predict))(
             self.example_keys(rng, batch, purpose=1), masks)
         return visible, predict
@@ -76,7 +69,7 @@ class CAPI(Method):
     # -- state -----------------------------------------------------------------------------------
     def init_params(self, rng, batch):
         k_enc, k_pred, k_head, k_clust = jax.random.split(rng, 4)
-        visible, predict = self._masks(rng, batch)
+        visible, predict = self.masks_and_queries(rng, batch)
         encoder = self.encoder.init(k_enc, batch["image"], visible)["params"]
         tokens, out = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"], visible)
         predictor = self.predictor.init(k_pred, tokens, out["coords"], self._query_coords(predict))["params"]
@@ -120,19 +113,17 @@ class CAPI(Method):
     def loss(self, params, extras, frozen, batch, rng, step):
         cfg = self.config.method
         images = batch["image"]
-        visible, predict = self._masks(rng, batch)
+        visible, predict = self.masks_and_queries(rng, batch)
         teacher = jax.lax.stop_gradient(self.teacher_tokens(extras["ema"], images))
         clustering_loss, targets, stats = sinkhorn.clustering_targets(
             lambda p, z: self.clustering.apply({"params": p}, z), params["clustering"], teacher, predict,
             target_temp=cfg.target_temp, pred_temp=cfg.clustering_temp, iterations=cfg.sinkhorn_iterations,
             chunk=self.sinkhorn_chunk)
 
-        dropout = jax.random.fold_in(rng, step)
-        tokens, out = self.encoder.apply({"params": params["encoder"]}, images, visible, train=True,
-                                         rngs={"dropout": dropout})
+        tokens, out = self.encode_visible(params, images, visible, rng, step)
         predicted = self.predictor.apply({"params": params["predictor"]}, tokens, out["coords"],
                                          self._query_coords(predict), train=True,
-                                         rngs={"dropout": jax.random.fold_in(dropout, 1)})[-1]
+                                         rngs={"dropout": dropout_key(rng, step, 1)})[-1]
         logits = self.head.apply({"params": params["head"]}, predicted)
         capi_loss = jnp.mean(sinkhorn.soft_cross_entropy(targets, logits, cfg.student_temp))
         in_use = jnp.sum(stats["assignment_histogram"] > 0)
@@ -144,14 +135,9 @@ class CAPI(Method):
     # -- accounting and features -------------------------------------------------------------------
     def train_flops_per_example(self):
         enc, pred = self.encoder, self.predictor
-        d, k, n_vis = enc.width, self.config.method.num_prototypes, self.num_patches - self.num_masked
-        patch_dim = enc.patch_size ** 2 * self.config.input.channels
-
-        def encoder(tokens, patches):
-            return flops.dense(patches, patch_dim, d) + flops.transformer_forward(tokens, d, enc.depth, enc.mlp_dim)
-
-        teacher = encoder(self.num_patches + enc.num_registers, self.num_patches)
-        student = encoder(n_vis + enc.num_registers, n_vis)
+        d, k, n_vis = enc.width, self.config.method.num_prototypes, self.num_visible
+        teacher = self.encoder_flops(self.num_patches)
+        student = self.encoder_flops()
         q, ctx = self.num_predict, n_vis + enc.num_registers
         predictor = pred.depth * (2 * flops.dense(q, d, d) + 2 * flops.dense(ctx, d, d) + 4.0 * q * ctx * d
                                   + 2 * flops.dense(q, d, pred.mlp_dim))

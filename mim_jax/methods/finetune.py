@@ -16,7 +16,8 @@ import optax
 from mim_jax import flops
 from mim_jax.data import pipeline
 from mim_jax.methods.base import Method
-from mim_jax.models.vit import param_init, vit_from_config
+from mim_jax.models.layers import param_init
+from mim_jax.models.vit import vit_from_config
 
 
 class ClassifierHead(nn.Module):
@@ -66,9 +67,10 @@ class Finetune(Method):
 
     def train_transform(self):
         inp, cfg = self.config.input, self.config.method
-        return pipeline.FinetuneTransform(inp.image_size, tuple(inp.crop_scale), tuple(inp.crop_ratio), inp.flip,
-                                          tuple(inp.mean), tuple(inp.std), tuple(cfg.rand_augment) or None,
-                                          cfg.erase_prob)
+        return pipeline.FinetuneTransform(
+            image_size=inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
+            flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), rand_augment=tuple(cfg.rand_augment) or None,
+            erase_prob=cfg.erase_prob)
 
     def init_params(self, rng, batch):
         k_enc, k_head = jax.random.split(rng)
@@ -129,10 +131,8 @@ class Finetune(Method):
 
     def train_flops_per_example(self):
         enc = self.encoder
-        tokens = (self.config.input.image_size // enc.patch_size) ** 2
-        patch_dim = enc.patch_size ** 2 * self.config.input.channels
-        forward = (flops.dense(tokens, patch_dim, enc.width)
-                   + flops.transformer_forward(tokens + enc.num_prefix_tokens, enc.width, enc.depth, enc.mlp_dim)
+        patches = (self.config.input.image_size // enc.patch_size) ** 2
+        forward = (flops.vit_forward(enc, patches, self.config.input.channels)
                    + flops.dense(1, enc.width, self.config.method.num_classes))
         return flops.TRAIN_MULTIPLIER * forward
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, masking
-from mim_jax.methods.base import Method
+from mim_jax import flops
+from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
-from mim_jax.models.vit import patchify, vit_from_config
+from mim_jax.models.layers import patchify
 
 
 def normalized_pixel_targets(images, patch_size: int, normalize: bool):
@@ -29,62 +29,49 @@ def masked_mse(pred, target, mask):
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-class MAE(Method):
+class MAE(MaskedEncoderMethod):
 
     def __init__(self, config):
         super().__init__(config)
         inp, dec = config.input, config.decoder
-        self.encoder = vit_from_config(config.model)
         p = self.encoder.patch_size
-        self.grid = (inp.image_size // p, inp.image_size // p)
-        self.num_patches = self.grid[0] * self.grid[1]
-        self.num_masked = masking.num_masked_from_config(config.method.mask, self.num_patches)
-        self.num_visible = self.num_patches - self.num_masked
-        self.sampler = masking.sampler_from_config(config.method.mask, self.grid)
         self.decoder = PixelDecoder(
             grid=self.grid, out_dim=p * p * inp.channels, width=dec.width, depth=dec.depth,
             num_heads=dec.num_heads, mlp_dim=dec.mlp_dim, num_prefix_tokens=self.encoder.num_prefix_tokens,
             dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat,
             **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init") if k in dec})
 
-    def _masks(self, rng, batch):
-        masks = jax.vmap(self.sampler)(self.example_keys(rng, batch))
-        visible, masked = jax.vmap(lambda m: masking.mask_indices(m, self.num_masked))(masks)
-        return masks, visible, masked
-
     def init_params(self, rng, batch):
         enc_rng, dec_rng = jax.random.split(rng)
         images = batch["image"]
-        _, visible, masked = self._masks(rng, batch)
+        _, visible, masked = self.sample_masks(rng, batch)
         enc_vars = self.encoder.init(enc_rng, images, visible)
         tokens, _ = self.encoder.apply(enc_vars, images, visible)
         dec_vars = self.decoder.init(dec_rng, tokens, visible, masked)
         return {"encoder": enc_vars["params"], "decoder": dec_vars["params"]}
 
+    def reconstruct(self, params, images, visible, masked, rng, step):
+        """Student encoder on the visible patches, then the decoder: predictions [B, N, p*p*C]."""
+        tokens, _ = self.encode_visible(params, images, visible, rng, step)
+        return self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked, train=True,
+                                  rngs={"dropout": dropout_key(rng, step, 1)})
+
     def loss(self, params, extras, frozen, batch, rng, step):
         images = batch["image"]
-        masks, visible, masked = self._masks(rng, batch)
-        dropout = jax.random.fold_in(rng, step)
-        tokens, _ = self.encoder.apply({"params": params["encoder"]}, images, visible, train=True,
-                                       rngs={"dropout": dropout})
-        pred = self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked, train=True,
-                                  rngs={"dropout": jax.random.fold_in(dropout, 1)})
+        masks, visible, masked = self.sample_masks(rng, batch)
+        pred = self.reconstruct(params, images, visible, masked, rng, step)
         target = normalized_pixel_targets(images, self.encoder.patch_size, self.config.method.norm_pix_loss)
         loss = masked_mse(pred, target, masks)
         return loss, {"mae_loss": loss}
 
-    def train_flops_per_example(self):
+    def decoder_flops(self) -> float:
         enc, dec = self.encoder, self.decoder
         patch_dim = enc.patch_size ** 2 * self.config.input.channels
         enc_tokens = self.num_visible + enc.num_prefix_tokens
         dec_tokens = self.num_patches + enc.num_prefix_tokens
-        forward = (flops.dense(self.num_visible, patch_dim, enc.width)
-                   + flops.transformer_forward(enc_tokens, enc.width, enc.depth, enc.mlp_dim)
-                   + flops.dense(enc_tokens, enc.width, dec.width)
-                   + flops.transformer_forward(dec_tokens, dec.width, dec.depth, dec.mlp_dim)
-                   + flops.dense(self.num_patches, dec.width, patch_dim))
-        return flops.TRAIN_MULTIPLIER * forward
+        return (flops.dense(enc_tokens, enc.width, dec.width)
+                + flops.transformer_forward(dec_tokens, dec.width, dec.depth, dec.mlp_dim)
+                + flops.dense(self.num_patches, dec.width, patch_dim))
 
-    def encode(self, params, images):
-        _, out = self.encoder.apply({"params": params["encoder"]}, images)
-        return out
+    def train_flops_per_example(self):
+        return flops.TRAIN_MULTIPLIER * (self.encoder_flops() + self.decoder_flops())

@@ -16,12 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mim_jax.models import rope as rope_lib
-from mim_jax.models.vit import DropPath, Dtype, Mlp, attention, constrain, make_norm, param_init
-
-
-def l2_normalize(x, eps: float):
-    """torch.nn.functional.normalize: x / max(||x||, eps)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from mim_jax.models.layers import DropPath, Dtype, Mlp, attention, constrain, l2_normalize, make_norm, param_init
 
 
 class CrossAttentionBlock(nn.Module):
@@ -73,8 +68,9 @@ class Predictor(nn.Module):
         dec_norm = make_norm("rmsnorm", self.dtype, "dec_norm", self.norm_eps, affine=False)
         outputs = []
         for i in range(self.depth):
-            x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.drop_path, self.norm_eps, self.rope,
-                                    self.dtype, self.attention_impl, name=f"block_{i}")(
+            x = CrossAttentionBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path=self.drop_path,
+                                    norm_eps=self.norm_eps, rope=self.rope, dtype=self.dtype,
+                                    attention_impl=self.attention_impl, name=f"block_{i}")(
                 x, context, query_coords, context_coords, not train)
             outputs.append(dec_norm(x))
         return outputs

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.vit import Dtype, attention, constrain, param_init, patchify
+from mim_jax.models.layers import Dtype, attention, constrain, param_init, patchify
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -97,6 +97,8 @@ class CLIPVisionTower(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
 
+    num_prefix_tokens = 1   # [CLS]
+
     @nn.compact
     def __call__(self, images):
         p = self.patch_size
@@ -111,7 +113,8 @@ class CLIPVisionTower(nn.Module):
         x = x + resize_positions(table, grid).astype(x.dtype)[None]
         x = constrain(_layernorm(self.layer_norm_eps, self.dtype, "pre_layrnorm")(x), ("act_batch", "act_len", "act_emb"))
         for i in range(self.depth):
-            x = CLIPEncoderLayer(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype, name=f"layers_{i}")(x)
+            x = CLIPEncoderLayer(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.layer_norm_eps,
+                                 dtype=self.dtype, name=f"layers_{i}")(x)
         x = _layernorm(self.layer_norm_eps, self.dtype, "post_layernorm")(x)
         if self.proj_dim:
             x = _dense(self.proj_dim, ("embed", None), self.dtype, "visual_projection", use_bias=False)(x)

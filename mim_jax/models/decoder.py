@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mim_jax.models.vit import Transformer, constrain, linear_init, make_norm, param_init, positions
+from mim_jax.models.layers import TOKENS, Transformer, constrain, linear_init, make_norm, param_init, positions
 
 
 def unshuffle(visible_tokens, mask_token, visible_idx, masked_idx):
@@ -37,7 +37,7 @@ class PixelDecoder(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
-    posemb: str = "sincos2d"        # fixed table (models.vit.positions); Beyond Masking: "sincos1d"
+    posemb: str = "sincos2d"        # fixed table (models.layers.positions); Beyond Masking: "sincos1d"
     embed_bias: bool = True         # Beyond Masking's encoder-to-decoder Linear has none
     linear_init: str = "xavier"     # "trunc_normal": MAE-pytorch lineage (also the mask token)
 
@@ -52,8 +52,8 @@ class PixelDecoder(nn.Module):
         mask_token = self.param("mask_token", param_init(token_init, (None, None, "norm")), (1, 1, self.width))
         patches = unshuffle(x[:, p:], mask_token, visible_idx, masked_idx)
         patches = patches + jnp.asarray(positions(self.posemb, self.grid, self.width))[None].astype(x.dtype)
-        x = constrain(jnp.concatenate([x[:, :p], patches], axis=1), ("act_batch", "act_len", "act_emb"))
-        x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
+        x = constrain(jnp.concatenate([x[:, :p], patches], axis=1), TOKENS)
+        x, _ = Transformer(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                            attention_impl=self.attention_impl, remat=self.remat, linear_init=self.linear_init,
                            name="decoder")(x, not train)
         x = make_norm("layernorm", self.dtype, "decoder_norm")(x)

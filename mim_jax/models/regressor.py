@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mim_jax.models.vit import DropPath, Dtype, Mlp, attention, constrain, make_norm, param_init
+from mim_jax.models.layers import DropPath, Dtype, Mlp, attention, constrain, make_norm, param_init
 
 
 class CrossAttention(nn.Module):
@@ -91,6 +91,7 @@ class LatentRegressor(nn.Module):
         pos_visible, pos_masked = pos_visible.astype(x.dtype), pos_masked.astype(x.dtype)
         for i in range(self.depth):
             rate = self.drop_path * i / max(self.depth - 1, 1)
-            x = RegressorBlock(self.num_heads, self.mlp_dim, self.layerscale, rate, self.dtype, self.attention_impl,
+            x = RegressorBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layerscale=self.layerscale,
+                               drop_path=rate, dtype=self.dtype, attention_impl=self.attention_impl,
                                name=f"block_{i}")(x, visible, pos_masked, pos_visible, not train)
         return x
