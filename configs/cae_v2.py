@@ -15,6 +15,7 @@ Arguments: variant=Ti,S,B,L; teacher=<HF repo id | folder | .safetensors | run:D
 batch=<global batch>; local (Fashion-MNIST, teacher = a `mae.py:local` run, by default run:/tmp/mae_local).
 """
 from configs import common
+from mim_jax import teachers
 from mim_jax.config_lib import parse_arg
 
 # Per size (official scripts; Large is not released, see below):
@@ -31,7 +32,8 @@ SIZES = {
     "B": dict(num_heads=12, num_masked=98, regressor=(4, 768, 12), layerscale=0.1),
     "L": dict(num_heads=16, num_masked=98, regressor=(4, 1024, 16), layerscale=1e-5),
 }
-CLIP_TEACHERS = {"B": ("openai/clip-vit-base-patch16", 512), "L": ("openai/clip-vit-large-patch14", 768)}
+CLIP_TEACHERS = {"B": "openai/clip-vit-base-patch16", "L": "openai/clip-vit-large-patch14"}
+CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
 
 
 def get_config(arg=None):
@@ -51,11 +53,13 @@ def get_config(arg=None):
     c.method = dict(name="cae_v2", loss_weight=1.0, supervise="all",
                     mask=dict(type="block", num_masked=size["num_masked"], ratio=common.placeholder(float),
                               min_block=16, max_block=common.placeholder(int), aspect=(0.3, 1 / 0.3)))
-    source, dim = CLIP_TEACHERS["L" if arg.variant == "L" else "B"]
-    if arg.teacher and arg.teacher != source:
-        source, dim = arg.teacher, None   # width read from the teacher's own config
-    c.teacher = dict(source=source, dtype="bfloat16", dim=common.placeholder(int))
-    c.teacher.dim = dim
+    source = CLIP_TEACHERS["L" if arg.variant == "L" else "B"]
+    if arg.local:   # distils a `mae.py:local` run unless told otherwise
+        source = "run:/tmp/mae_local"
+    source = arg.teacher or source
+    # The target width is part of the model (the head's output): resolved here, once, from the
+    # teacher's own config where it is not a known CLIP, and saved with every checkpoint.
+    c.teacher = dict(source=source, dtype="bfloat16", dim=CLIP_DIMS.get(source) or teachers.output_dim(source))
 
     c.optax.update(base_lr=1.5e-3, lr_scale_batch=None, min_lr=1e-5, b1=0.9, b2=0.999, weight_decay=0.05,
                    decay_rule="not_1d", clip_norm=3.0, warmup_epochs=10.0)
@@ -67,6 +71,4 @@ def get_config(arg=None):
         c.method.mask.update(num_masked=15, min_block=4)
         c.regressor.update(depth=1, width=96, num_heads=12)
         c.optax.update(base_lr=1.5e-3, warmup_epochs=0.5)
-        c.teacher.source = arg.teacher or "run:/tmp/mae_local"
-        c.teacher.dim = None
     return c

@@ -43,7 +43,7 @@ def get_config(arg=None):
     c.model = common.vit_config(arg.variant, num_heads=size["num_heads"], cls_token=False, num_registers=16,
                                 norm="rmsnorm", norm_eps=1e-5, final_norm_affine=False, use_bias=False,
                                 posemb="rope" if arg.rope == "capi" else "rope_axial", drop_path=0.2,
-                                drop_path_uniform=True)
+                                drop_path_uniform=True, qkv_init="per_projection")   # official: separate q, k, v
     c.predictor = dict(depth=size["predictor_depth"], num_heads=common.placeholder(int), mlp_ratio=4.0,
                        drop_path=0.2)
     c.method = dict(
@@ -59,6 +59,8 @@ def get_config(arg=None):
         clustering=dict(lr_mult=0.5, weight_decay=0.01, decay_rule="all"),   # torch AdamW default wd
         patch_embed=dict(lr_mult=0.2),
         norms=dict(weight_decay=0.01, decay_rule="all"))
+    c.optax.param_groups = (("clustering/.*", "clustering"), ("encoder/embedding/.*", "patch_embed"),
+                            (".*norm.*/scale", "norms"))   # the norm weights (RMSNorm scales)
 
     if arg.local:
         common.local_preset(c)

@@ -1,9 +1,12 @@
 """Blocks shared by every method's `get_config(arg)`: data, model, optimizer, mesh and sharding."""
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mim_jax import evaluators
 from mim_jax.data.catalog import DATASETS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES  # noqa: F401
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
@@ -30,6 +33,9 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known
+    # Warm start: a new run (not a resume) takes these params from a pre-training workdir.
+    c.init = placeholder(str)
+    c.init_keys = ("encoder",)
 
     split, channels, mean, std = DATASETS.get(dataset, ("train", 3, IMAGENET_MEAN, IMAGENET_STD))
     c.input = ml_collections.ConfigDict(dict(
@@ -42,7 +48,11 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
         base_lr=1.5e-4, lr_scale_batch=256, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05, decay_rule="kernels", cosine_truncation=1.0, clip_norm=0.0,
         warmup_steps=placeholder(int), warmup_epochs=40.0,
-        warmup_percent=placeholder(float), decay_percent=1.0, groups=ml_collections.ConfigDict()))
+        warmup_percent=placeholder(float), decay_percent=1.0,
+        # Optimizer groups: (regex over the parameter path, group), first full match wins, the rest
+        # is 'default'; each group's settings override these (lr_mult scales the lr); 'frozen'
+        # gets no updates.
+        param_groups=(), groups=ml_collections.ConfigDict()))
 
     c.mesh = [("data", -1), ("fsdp", 1)]
     c.sharding_rules = SHARDING_RULES
@@ -74,36 +84,38 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
     c.evals.linear = periodic_eval("linear_probe", every_epochs=0.5, max_train_examples=10_000, epochs=30)
 
 
-# Defaults of each evaluator (the papers' protocols), shared by the evaluation configs and by the
-# periodic evaluations inside pre-training (config.evals).
-EVALUATOR_DEFAULTS = {
-    "knn": dict(k=20, temperature=0.07, feature="cls"),
-    "linear_probe": dict(learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=90, probe_batch_size=1024,
-                         feature="cls"),
-    "classification": dict(feature="logits"),
-    "attentive_probe": dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), epochs=10, probe_batch_size=256,
-                            weight_decay=0.05, num_heads=4, feature="patch_tokens"),
-}
+def pretrain_config(name_and_arg: str) -> ml_collections.ConfigDict:
+    """'mae:local' -> configs/mae.py's get_config('local'): the architecture and data of an
+    untrained or pixel baseline (evaluations with init=random|pixels, fine-tuning from random)."""
+    name, _, arg = name_and_arg.partition(":")
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"pretrain={name_and_arg!r}: there is no configs/{name}.py.") from e
+    return module.get_config(arg or None)
 
 
 def periodic_eval(evaluator: str, every_epochs: float, **options) -> ml_collections.ConfigDict:
-    """An entry of config.evals: run `evaluator` every `every_epochs` during pre-training."""
+    """An entry of config.evals: run `evaluator` every `every_epochs` during pre-training, with
+    the evaluator's own defaults (its paper protocol) unless overridden."""
     c = dict(type=evaluator, every_epochs=every_epochs, every_steps=placeholder(int), batch_size=256, seed=0,
              max_train_examples=placeholder(int), max_eval_examples=placeholder(int),
-             **EVALUATOR_DEFAULTS[evaluator])
+             **evaluators.get(evaluator).DEFAULTS)
     c.update(options)
     return ml_collections.ConfigDict(c)
 
 
 def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
-    """Shared block of evaluation jobs: which encoder, which features, which data."""
+    """Shared block of evaluation jobs: which encoder, which features, which data. For
+    init=random|pixels the architecture and data config (`pretrain=`) is resolved here."""
     if not arg.init:
         raise ValueError("Evaluation configs need init=<pre-training workdir>|random|pixels.")
     c = ml_collections.ConfigDict()
     c.evaluator = evaluator
     c.init = arg.init
     c.pretrain = arg.pretrain       # config (file:arg) giving architecture and data for random/pixels
-    c.feature = arg.feature
+    c.pretrain_config = (pretrain_config(arg.pretrain) if arg.init in ("random", "pixels")
+                         else ml_collections.ConfigDict())
     c.seed = 0
     c.batch_size = 256
     c.data_dir = placeholder(str)   # overrides the pre-training config's input.data_dir
@@ -112,7 +124,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     c.max_train_examples = placeholder(int)
     c.max_eval_examples = placeholder(int)
     c.mesh = [("data", -1), ("fsdp", 1)]
-    c.update(EVALUATOR_DEFAULTS[evaluator])
+    c.update(evaluators.get(evaluator).DEFAULTS)
     c.feature = arg.feature or c.feature
     c.update(options)
     return c

@@ -12,6 +12,7 @@ init=random,pretrain=<config>:<arg>; local (1 epoch, small batch, CPU-sized).
 import ml_collections
 
 from configs import common
+from mim_jax import pretrained
 from mim_jax.config_lib import parse_arg
 from mim_jax.models.vit import decode_variant
 
@@ -22,14 +23,12 @@ def get_config(arg=None):
     arg = parse_arg(arg, init="", pretrain="mae:local", local=False)
     if not arg.init:
         raise ValueError("configs/finetune.py needs init=<pre-training workdir> (or init=random,pretrain=...).")
-    if arg.init == "random":
-        from mim_jax.evaluators.run import pretrain_config
-        pre = pretrain_config(arg.pretrain)
-    else:
-        from mim_jax.evaluators.encoder import pretrain_config_of
-        pre = pretrain_config_of(arg.init)
+    pre = common.pretrain_config(arg.pretrain) if arg.init == "random" else pretrained.read_config(arg.init)
     variant = pre.model.variant
     depth = pre.model.depth or decode_variant(variant)["depth"]
+    if pre.model.get("scan"):
+        raise ValueError("Layer-wise lr decay selects blocks by name: fine-tune with model.scan=False "
+                         "(a scanned run's params convert with models.layers.unstack_blocks).")
 
     c = common.base_config(dataset=pre.input.dataset, image_size=pre.input.image_size, batch_size=1024)
     c.input.update(data_dir=pre.input.data_dir, channels=pre.input.channels, mean=tuple(pre.input.mean),
@@ -37,11 +36,17 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(pre.model.to_dict())
     c.model.drop_path = 0.1
     c.total_epochs = 100.0
-    c.method = dict(name="finetune", init=arg.init, num_classes=common.NUM_CLASSES.get(pre.input.dataset, 1000),
+    c.init = None if arg.init == "random" else arg.init
+    c.method = dict(name="finetune", num_classes=common.NUM_CLASSES.get(pre.input.dataset, 1000),
                     label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=(2, 9.0, 0.5), erase_prob=0.25)
     c.optax.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-6)
     decay = LAYER_DECAY.get(variant.split("/")[0], 0.75)
+    # Layer-wise lr decay (BEiT/MAE `param_groups_lrd`): patch embedding and tokens are layer 0,
+    # block i is layer i + 1, the final norm and the head layer depth + 1.
     c.optax.groups = {f"layer_{i}": dict(lr_mult=decay ** (depth + 1 - i)) for i in range(depth + 2)}
+    c.optax.param_groups = ((r"head/.*|encoder/encoder_norm/.*", f"layer_{depth + 1}"),
+                            *((rf"encoder/encoder/block_{i}/.*", f"layer_{i + 1}") for i in range(depth)),
+                            (".*", "layer_0"))
     c.evals.accuracy = common.periodic_eval("classification", every_epochs=10.0, feature="logits")
     if arg.local:
         c.input.update(batch_size=128, num_workers=2)

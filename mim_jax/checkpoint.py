@@ -11,6 +11,7 @@ import logging
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -19,13 +20,39 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _paths(tree) -> dict:
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_mismatch(stored, wanted, limit: int = 8) -> str | None:
+    """A readable description of how two trees of shaped leaves differ (missing keys, unexpected
+    keys, wrong shapes), or None when keys and shapes agree."""
+    have, want = _paths(stored), _paths(wanted)
+    problems = []
+    missing = sorted(want.keys() - have.keys())
+    unexpected = sorted(have.keys() - want.keys())
+    wrong = [f"{k}: stored {tuple(np.shape(have[k]))}, expected {tuple(np.shape(want[k]))}"
+             for k in sorted(want.keys() & have.keys()) if tuple(np.shape(have[k])) != tuple(np.shape(want[k]))]
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            problems.append(f"{len(items)} {what}: {', '.join(items[:limit])}{more}")
+    return "; ".join(problems) or None
+
+
 class Checkpointer:
 
-    def __init__(self, directory, *, save_interval_steps: int, max_to_keep: int, async_save: bool = True):
+    def __init__(self, directory, *, save_interval_steps: int = 1, max_to_keep: int = 1, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only=True` opens someone else's run (evaluation, warm starts, teachers): nothing is
+        created, written or deleted there."""
         self.directory = epath.Path(directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=async_save)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True,
+                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -79,6 +106,33 @@ class Checkpointer:
             f"No readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors) +
             "\nIf the checkpoint was written by an incompatible config (model size, method), start a "
             "new --workdir; if it is corrupt, delete that step's folder to resume from an older one.")
+
+    def state_metadata(self, step: int):
+        """The stored train state's tree (shapes and dtypes, no values)."""
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.metadata(self.directory / str(step) / "state").item_metadata.tree
+
+    def restore_parts(self, step: int, abstract: dict) -> dict:
+        """Restores only the named parts of the stored train state (e.g. {'params': ..., 'extras':
+        ...}, no optimizer state) onto the shardings of `abstract`'s ShapeDtypeStructs. Every key of
+        the stored parts must be expected and every expected key stored, with the same shapes:
+        otherwise a CheckpointError lists what differs (orbax alone would fill or drop them)."""
+        stored = self.state_metadata(step)
+        for name, part in abstract.items():
+            if name not in stored:
+                raise CheckpointError(f"Checkpoint {self.directory}/{step} holds no {name!r} "
+                                      f"(it has {sorted(stored)}).")
+            mismatch = tree_mismatch(stored[name], part)
+            if mismatch:
+                raise CheckpointError(f"Checkpoint {self.directory}/{step}: its {name!r} do not match the model "
+                                      f"built from its config: {mismatch}.")
+        wanted = {name: part for name, part in abstract.items() if jax.tree.leaves(part)}
+        if not wanted:
+            return {name: part for name, part in abstract.items()}
+        args = ocp.args.PyTreeRestore(item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                                      partial_restore=True)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        return {name: restored.get(name, part) for name, part in abstract.items()}
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

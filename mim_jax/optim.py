@@ -2,6 +2,8 @@
 clipping, per-group settings."""
 from __future__ import annotations
 
+import re
+
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -59,10 +61,38 @@ def _adamw(lr, group_config, params):
                        weight_decay=group_config.weight_decay, mask=lambda p: weight_decay_mask(p, rule))
 
 
-def make_optimizer(optax_config, params, labels, lr_schedule):
-    """`labels` (pytree of group names, or None) routes params to `optax_config.groups[name]`, each
-    group overriding b1/b2/eps/weight_decay and scaling the lr by `lr_mult`; group 'frozen' gets no
-    updates at all."""
+def param_labels(params, optax_config):
+    """The optimizer group of every parameter, by its path ('encoder/embedding/kernel'): the group
+    of the first `(regex, group)` of `optax_config.param_groups` whose regex matches the whole
+    path, else 'default' (big_vision's regex schedules). None when no rules are configured. A rule
+    that matches no parameter is an error (a typo would otherwise silently change nothing)."""
+    rules = tuple(optax_config.get("param_groups") or ())
+    if not rules:
+        return None
+    compiled = [(re.compile(pattern), group) for pattern, group in rules]
+    used = set()
+
+    def label(path):
+        name = "/".join(str(p) for p in path)
+        for i, (regex, group) in enumerate(compiled):
+            if regex.fullmatch(name):
+                used.add(i)
+                return group
+        return "default"
+
+    flat = traverse_util.flatten_dict(params)
+    labels = traverse_util.unflatten_dict({path: label(path) for path in flat})
+    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+    if unused:
+        raise ValueError(f"config.optax.param_groups patterns {unused} match no parameter (paths look like "
+                         f"{'/'.join(str(p) for p in next(iter(flat)))!r}).")
+    return labels
+
+
+def make_optimizer(optax_config, params, lr_schedule):
+    """Routes params (`param_labels`) to `optax_config.groups[name]`, each group overriding
+    b1/b2/eps/weight_decay and scaling the lr by `lr_mult`; group 'frozen' gets no updates at all."""
+    labels = param_labels(params, optax_config)
     if labels is None:
         tx = _adamw(lr_schedule, optax_config, params)
     else:

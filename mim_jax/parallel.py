@@ -79,3 +79,11 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def host_batch_to_global(local_batch: dict, mesh) -> dict:
+    """The model inputs of a host batch as global arrays sharded over the batch axes (host-only
+    keys such as `_mask` dropped)."""
+    from mim_jax.data import pipeline
+    return pipeline.to_global_batch({k: v for k, v in local_batch.items() if not k.startswith("_")}, mesh,
+                                    BATCH_AXES)

@@ -17,7 +17,10 @@ def load_metrics(workdir) -> list[dict]:
 
 
 def plot(workdir, output=None) -> pathlib.Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("Plotting needs matplotlib, an optional extra: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import optim, parallel
-from mim_jax.data import pipeline
+from mim_jax import optim, parallel, pretrained
 
 
 @flax.struct.dataclass
@@ -55,10 +54,10 @@ def shardings_by_param_path(tree, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int,
-          load_frozen: bool = True) -> Setup:
-    """`load_frozen=False` skips the frozen weights (a teacher) for callers that only restore or
-    evaluate the trained params: they need neither its download nor its memory."""
+def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int) -> Setup:
+    """The train state, its optimizer and the jitted step of `method` on `mesh`. A state created
+    here (not restored) starts from `config.init`'s weights for the params named by
+    `config.init_keys` when `config.init` names a pre-training workdir (fine-tuning's warm start)."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch = method.batch_spec(global_batch_size)
     batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
@@ -66,38 +65,36 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
     lr_schedule = optim.schedule(config.optax, peak_lr, total_steps, warmup_steps,
                                  decay_steps=int(config.optax.get("decay_percent", 1.0) * total_steps))
 
-    def init_boxed(rng, batch):
-        params = method.init_params(rng, batch)
-        return params, method.init_extras(jax.random.fold_in(rng, 1), params, batch)
-
     with parallel.activate(mesh, rules):
-        boxed_params, boxed_extras = jax.eval_shape(init_boxed, jax.random.key(0), batch)
+        boxed_params, boxed_extras = jax.eval_shape(method.init_variables, jax.random.key(0), batch)
         param_shardings = parallel.logical_shardings(boxed_params, mesh, rules)
         extras_shardings = parallel.logical_shardings(boxed_extras, mesh, rules)
         abstract_params = parallel.unbox_abstract(boxed_params)
-        tx = optim.make_optimizer(config.optax, abstract_params, method.param_labels(abstract_params), lr_schedule)
+        tx = optim.make_optimizer(config.optax, abstract_params, lr_schedule)
         opt_shape = jax.eval_shape(tx.init, abstract_params)
         shardings = TrainState(step=parallel.replicated(mesh), params=param_shardings,
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
-        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch) if load_frozen else {}
+        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
         frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings) if load_frozen else {}
+    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
         init_batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
-        def create(rng, frozen):
+        def create(rng, loaded):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)
-            params, extras = nn.unbox(init_boxed(rng, zeros))
-            params = method.warm_start(params, frozen)
+            params, extras = nn.unbox(method.init_variables(rng, zeros))
+            params = dict(params, **loaded)     # warm start (config.init) before the optimizer sees them
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extras=extras)
 
         create = jax.jit(create, out_shardings=shardings)
+        abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       abstract_params, param_shardings)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(create, jax.random.key(0), frozen), shardings)
+                                jax.eval_shape(create, jax.random.key(0), {}), shardings)
 
     seed_key = jax.random.key(config.seed)
 
@@ -122,8 +119,11 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             return jitted(state, frozen, batch)
 
     def create_fn(rng):
+        loaded = {}
+        if config.get("init"):
+            loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract_params)
         with parallel.activate(mesh, rules):
-            return create(rng, frozen)
+            return create(rng, loaded)
 
     def lower(*args):
         with parallel.activate(mesh, rules):
@@ -132,9 +132,3 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
     return Setup(create=create_fn, abstract=abstract, shardings=shardings, frozen=frozen,
                  frozen_shardings=frozen_shardings, train_step=step_fn, lower_step=lower,
                  lr_schedule=lr_schedule)
-
-
-def host_batch_to_global(local_batch: dict, mesh) -> dict:
-    """The model inputs of a host batch as global arrays (host-only keys such as `_mask` dropped)."""
-    return pipeline.to_global_batch({k: v for k, v in local_batch.items() if not k.startswith("_")}, mesh,
-                                    parallel.BATCH_AXES)

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import flops
+from mim_jax import flops, pretrained
+from mim_jax.methods import get_method
+from mim_jax.models import vit
 
 RUN_PREFIX = "run:"
 
@@ -110,14 +112,12 @@ class RunTeacher:
 
     @functools.cached_property
     def config(self):
-        from mim_jax.evaluators import encoder as encoder_lib
-        return encoder_lib.pretrain_config_of(self.workdir)
+        return pretrained.read_config(self.workdir)
 
     @functools.cached_property
     def method(self):
-        from mim_jax.methods import get_method
         method = get_method(self.config)
-        if not hasattr(method, "encoder"):
+        if method.encoder is None:
             raise ValueError(f"The run in {self.workdir} ({self.config.method.name}) has no ViT encoder to distil from.")
         return method
 
@@ -144,11 +144,13 @@ class RunTeacher:
         return self.method.init_params(rng, self._batch(images))
 
     def load(self, abstract, shardings):
-        from mim_jax.evaluators import encoder as encoder_lib
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        _, params, step = encoder_lib.restore_pretrained(self.workdir, mesh)
-        _check_same_shapes(params, abstract, f"the encoder in {self.workdir} (step {step})")
-        return jax.device_put(params, shardings)
+        if self.out_dim != self.method.encoder.width:
+            raise ValueError(f"config.teacher.dim={self.out_dim}, but the encoder in {self.workdir} is "
+                             f"{self.method.encoder.width} wide: pass the teacher as a config argument "
+                             "(configs/cae_v2.py:teacher=run:DIR), which records its width.")
+        weights = pretrained.load(self.workdir, jax.tree.leaves(shardings)[0].mesh)
+        _check_same_shapes(weights.params, abstract, f"the encoder in {self.workdir} (step {weights.step})")
+        return jax.device_put(weights.params, shardings)
 
     def __call__(self, params, images):
         inp = self.config.input
@@ -177,6 +179,19 @@ def _check_same_shapes(params, abstract, what: str):
            if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
     if bad:
         raise ValueError(f"{what} have the wrong shapes for the teacher: {bad[:5]}.")
+
+
+def output_dim(source: str) -> int:
+    """Width of the target tokens of the teacher `source`, read from its config (a run's saved
+    config, or the CLIP config.json; online, a hub id fetches only that file). Configs call this
+    once, so a run records its target width and its trained model can be rebuilt later without
+    the teacher."""
+    if source.startswith(RUN_PREFIX):
+        model = pretrained.read_config(source[len(RUN_PREFIX):]).model
+        return model.width or vit.decode_variant(model.variant)["width"]
+    from mim_jax.models import clip, clip_weights
+    fields = clip.clip_config_from_hf(clip_weights.read_config(source))
+    return fields["proj_dim"] or fields["width"]
 
 
 def from_config(teacher_config, *, grid, student_mean, student_std):

@@ -115,7 +115,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     try:
         while step < steps["total"]:
             t0 = time.perf_counter()
-            batch = state_lib.host_batch_to_global(next(data), mesh)
+            batch = parallel.host_batch_to_global(next(data), mesh)
             throughput.add_step(time.perf_counter() - t0)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = setup.train_step(state, setup.frozen, batch)

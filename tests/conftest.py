@@ -46,13 +46,13 @@ def run_steps(config, mesh, batches):
     """Fresh state on `mesh`, one train step per batch: (final state, per-step metrics on host)."""
     import jax
 
-    from mim_jax import state as state_lib
+    from mim_jax import parallel, state as state_lib
     from mim_jax.methods import get_method
     setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2,
                             global_batch_size=config.input.batch_size)
     state, history = setup.create(jax.random.key(0)), []
     for b in batches:
-        state, m = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(b, mesh))
+        state, m = setup.train_step(state, setup.frozen, parallel.host_batch_to_global(b, mesh))
         history.append(jax.device_get(m))
     return state, history
 

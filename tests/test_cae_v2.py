@@ -244,8 +244,8 @@ def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeyp
     setup = state_lib.build(config, method, mesh, total_steps=6, warmup_steps=2, global_batch_size=16)
     assert config.teacher.dim == 32                       # recorded for later restores
     # The teacher's targets are the MAE encoder's tokens on the student's own crop.
-    from mim_jax.evaluators.encoder import restore_pretrained
-    _, mae_params, _ = restore_pretrained(mae_teacher_dir, mesh)
+    from mim_jax import pretrained
+    mae_params = pretrained.load(mae_teacher_dir, mesh).params
     images = jax.random.normal(jax.random.key(0), (16, 16, 16, 1))
     _, out = get_method(tiny_mae_config()).encoder.apply({"params": mae_params["encoder"]}, images)
     tokens = method.teacher(setup.frozen["teacher"], images)
@@ -267,10 +267,9 @@ def test_sharded_cae_step_matches_single_device(mae_teacher_dir):
 
 
 def test_missing_run_teacher_is_a_clear_error(tmp_path):
-    config = _tiny_config(f"run:{tmp_path}/nowhere")
+    # Reported when the config is built: the teacher's width is read from the run's config there.
     with pytest.raises(FileNotFoundError, match="No pre-training checkpoint"):
-        state_lib.build(config, get_method(config), parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]),
-                        total_steps=1, warmup_steps=0, global_batch_size=16)
+        _tiny_config(f"run:{tmp_path}/nowhere")
 
 
 def test_block_mask_exact_for_the_local_grid():

@@ -188,7 +188,7 @@ def test_parameter_groups_follow_the_official_optimizers():
     config = _tiny_config()
     method = get_method(config)
     params = jax.eval_shape(method.init_params, jax.random.key(0), method.batch_spec(8))
-    labels = traverse = jax.tree_util.tree_flatten_with_path(method.param_labels(nn.unbox(params)))[0]
+    labels = traverse = jax.tree_util.tree_flatten_with_path(optim.param_labels(nn.unbox(params), config.optax))[0]
     by_path = {"/".join(k.key for k in path): label for path, label in traverse}
     assert by_path["clustering/prototypes/kernel"] == by_path["clustering/prototypes/bias"] == "clustering"
     assert by_path["encoder/embedding/kernel"] == "patch_embed"
@@ -215,9 +215,9 @@ def test_sharded_step_equals_single_device_and_ema_follows_one_minus_lr():
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1])
     setup = state_lib.build(config, method, mesh, total_steps=10, warmup_steps=2, global_batch_size=16)
     state = setup.create(jax.random.key(0))
-    state, _ = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(batches[0], mesh))
+    state, _ = setup.train_step(state, setup.frozen, parallel.host_batch_to_global(batches[0], mesh))
     before = jax.device_get(state.extras["ema"])
-    state, _ = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(batches[1], mesh))
+    state, _ = setup.train_step(state, setup.frozen, parallel.host_batch_to_global(batches[1], mesh))
     m = 1 - 10 * float(setup.lr_schedule(1))
     leaf = lambda tree: np.asarray(tree["predictor"]["mask_token"])        # noqa: E731
     np.testing.assert_allclose(leaf(state.extras["ema"]), m * leaf(before) + (1 - m) * leaf(jax.device_get(state.params)),
@@ -259,3 +259,43 @@ def test_encode_gives_predictor_pooling_and_patch_tokens():
     out = method.encode(params, images)
     assert out["cls"].shape == (2, 32) and out["patch_tokens"].shape == (2, 16, 32)
     assert out["registers"].shape == (2, 4, 32)
+
+
+def test_encode_queries_the_grid_of_its_input_not_of_the_config():
+    """Features at another resolution (the paper evaluates at 448): one predictor query per patch
+    of the input, at that grid's coordinates, pooled from block 0."""
+    config = _tiny_config()
+    method = get_method(config)
+    small = jnp.zeros((2, 16, 16, 1))
+    params = nn.unbox(method.init_params(jax.random.key(0), {"image": small, "index": jnp.arange(2)}))
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))     # 8 x 8 patches, config says 4 x 4
+    out = method.encode(params, images)
+    tokens, enc = method.encoder.apply({"params": params["encoder"]}, images)
+    queries = jnp.broadcast_to(jnp.asarray(rope.grid_coords(8, 8))[None], (2, 64, 2))
+    blocks = method.predictor.apply({"params": params["predictor"]}, tokens, enc["coords"], queries)
+    np.testing.assert_allclose(out["cls"], blocks[0].mean(axis=1), rtol=1e-5, atol=1e-6)
+    assert out["patch_tokens"].shape == (2, 64, 32)
+
+
+def test_qkv_starts_as_three_separate_xavier_projections():
+    """The official encoder has separate q, k, v Linears, each xavier-uniform over [D, D]: every
+    third of the fused kernel has bound sqrt(6 / 2D), not xavier's sqrt(6 / 4D) over [D, 3D]."""
+    config = capi_config.get_config("local")
+    config.model.update(width=128, depth=1, num_heads=2)
+    method = get_method(config)
+    params = jax.jit(lambda: nn.unbox(method.init_params(jax.random.key(0), jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), method.batch_spec(8)))))()
+    kernel = np.asarray(params["encoder"]["encoder"]["block_0"]["attn"]["qkv"]["kernel"])
+    bound = np.sqrt(6 / (2 * 128))
+    for part in np.split(kernel, 3, axis=1):
+        assert 0.98 * bound < np.abs(part).max() <= bound
+        np.testing.assert_allclose(part.std(), bound / np.sqrt(3), rtol=0.03)
+
+
+def test_student_head_prototypes_start_untruncated_with_std_002():
+    """trunc_normal_(std=0.02) with its default absolute bounds +-2 is a plain N(0, 0.02): flax's
+    truncated_normal(0.02) would cut at +-0.04 and leave std 0.0176."""
+    v = np.asarray(nn.unbox(capi_models.WeightNormHead(4096).init(jax.random.key(0), jnp.ones((1, 64))))["params"]["v"])
+    from scipy import stats
+    assert stats.kstest(v.reshape(-1) / 0.02, "norm").pvalue > 1e-3
+    assert np.abs(v).max() > 0.08          # 4+ std occur in 262k draws; a 2-std cut would forbid them

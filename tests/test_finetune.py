@@ -1,10 +1,12 @@
 """Fine-tuning: warm start from a pre-training run, layer-wise lr decay groups, batch mixing."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_mae_config
 
-from mim_jax import parallel, state as state_lib, train
+from mim_jax import optim, parallel, state as state_lib, train
 from mim_jax.data import pipeline
 from mim_jax.methods import finetune, get_method
 
@@ -37,7 +39,7 @@ def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_p
                             global_batch_size=16)
     state = setup.create(jax.random.key(0))
     jax.tree.map(np.testing.assert_array_equal, state.params["encoder"], pre.params["encoder"])
-    labels = method.param_labels(state.params)
+    labels = optim.param_labels(state.params, config.optax)
     assert labels["encoder"]["embedding"]["kernel"] == "layer_0"
     assert labels["encoder"]["encoder"]["block_1"]["mlp"]["fc1"]["kernel"] == "layer_2"
     assert labels["head"]["head"]["kernel"] == "layer_3"  # depth 2 -> head at depth + 1
@@ -45,5 +47,22 @@ def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_p
     # One real step runs and changes the encoder.
     batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(16, 16, 16, 1)), jnp.float32),
              "label": jnp.arange(16, dtype=jnp.int32) % 10, "index": jnp.arange(16, dtype=jnp.int32)}
-    new_state, metrics = setup.train_step(state, setup.frozen, state_lib.host_batch_to_global(batch, setup.shardings.step.mesh))
+    new_state, metrics = setup.train_step(state, setup.frozen, parallel.host_batch_to_global(batch, setup.shardings.step.mesh))
     assert np.isfinite(float(metrics["loss"]))
+
+    # Another architecture cannot start from these weights: the error names what does not fit.
+    config.model.mlp_dim = 96
+    setup = state_lib.build(config, get_method(config), parallel.make_mesh(config.mesh), total_steps=4,
+                            warmup_steps=1, global_batch_size=16)
+    with pytest.raises(ValueError, match=r"The 'encoder' weights in .*pre \(mae, Ti/4\) do not fit this model: "
+                                         r"6 wrong shape: \['encoder'\]\['block_0'\]\['mlp'\]\['fc1'\]\['bias'\]: "
+                                         r"stored \(64,\), expected \(96,\)"):
+        setup.create(jax.random.key(0))
+
+
+def test_head_starts_as_maes_untruncated_normal_of_std_2e5():
+    """MAE's trunc_normal_(head.weight, std=2e-5) has absolute bounds +-2: a plain normal."""
+    from scipy import stats
+    kernel = finetune.ClassifierHead(1000).init(jax.random.key(0), jnp.ones((1, 256)))["params"]["head"]["kernel"]
+    kernel = np.asarray(nn.unbox(kernel)).reshape(-1)
+    assert stats.kstest(kernel / 2e-5, "norm").pvalue > 1e-3 and np.abs(kernel).max() > 4 * 2e-5

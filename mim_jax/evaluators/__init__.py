@@ -1,1 +1,15 @@
-"""Evaluation of pre-trained encoders: kNN, linear and attentive probes, fine-tuning."""
+"""Evaluation of pre-trained encoders. Each evaluator is a module here that declares its
+`DEFAULTS` (the paper protocol's options), the `SPLITS` it reads ('train' and/or 'eval') and
+`evaluate(config, feats, num_classes, mesh) -> dict`; `get(name)` finds it by name."""
+from __future__ import annotations
+
+import importlib
+import types
+
+EVALUATORS = ("knn", "linear_probe", "attentive_probe", "classification")
+
+
+def get(name: str) -> types.ModuleType:
+    if name not in EVALUATORS:
+        raise ValueError(f"Unknown evaluator {name!r}; available: {list(EVALUATORS)}.")
+    return importlib.import_module(f"mim_jax.evaluators.{name}")

@@ -3,7 +3,7 @@ features, the k best bank entries vote with weight exp(sim / T) for their label.
 
 The bank is sharded over every device along its examples; each device finds its local top-k and
 only those k candidates per query are gathered, so memory and compute per device shrink with the
-mesh size (ImageNet-size banks fit).
+mesh size (ImageNet-size banks fit). The bank is the training split, the queries the evaluation split.
 """
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mim_jax.evaluators.common import topk_accuracy
 from mim_jax.models.layers import l2_normalize
+
+# The DINO protocol.
+DEFAULTS = dict(k=20, temperature=0.07, feature="cls")
+SPLITS = ("train", "eval")
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes", "mesh", "axes"))
@@ -59,7 +64,9 @@ class KnnClassifier:
                            num_classes=self.num_classes, mesh=self.mesh, axes=self.axes)
 
 
-def topk_accuracy(scores, labels, ks=(1, 5)) -> dict:
-    order = np.argsort(-np.asarray(scores), axis=1)
-    labels = np.asarray(labels)[:, None]
-    return {f"top{k}": float(np.mean((order[:, :k] == labels).any(axis=1))) for k in ks if k <= order.shape[1]}
+def evaluate(config, feats, num_classes, mesh) -> dict:
+    (bank, bank_labels), (queries, labels) = feats["train"], feats["eval"]
+    classifier = KnnClassifier(bank, bank_labels, num_classes=num_classes, mesh=mesh, k=config.k,
+                               temperature=config.temperature)
+    scores = np.concatenate([np.asarray(classifier.predict(queries[i:i + 1024])) for i in range(0, len(queries), 1024)])
+    return {f"knn_{k}": v for k, v in topk_accuracy(scores, labels).items()}

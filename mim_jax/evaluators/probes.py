@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mim_jax.evaluators.knn import topk_accuracy
+from mim_jax.evaluators.common import topk_accuracy
 
 
 class LinearHead(nn.Module):

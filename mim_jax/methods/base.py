@@ -8,7 +8,6 @@ A method owns:
 - `frozen`: weights that never change (a CLIP teacher), described by `init_frozen` (so the trainer
   can shard it) and filled by `load_frozen`; no gradients, no optimizer state, not checkpointed;
 - its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
-- optional optimizer groups (e.g. CAPI's clustering head with its own AdamW), by parameter path;
 - its host-side data transform (views, degradations), run in the Grain workers;
 - its analytic training FLOPs per example, for MFU.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
@@ -19,6 +18,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,6 +31,10 @@ PyTree = Any
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
+    # The ViT whose features evaluators read and other runs distil from (`params["encoder"]`);
+    # None for a method without one.
+    encoder: nn.Module | None = None
+
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
 
@@ -42,6 +46,11 @@ class Method(abc.ABC):
     def init_extras(self, rng: jax.Array, params: PyTree, batch: dict) -> PyTree:
         return {}
 
+    def init_variables(self, rng: jax.Array, batch: dict) -> tuple[PyTree, PyTree]:
+        """(params, extras) of a fresh run: what the trainer creates and a checkpoint restores into."""
+        params = self.init_params(rng, batch)
+        return params, self.init_extras(jax.random.fold_in(rng, 1), params, batch)
+
     def init_frozen(self, rng: jax.Array, batch: dict) -> PyTree:
         """Template (shapes and logical axes) of the frozen weights; traced abstractly only."""
         return {}
@@ -49,10 +58,6 @@ class Method(abc.ABC):
     def load_frozen(self, abstract: PyTree, shardings: PyTree) -> PyTree:
         """Loads the frozen weights onto `shardings`; must fail clearly if the weights are missing."""
         return {}
-
-    def warm_start(self, params: PyTree, frozen: PyTree) -> PyTree:
-        """Called once when the state is created (not on resume): e.g. copy pre-trained weights."""
-        return params
 
     # -- step ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -66,11 +71,6 @@ class Method(abc.ABC):
         """After each optimizer step, from the updated params; `lr` is this step's learning rate
         (CAPI's EMA momentum is 1 - lr)."""
         return extras
-
-    def param_labels(self, params: PyTree) -> PyTree | None:
-        """Optional: a pytree of group names (same structure as params) selecting optimizer groups
-        configured in `config.optax.groups`; None puts every parameter in the default group."""
-        return None
 
     # -- host side -----------------------------------------------------------------------------
     def batch_spec(self, global_batch_size: int) -> dict:

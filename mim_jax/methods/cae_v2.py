@@ -114,9 +114,6 @@ class CAEv2(MaskedEncoderMethod):
         return {"encoder": encoder, "predictor": predictor}
 
     def init_frozen(self, rng, batch):
-        # Record the target width in the config saved with each checkpoint, so the trained
-        # encoder can be restored later without resolving the teacher again.
-        self.config.teacher.dim = self.teacher.out_dim
         return {"teacher": self.teacher.init(rng, batch["image"])}
 
     def load_frozen(self, abstract, shardings):

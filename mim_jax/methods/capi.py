@@ -18,7 +18,6 @@ backward pass of their sum gives both gradients.
 from __future__ import annotations
 
 import flax.linen as nn
-import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -89,22 +88,6 @@ class CAPI(MaskedEncoderMethod):
     def eval_params(self, params, extras):
         return dict(params, **extras["ema"])
 
-    def param_labels(self, params):
-        """Official groups: the clustering head is a separate optimizer; the patch embedding trains
-        at 0.2x lr; norm weights take 0.1x weight decay."""
-        def group(path):
-            if path[0] == "clustering":
-                return "clustering"
-            if path[0] == "encoder" and path[1] == "embedding":
-                return "patch_embed"
-            if any("norm" in part for part in path[:-1]) and path[-1] == "scale":
-                return "norms"
-            return "default"
-
-        flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict({p: group(p) for p in flat})
-
-    # -- step ------------------------------------------------------------------------------------
     def teacher_tokens(self, ema, images):
         """EMA encoder on the whole image, in eval mode: final-norm patch tokens [B, P, D]."""
         _, out = self.encoder.apply({"params": ema["encoder"]}, images)
@@ -149,8 +132,10 @@ class CAPI(MaskedEncoderMethod):
         """Patch tokens (`patch_tokens`, `patch_mean`) and CAPI's global representation (`cls`):
         mask queries at every position through the predictor, block 1 output averaged."""
         tokens, out = self.encoder.apply({"params": params["encoder"]}, images)
-        b = images.shape[0]
-        queries = jnp.broadcast_to(jnp.asarray(grid_coords(*self.grid))[None], (b, self.num_patches, 2))
+        # One query per patch of THIS input (the paper evaluates at 448 after training at 224).
+        p = self.encoder.patch_size
+        grid = (images.shape[1] // p, images.shape[2] // p)
+        queries = jnp.broadcast_to(jnp.asarray(grid_coords(*grid))[None], (images.shape[0], grid[0] * grid[1], 2))
         outputs = self.predictor.apply({"params": params["predictor"]}, tokens, out["coords"], queries)
         out["cls"] = predictor_pooling(outputs, block=0)
         out["registers"] = tokens[:, :self.encoder.num_registers]

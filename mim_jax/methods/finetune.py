@@ -2,13 +2,12 @@
 -> LayerNorm (fc_norm) -> linear head; layer-wise lr decay, drop path, label smoothing, optional
 mixup/cutmix, RandAugment and random erasing. It is a method like any other: the generic trainer runs it.
 
-The encoder is warm-started from a pre-training workdir (`config.init`): its weights arrive as
-`frozen` and `warm_start` copies them into the trainable params when the state is created.
+The encoder is warm-started from a pre-training workdir: the trainer loads `config.init`'s encoder
+into the params when it creates the state (`config.init_keys`).
 """
 from __future__ import annotations
 
 import flax.linen as nn
-import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,7 +15,7 @@ import optax
 from mim_jax import flops
 from mim_jax.data import pipeline
 from mim_jax.methods.base import Method
-from mim_jax.models.layers import param_init
+from mim_jax.models.layers import param_init, trunc_normal
 from mim_jax.models.vit import vit_from_config
 
 
@@ -27,9 +26,10 @@ class ClassifierHead(nn.Module):
     def __call__(self, pooled):
         x = nn.LayerNorm(epsilon=1e-6, name="fc_norm", scale_init=param_init(nn.initializers.ones, ("norm",)),
                          bias_init=param_init(nn.initializers.zeros, ("norm",)))(pooled.astype(jnp.float32))
-        # MAE initialises the head with std 2e-5 (trunc normal) so fine-tuning starts near uniform.
+        # MAE initialises the head with trunc_normal_(std=2e-5) (bounds +-2 absolute, so in effect
+        # an untruncated normal) so fine-tuning starts near uniform.
         return nn.Dense(self.num_classes, name="head",
-                        kernel_init=param_init(nn.initializers.truncated_normal(2e-5), ("embed", None)),
+                        kernel_init=param_init(trunc_normal(2e-5), ("embed", None)),
                         bias_init=param_init(nn.initializers.zeros, (None,)))(x)
 
 
@@ -78,30 +78,6 @@ class Finetune(Method):
         _, out = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"])
         return {"encoder": encoder, "head": self.head.init(k_head, out["patch_mean"])["params"]}
 
-    # -- warm start from a pre-training run --------------------------------------------------------
-    def init_frozen(self, rng, batch):
-        if self.config.method.init == "random":
-            return {}
-        return {"pretrained": self.encoder.init(rng, batch["image"])["params"]}
-
-    def load_frozen(self, abstract, shardings):
-        if not abstract:
-            return {}
-        from mim_jax.evaluators import encoder as encoder_lib
-        init = self.config.method.init
-        _, params, _ = encoder_lib.restore_pretrained(init, jax.tree.leaves(shardings)[0].mesh)
-        pretrained = params["encoder"]
-        same_tree = jax.tree.structure(pretrained) == jax.tree.structure(abstract["pretrained"])
-        if not same_tree or any(a.shape != b.shape for a, b in
-                                zip(jax.tree.leaves(pretrained), jax.tree.leaves(abstract["pretrained"]))):
-            raise ValueError(f"The encoder in {init} does not match config.model ({self.config.model.variant}).")
-        return {"pretrained": jax.device_put(pretrained, shardings["pretrained"])}
-
-    def warm_start(self, params, frozen):
-        if frozen:
-            params = dict(params, encoder=frozen["pretrained"])
-        return params
-
     # -- step --------------------------------------------------------------------------------------
     def loss(self, params, extras, frozen, batch, rng, step):
         cfg = self.config.method
@@ -113,21 +89,6 @@ class Finetune(Method):
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return loss, {"ce_loss": loss, "train_accuracy": accuracy}
-
-    def param_labels(self, params):
-        """Layer-wise lr decay groups: patch embedding/tokens = layer 0, block i = layer i + 1,
-        final norm and head = layer depth + 1 (BEiT/MAE `param_groups_lrd`)."""
-        depth = self.encoder.depth
-
-        def layer(path):
-            if path[0] == "head" or path[1] == "encoder_norm":
-                return depth + 1
-            if path[1] == "encoder":
-                return int(path[2].split("_")[1]) + 1
-            return 0
-
-        flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict({p: f"layer_{layer(p)}" for p in flat})
 
     def train_flops_per_example(self):
         enc = self.encoder

@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mim_jax.models import rope as rope_lib
-from mim_jax.models.layers import DropPath, Dtype, Mlp, attention, constrain, l2_normalize, make_norm, param_init
+from mim_jax.models.layers import (DropPath, Dtype, Mlp, attention, constrain, l2_normalize, make_norm, param_init,
+                                   trunc_normal)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -82,7 +83,8 @@ class WeightNormHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        v = self.param("v", param_init(nn.initializers.truncated_normal(0.02), ("embed", None)),
+        # The official trunc_normal_(std=0.02) cuts at +-2 absolute: effectively untruncated.
+        v = self.param("v", param_init(trunc_normal(0.02), ("embed", None)),
                        (x.shape[-1], self.num_prototypes))
         # [1, K] rather than [K]: the official gain is a [K, 1] tensor and takes full weight decay.
         g = self.param("g", param_init(nn.initializers.ones, (None, None)), (1, self.num_prototypes))

@@ -23,8 +23,8 @@ def _offline_help(repo: str) -> str:
             f"--config=configs/cae_v2.py:teacher=/data/{repo.split('/')[-1]} (or set config.teacher.source).")
 
 
-def resolve(source: str, cache_dir: str | None = None) -> pathlib.Path:
-    """The local folder holding model.safetensors and config.json for `source`."""
+def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.Path:
+    """The local folder holding `files` (model.safetensors and config.json) for `source`."""
     path = pathlib.Path(os.path.expanduser(source))
     if path.suffix == ".safetensors":
         folder = path.parent
@@ -33,7 +33,7 @@ def resolve(source: str, cache_dir: str | None = None) -> pathlib.Path:
     elif path.is_dir():
         folder = path
     elif source.count("/") == 1 and not source.startswith((".", "/")):
-        return _download(source, cache_dir)
+        return _download(source, cache_dir, files)
     else:
         raise FileNotFoundError(f"CLIP teacher {source!r} is neither a folder, a .safetensors file nor a "
                                 "Hugging Face repo id such as 'openai/clip-vit-base-patch16'.")
@@ -45,7 +45,7 @@ def resolve(source: str, cache_dir: str | None = None) -> pathlib.Path:
     return folder
 
 
-def _download(repo: str, cache_dir: str | None) -> pathlib.Path:
+def _download(repo: str, cache_dir: str | None, files=FILES) -> pathlib.Path:
     try:
         import huggingface_hub
     except ImportError as e:   # pragma: no cover - it is in requirements.txt
@@ -53,7 +53,7 @@ def _download(repo: str, cache_dir: str | None) -> pathlib.Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         paths = [huggingface_hub.hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=offline)
-                 for f in FILES]
+                 for f in files]
     except Exception as e:  # network, auth, missing cache: all mean the same to the user
         raise FileNotFoundError(f"{_offline_help(repo)}\n(cause: {type(e).__name__}: {e})") from None
     return pathlib.Path(paths[0]).parent
@@ -64,7 +64,7 @@ def _weights_file(source: str, folder: pathlib.Path) -> pathlib.Path:
 
 
 def read_config(source: str, cache_dir: str | None = None) -> dict:
-    return json.loads((resolve(source, cache_dir) / "config.json").read_text())
+    return json.loads((resolve(source, cache_dir, files=("config.json",)) / "config.json").read_text())
 
 
 def load_clip_vision(source: str, cache_dir: str | None = None) -> tuple[dict, dict]:

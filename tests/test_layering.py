@@ -1,0 +1,108 @@
+"""The package's architecture, checked on the source: imports only go downward through the layers
+below, and constructors with more than three fields are called by keyword."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Lowest first. A module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    # 0. utilities, data and sharding: no models, no methods
+    ("mim_jax.config_lib", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data", "mim_jax.masking",
+     "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint"),
+    # 1. Linen models and their weight readers
+    ("mim_jax.models",),
+    # 2. losses and targets on model outputs
+    ("mim_jax.sinkhorn", "mim_jax.contrastive"),
+    # 3. the method interface and registry (concrete methods load by name, lazily)
+    ("mim_jax.methods", "mim_jax.methods.base", "mim_jax.methods.masked"),
+    # 4. trained weights of runs, frozen teachers
+    ("mim_jax.pretrained", "mim_jax.teachers"),
+    # 5. the methods
+    ("mim_jax.methods.*",),
+    # 6. train state and step; evaluators
+    ("mim_jax.state", "mim_jax.evaluators"),
+    # 7. entry points
+    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot"),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of a mim_jax module: the most specific entry that names it or a package above it."""
+    best, best_len = None, -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if name.endswith(".*"):
+                prefix = name[:-2]
+                match = module.startswith(prefix + ".")
+                length = len(prefix) + 1
+            else:
+                match = module == name or module.startswith(name + ".")
+                length = len(name)
+            if match and length > best_len:
+                best, best_len = i, length
+    return best
+
+
+def modules():
+    for path in sorted((ROOT / "mim_jax").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, path
+
+
+def imports_of(name: str, path: pathlib.Path):
+    """Every mim_jax module imported anywhere in the file (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("mim_jax"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.startswith("mim_jax"):
+                for alias in node.names:   # `from mim_jax import flops` imports the module mim_jax.flops
+                    candidate = f"{base}.{alias.name}"
+                    yield candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() or \
+                        (ROOT / candidate.replace(".", "/")).is_dir() else base
+
+
+def test_every_module_has_a_layer():
+    missing = [name for name, _ in modules() if name != "mim_jax" and layer_of(name) is None]
+    assert not missing, f"place these modules in tests/test_layering.py LAYERS: {missing}"
+
+
+def test_imports_only_go_downward():
+    violations = []
+    for name, path in modules():
+        if name == "mim_jax":
+            continue
+        for imported in imports_of(name, path):
+            if imported == "mim_jax":
+                continue
+            if layer_of(imported) > layer_of(name):
+                violations.append(f"{name} (layer {layer_of(name)}) imports {imported} (layer {layer_of(imported)})")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_rules_that_matter_most_hold():
+    """Methods never import evaluators or the trainer; models never import methods."""
+    for name, path in modules():
+        imported = set(imports_of(name, path))
+        if name.startswith("mim_jax.methods"):
+            assert not {m for m in imported if m.startswith(("mim_jax.evaluators", "mim_jax.train", "mim_jax.state"))}
+        if name.startswith("mim_jax.models"):
+            assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators"))}
+
+
+def test_constructors_with_more_than_three_fields_are_called_by_keyword():
+    offenders = []
+    for path in sorted((ROOT / "mim_jax").rglob("*.py")) + sorted((ROOT / "configs").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                callee = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if callee[:1].isupper() and len(node.args) > 3:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {callee}({len(node.args)} positional)")
+    assert not offenders, "\n".join(offenders)

@@ -1,0 +1,128 @@
+"""Loading trained weights (mim_jax/pretrained.py): runs written by older versions of this project
+restore and evaluate identically, resume training, and a checkpoint that does not fit its model
+is an error that names what differs."""
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mim_jax import checkpoint, parallel, pretrained, state as state_lib, train
+from mim_jax.data import pipeline
+from mim_jax.evaluators import encoder as encoder_lib
+from mim_jax.methods import get_method
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "checkpoints_9ddba71"
+RUNS = ("mae", "capi", "cae_v2", "finetune")
+
+
+def _expected(run):
+    return np.load(FIXTURES / run / "expected.npz")
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_a_run_written_by_an_older_version_restores_exactly_onto_an_fsdp_mesh(run):
+    expected = _expected(run)
+    mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+    weights = pretrained.load(FIXTURES / run, mesh)
+    assert weights.step == int(expected["step"]) == 2
+    out = jax.jit(weights.method.encode)(weights.params, expected["images"])
+    for name in ("cls", "patch_tokens", "logits"):
+        if f"feature/{name}" in expected:
+            np.testing.assert_allclose(out[name], expected[f"feature/{name}"], rtol=1e-5, atol=1e-6)
+    # The evaluators read the same weights.
+    features = encoder_lib.load(str(FIXTURES / run), mesh, feature="patch_tokens").features(expected["images"])
+    np.testing.assert_allclose(features, expected["feature/patch_tokens"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("run", ("mae", "capi"))
+def test_every_restored_leaf_equals_what_the_older_version_restored(run):
+    expected = _expected(run)
+    ckpt = checkpoint.Checkpointer(FIXTURES / run / "checkpoints", read_only=True)
+    method = get_method(pretrained.read_config(FIXTURES / run))
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+    variables = ckpt.restore_parts(2, pretrained.abstract_variables(method, mesh))
+    flat = {"state" + jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    stored = {k: expected[k] for k in expected.files if k.startswith("state[")}
+    assert flat.keys() == stored.keys()
+    for key, value in stored.items():
+        np.testing.assert_array_equal(np.asarray(flat[key]), value, err_msg=key)
+
+
+def _same_command_config(run):
+    """The config the fixture's command line builds with today's config files."""
+    from configs import capi, mae
+    c = {"mae": mae, "capi": capi}[run].get_config("local")
+    c.update_from_flattened_dict({
+        "total_steps": 3, "ckpt_steps": 3, "log_steps": 1, "input.batch_size": 16, "input.num_workers": 0,
+        "model.width": 32, "model.depth": 2, "model.mlp_dim": 64, "model.num_heads": 2})
+    if run == "mae":
+        c.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    else:
+        c.model.num_registers = 4
+        c.predictor.depth = 1
+        c.method.num_prototypes = 64
+    c.evals = {}
+    return c
+
+
+@pytest.mark.parametrize("run", ("mae", "capi"))
+def test_rerunning_the_same_command_resumes_an_older_run(run, tmp_path, monkeypatch):
+    """Same train state tree, optimizer state included: the resumed run continues from step 2."""
+    workdir = tmp_path / run
+    shutil.copytree(FIXTURES / run, workdir)
+    source = pipeline.SyntheticSource(60_000, image_shape=(28, 28, 1), num_classes=10, seed=0)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+    state = train.train_and_evaluate(_same_command_config(run), str(workdir))
+    assert int(state.step) == 3
+    expected = _expected(run)
+    moved = np.asarray(state.params["encoder"]["embedding"]["kernel"])
+    before = expected["state['params']['encoder']['embedding']['kernel']"]
+    assert moved.shape == before.shape and not np.array_equal(moved, before)
+
+
+def _tiny_mae(**model):
+    from conftest import tiny_mae_config
+    config = tiny_mae_config()
+    config.model.update(model)
+    return config
+
+
+def test_a_checkpoint_that_does_not_fit_its_model_names_what_differs(tmp_path, monkeypatch):
+    source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), seed=0)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+    train.train_and_evaluate(_tiny_mae(), str(tmp_path))
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+
+    def restore_into(**model):
+        return ckpt.restore_parts(6, pretrained.abstract_variables(get_method(_tiny_mae(**model)), mesh))
+
+    with pytest.raises(checkpoint.CheckpointError, match=r"its 'params' do not match .* 6 wrong shape: "
+                                                         r"\['encoder'\]\['encoder'\]\['block_0'\]\['mlp'\]\['fc1'\]"
+                                                         r"\['bias'\]: stored \(64,\), expected \(48,\)"):
+        restore_into(mlp_dim=48)
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing: \['encoder'\]\['encoder'\]\['block_2'\]"):
+        restore_into(depth=3)
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected: \['encoder'\]\['encoder'\]\['block_1'\]"):
+        restore_into(depth=1)
+    with pytest.raises(checkpoint.CheckpointError, match=r"1 unexpected: \['encoder'\]\['cls'\]"):
+        restore_into(cls_token=False)
+    restore_into()   # the right model restores
+
+
+def test_random_init_is_the_trainers_initial_state(tmp_path):
+    config = _tiny_mae()
+    mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+    weights = pretrained.random_init(config, mesh)
+    created = state_lib.build(config, get_method(config), mesh, total_steps=2, warmup_steps=1,
+                              global_batch_size=16).create(jax.random.key(config.seed))
+    jax.tree.map(np.testing.assert_array_equal, weights.params, created.params)
+    assert weights.step is None and weights.description == "random init"
+
+
+def test_a_workdir_without_checkpoints_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No pre-training checkpoint in .*nowhere/checkpoints"):
+        pretrained.load(tmp_path / "nowhere", parallel.make_mesh([("data", -1)]))
+    assert not (tmp_path / "nowhere").exists()      # nothing is created at a mistyped path
