@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 
-def _resize(image: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:
+def resize(image: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:
     """'auto': area averaging when shrinking (no aliasing), bilinear when enlarging; 'bicubic' as
     the BEiT/CAE recipes (torchvision's bicubic, values clipped back to uint8)."""
     if interpolation == "bicubic":
@@ -49,7 +49,7 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale, ra
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "auto") -> np.ndarray:
     top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    return _resize(image[top:top + h, left:left + w], size, interpolation)
+    return resize(image[top:top + h, left:left + w], size, interpolation)
 
 
 def _grayscale(image: np.ndarray) -> np.ndarray:
@@ -59,15 +59,33 @@ def _grayscale(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
 
 
+def _adjust_hue(image: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision adjust_hue on a float [0, 255] image: the HSV hue shifted by `factor` turns
+    (mod 1). Grey levels carry no hue, so 1-channel images are returned unchanged."""
+    if image.shape[2] == 1:
+        return image
+    hsv = cv2.cvtColor(image / np.float32(255), cv2.COLOR_RGB2HSV)   # float input: H in degrees
+    hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(360 * factor), np.float32(360))
+    return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(255), 0, 255)
+
+
 def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.4) -> np.ndarray:
-    """torchvision ColorJitter(b, c, s, hue=0): each factor uniform in [max(0, 1-x), 1+x], the
-    three adjustments in a random order, each blending with a reference and clipping to [0, 255]:
-    black (brightness), the mean grey level (contrast), the grey image (saturation)."""
+                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.0) -> np.ndarray:
+    """torchvision ColorJitter(b, c, s, hue): each factor uniform in [max(0, 1-x), 1+x], the
+    adjustments in a random order, each blending with a reference and clipping to [0, 255]:
+    black (brightness), the mean grey level (contrast), the grey image (saturation); hue shifts
+    by a factor uniform in [-hue, hue] (of a full turn). Hue joins the permutation only when it is
+    non-zero, so hue=0 keeps the three-op random stream of the version without hue."""
+    if not 0 <= hue <= 0.5:
+        raise ValueError(f"hue must lie in [0, 0.5], got {hue}.")
     out = image.astype(np.float32)
-    for op in rng.permutation(3):
-        strength = (brightness, contrast, saturation)[op]
+    strengths = (brightness, contrast, saturation) + ((hue,) if hue else ())
+    for op in rng.permutation(len(strengths)):
+        strength = strengths[op]
         if not strength:
+            continue
+        if op == 3:
+            out = _adjust_hue(out, rng.uniform(-hue, hue))
             continue
         factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
         if op == 0:
@@ -89,7 +107,7 @@ def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 1.0)
     h, w = image.shape[:2]
     side = int(round(min(h, w) * crop_fraction))
     top, left = (h - side) // 2, (w - side) // 2
-    return _resize(image[top:top + side, left:left + side], size)
+    return resize(image[top:top + side, left:left + side], size)
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
