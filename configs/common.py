@@ -63,7 +63,8 @@ def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
     """Encoder block; the width/depth/... placeholders override the variant's sizes when set."""
     model = dict(variant=variant, posemb="sincos2d", cls_token=True, num_registers=0, norm="layernorm",
                  use_bias=True, qkv_bias="dense", init_style="mae", layerscale=placeholder(float),
-                 drop_path=0.0, dtype="bfloat16", attention_impl=placeholder(str), remat=False, width=placeholder(int),
+                 drop_path=0.0, dtype="bfloat16", attention_impl=placeholder(str), remat=False,
+                 remat_policy=placeholder(str), scan=False, qkv_init="fused", width=placeholder(int),
                  depth=placeholder(int), mlp_dim=placeholder(int), num_heads=placeholder(int))
     model.update(overrides)
     return ml_collections.ConfigDict(model)

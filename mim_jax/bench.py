@@ -31,15 +31,18 @@ def benchmark(config, steps: int) -> dict:
     from mim_jax.methods import get_method
 
     mesh = parallel.make_mesh(config.mesh)
-    method = get_method(config)
     bs = config.input.batch_size
+    method = get_method(config, num_examples=bs)   # per-example state (ContrastiveCrop boxes) for one batch
     setup = state_lib.build(config, method, mesh, total_steps=10_000, warmup_steps=100, global_batch_size=bs)
     state = setup.create(jax.random.key(0))
-    spec = method.batch_spec(bs)
     sharding = parallel.batch_sharding(mesh)
-    batch = {"image": jax.device_put(jax.random.normal(jax.random.key(1), spec["image"].shape), sharding),
-             "label": jax.device_put(jnp.zeros(bs, jnp.int32), sharding),
-             "index": jax.device_put(jnp.arange(bs, dtype=jnp.int32), sharding)}
+
+    def synthetic(i, spec):
+        if jnp.issubdtype(spec.dtype, jnp.floating):
+            return jax.random.normal(jax.random.key(1 + i), spec.shape, spec.dtype)
+        return jnp.arange(spec.shape[0], dtype=spec.dtype) % bs
+    batch = {name: jax.device_put(synthetic(i, spec), sharding)
+             for i, (name, spec) in enumerate(sorted(method.batch_spec(bs).items()))}
 
     start = time.perf_counter()
     compiled = setup.lower_step(state, setup.frozen, batch).compile()

@@ -87,3 +87,21 @@ def host_batch_to_global(local_batch: dict, mesh) -> dict:
     from mim_jax.data import pipeline
     return pipeline.to_global_batch({k: v for k, v in local_batch.items() if not k.startswith("_")}, mesh,
                                     BATCH_AXES)
+
+
+def place(tree, shardings):
+    """Puts each leaf on its sharding: device arrays already there are kept; host arrays become
+    global arrays, each process building its own shards from its (identical) host copy."""
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def batch_shards(mesh=None) -> int:
+    """How many devices the batch is split over (the batch axes of `mesh`, or of the mesh being
+    traced under): the groups of per-device operations such as per-GPU contrastive negatives."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names])) if mesh.axis_names else 1

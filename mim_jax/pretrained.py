@@ -49,14 +49,19 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(ckpt.restore_config(ckpt.latest_step()))
 
 
-def abstract_variables(method: Method, mesh) -> dict:
-    """{'params', 'extras'} of a fresh run of `method` as ShapeDtypeStructs carrying the shardings
-    that the config's logical rules give on `mesh`."""
+def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict:
+    """{'params'[, 'extras']} of a fresh run of `method` as ShapeDtypeStructs carrying the
+    shardings that the config's logical rules give on `mesh`."""
     rules = tuple(tuple(r) for r in method.config.sharding_rules)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
+
+    def init(rng, b):
+        if "extras" not in parts:
+            return {"params": method.init_params(rng, b)}
+        return dict(zip(("params", "extras"), method.init_variables(rng, b)))
+
     with parallel.activate(mesh, rules):
-        boxed = jax.eval_shape(lambda rng, b: dict(zip(("params", "extras"), method.init_variables(rng, b))),
-                               jax.random.key(0), batch)
+        boxed = jax.eval_shape(init, jax.random.key(0), batch)
         shardings = parallel.logical_shardings(boxed, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         parallel.unbox_abstract(boxed), shardings)
@@ -65,18 +70,21 @@ def abstract_variables(method: Method, mesh) -> dict:
 def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None) -> Weights:
     """The architecture of `config`, untrained (a baseline for evaluations)."""
     method = get_method(config)
-    abstract = abstract_variables(method, mesh)
+    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    abstract = abstract_variables(method, mesh, parts)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
 
     def init(rng):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
-        return dict(zip(("params", "extras"), nn.unbox(method.init_variables(rng, zeros))))
+        params, extras = nn.unbox(method.init_variables(rng, zeros)) if "extras" in parts else (
+            nn.unbox(method.init_params(rng, zeros)), {})
+        return {"params": params, "extras": extras} if "extras" in parts else {"params": params}
 
     with parallel.activate(mesh, rules):
         variables = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(
             jax.random.key(config.seed if seed is None else seed))
-    params = method.eval_params(variables["params"], variables["extras"])
+    params = method.eval_params(variables["params"], variables.get("extras", {}))
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 
 
@@ -88,10 +96,11 @@ def load(workdir, mesh) -> Weights:
     step = ckpt.latest_step()
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
     method = get_method(config)
-    variables = ckpt.restore_parts(step, abstract_variables(method, mesh))
+    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    variables = ckpt.restore_parts(step, abstract_variables(method, mesh, parts))
     logging.info("Loaded %s weights from %s at step %d.", config.method.name, workdir, step)
-    return Weights(config=config, method=method, params=method.eval_params(variables["params"], variables["extras"]),
-                   step=step, description=f"{workdir} @ step {step}")
+    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
 
 
 def warm_start_params(init: str, keys, target: dict) -> dict:

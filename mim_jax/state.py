@@ -100,12 +100,12 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
     def train_step(state, frozen, batch):
         def loss_fn(params):
-            return method.loss(params, state.extras, frozen, batch, seed_key, state.step)
+            return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        extras = method.update_extras(state.extras, params, state.step, lr_schedule(state.step))
+        extras = method.update_extras(extras, params, state.step, lr_schedule(state.step))
         metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics

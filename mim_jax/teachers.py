@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import flops, pretrained
+from mim_jax import flops, parallel, pretrained
 from mim_jax.methods import get_method
 from mim_jax.models import vit
 
@@ -36,15 +36,6 @@ def renormalize(images, src_mean, src_std, dst_mean, dst_std, size: int | None =
     if size is not None and size != images.shape[1]:
         x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
     return x
-
-
-def _to_shardings(host_tree, shardings, dtype):
-    """Host numpy tree -> global arrays on `shardings` (works with several processes: each builds
-    its own addressable shards from the same host copy)."""
-    def put(x, sharding):
-        x = np.asarray(x, dtype)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, host_tree, shardings)
 
 
 class ClipTeacher:
@@ -88,7 +79,7 @@ class ClipTeacher:
         from mim_jax.models import clip_weights
         _, params = clip_weights.load_clip_vision(self.source)
         _check_same_shapes(params, abstract, f"CLIP weights from {self.source}")
-        return _to_shardings(params, shardings, self.dtype)
+        return parallel.place(jax.tree.map(lambda x: np.asarray(x, self.dtype), params), shardings)
 
     def __call__(self, params, images):
         from mim_jax.models import clip

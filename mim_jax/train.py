@@ -8,6 +8,7 @@ import signal
 import time
 
 import jax
+import numpy as np
 from clu import periodic_actions
 from etils import epath
 
@@ -68,8 +69,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     # ----- mesh, method, data source ----------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh)
     validate(config, mesh)
-    method = get_method(config)
     source = pipeline.open_source(config.input.dataset, config.input.split, config.input.data_dir)
+    method = get_method(config, num_examples=len(source))
     steps = durations(config, len(source))
     logging.info("Mesh %s; %d examples; %.1f steps/epoch; %d total steps.", dict(mesh.shape),
                  len(source), steps["steps_per_epoch"], steps["total"])
@@ -78,30 +79,33 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     setup = state_lib.build(config, method, mesh, total_steps=steps["total"], warmup_steps=steps["warmup"],
                             global_batch_size=config.input.batch_size)
 
-    def data_iterator(start_step):
+    def data_iterator(start_step, state):
+        # The stream is a function of the step alone (any process or worker count); the transform
+        # reads the host copy of the extras it needs (ContrastiveCrop's boxes).
         return pipeline.train_iterator(
             source, global_batch_size=config.input.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step,
-            transform=method.train_transform(), num_workers=config.input.num_workers,
+            transform=method.train_transform(method.host_state(state.extras)), num_workers=config.input.num_workers,
             prefetch_buffer=config.input.prefetch_buffer)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_interval_steps=steps["ckpt"],
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
-    data = data_iterator(0)
     if ckpt.latest_step() is not None:
-        start, state, data_restored = ckpt.restore(setup.abstract, data)
-        if not data_restored:  # Another process count: the stream is a function of the step alone.
-            data = data_iterator(start)
-        logging.info("Resumed from step %d (data iterator %s).", start,
-                     "restored" if data_restored else "rebuilt from the step")
+        start, state, _ = ckpt.restore(setup.abstract)
+        logging.info("Resumed from step %d.", start)
     else:
         start, state = 0, setup.create(jax.random.key(config.seed))
+    data = data_iterator(start, state)
+    refresh_at = set(method.refresh_steps(steps["total"]))
 
     # ----- loop -------------------------------------------------------------------------------
     writer = metrics.create_writer(workdir)
     if start == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-    throughput = flops.Throughput(config.input.batch_size, method.train_flops_per_example(), config.peak_flops)
+    # Refresh passes (e.g. heat maps over the training set) amortised over the run.
+    refresh = method.refresh_flops() * len(refresh_at) * len(source) / (steps["total"] * config.input.batch_size)
+    throughput = flops.Throughput(config.input.batch_size, method.train_flops_per_example() + refresh,
+                                  config.peak_flops)
     hooks = [periodic_actions.ReportProgress(num_train_steps=steps["total"], writer=writer,
                                              every_steps=config.log_steps)]
     if config.profile_steps and jax.process_index() == 0:
@@ -135,6 +139,12 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
             if due:
                 writer.write_scalars(step, evals.run(due, state.params))
                 throughput.reset()  # evaluation time is not training time
+            if step in refresh_at:   # before any checkpoint of this step, so a resume sees it
+                extras, logs = method.refresh_extras(state.params, state.extras, source, mesh)
+                state = state.replace(extras=parallel.place(extras, setup.shardings.extras))
+                _write_logs(writer, step, logs)
+                data.close()
+                data = data_iterator(step, state)
             if preempted or step == steps["total"] or step % steps["ckpt"] == 0:
                 if pending:  # never checkpoint a diverged state
                     _check_finite(metrics.to_host_scalars(pending[-1:]), step)
@@ -148,6 +158,17 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         writer.flush()
         stop.restore()
     return state
+
+
+def _write_logs(writer, step: int, logs: dict):
+    """A refresh's logs: scalars as scalars, 1-D arrays as histograms, under `refresh/`."""
+    scalars = {f"refresh/{k}": float(v) for k, v in logs.items() if np.ndim(v) == 0}
+    histograms = {f"refresh/{k}": np.asarray(v) for k, v in logs.items() if np.ndim(v) > 0}
+    if scalars:
+        writer.write_scalars(step, scalars)
+    if histograms:
+        writer.write_histograms(step, histograms)
+    logging.info("Refresh at step %d: %s", step, scalars)
 
 
 def _check_finite(scalars: dict, step: int):

@@ -89,3 +89,16 @@ def test_profiling_on_request_writes_a_trace(tmp_path, synthetic_data):
     config = tiny_mae_config(profile_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_scanned_encoder_trains_sharded_like_single_device():
+    """config.model.scan: the stacked block params carry a 'layers' axis that the sharding rules
+    leave unsharded; FSDP still shards their model dimension."""
+    config = tiny_mae_config()
+    config.model.update(scan=True, remat=True, remat_policy="dots_saveable")
+    batches = synthetic_batches(config, 2)
+    sharded, sharded_losses = _run_steps(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
+    _, single_losses = _run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+    kernel = sharded.params["encoder"]["encoder"]["blocks"]["block"]["mlp"]["fc1"]["kernel"]
+    assert kernel.shape == (2, 32, 64) and kernel.sharding.spec[:2] == (None, "fsdp")

@@ -3,12 +3,16 @@
 A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
-  BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras` and advanced by
-  `update_extras` after every optimizer step; it is checkpointed and sharded like params;
+  BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
+  forward pass (`loss_and_extras`), by `update_extras` after every optimizer step, and by
+  `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
+  ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
 - `frozen`: weights that never change (a CLIP teacher), described by `init_frozen` (so the trainer
   can shard it) and filled by `load_frozen`; no gradients, no optimizer state, not checkpointed;
 - its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
-- its host-side data transform (views, degradations), run in the Grain workers;
+- its host-side data transform (views, degradations), run in the Grain workers, which may read a
+  host copy of part of the extras (`host_state`: per-image boxes); the trainer rebuilds the
+  pipeline with it after every refresh and on resume;
 - its analytic training FLOPs per example, for MFU.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
 jnp over the global batch axis: under `jax.jit` with a sharded batch XLA inserts the collectives.
@@ -35,8 +39,14 @@ class Method(abc.ABC):
     # None for a method without one.
     encoder: nn.Module | None = None
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    # Whether `eval_params` reads the extras (CAPI's EMA teacher): evaluation restores them only then.
+    eval_uses_extras: bool = False
+
+    def __init__(self, config: ml_collections.ConfigDict, num_examples: int | None = None):
+        """`num_examples`: the size of the training set, for methods with per-example state
+        (ContrastiveCrop boxes); None where no data is attached (evaluating a trained encoder)."""
         self.config = config
+        self.num_examples = num_examples
 
     # -- state ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -67,10 +77,34 @@ class Method(abc.ABC):
         comes from `batch['index']` via `self.example_keys`, per-step randomness (drop path) from
         `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant."""
 
+    def loss_and_extras(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
+                        step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
+        """(loss, (metrics, extras as the forward pass leaves them)): what the train step
+        differentiates. Methods whose forward pass changes state (BatchNorm statistics, a momentum
+        head advanced before it computes its keys) override this; the rest implement `loss`."""
+        loss, metrics = self.loss(params, extras, frozen, batch, rng, step)
+        return loss, (metrics, extras)
+
     def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array, lr: jax.Array) -> PyTree:
         """After each optimizer step, from the updated params; `lr` is this step's learning rate
         (CAPI's EMA momentum is 1 - lr)."""
         return extras
+
+    # -- refreshes: passes over the training set between steps -------------------------------
+    def refresh_steps(self, total_steps: int) -> tuple[int, ...]:
+        """Steps after which the trainer calls `refresh_extras` (none by default)."""
+        return ()
+
+    def refresh_extras(self, params: PyTree, extras: PyTree, source, mesh) -> tuple[PyTree, dict]:
+        """Recomputes extras from a pass over the training `source` (random access, indexed by the
+        stable example index) with the current params: (new extras, host arrays to log: scalars,
+        and 1-D arrays written as histograms). Leaves may be host arrays: the trainer places them
+        on the extras' shardings."""
+        return extras, {}
+
+    def refresh_flops(self) -> float:
+        """Analytic FLOPs of one refresh per training example (amortised into MFU by the trainer)."""
+        return 0.0
 
     # -- host side -----------------------------------------------------------------------------
     def batch_spec(self, global_batch_size: int) -> dict:
@@ -82,10 +116,21 @@ class Method(abc.ABC):
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
                 "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
-    def train_transform(self, image_size: int | None = None) -> Callable:
+    def host_state(self, extras: PyTree) -> PyTree | None:
+        """The host (numpy) copy of the extras the train transform reads, e.g. per-image boxes;
+        None when it reads nothing."""
+        return None
+
+    def train_transform(self, host_state: PyTree | None = None) -> Callable:
+        """The Grain workers' transform `(record, rng) -> example`. `record` carries
+        `pipeline.SOURCE_INDEX`, its stable index in the source."""
+        return self.pretrain_transform(self.config.input.image_size)
+
+    def pretrain_transform(self, image_size: int) -> Callable:
+        """MAE's views: [colour jitter,] random-resized crop to `image_size`, flip, normalise."""
         inp = self.config.input
         return pipeline.pretrain_transform(
-            image_size=image_size or inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
+            image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.get("color_jitter", 0.0),
             interpolation=inp.get("interpolation", "auto"))
 

@@ -43,8 +43,8 @@ def ring_mse(pred, target, border: int):
 
 class BeyondMasking(MAE):
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         cfg, size = config.method, config.input.image_size
         self.degradation = cfg.degradation
         if self.degradation not in DEGRADATIONS:
@@ -72,8 +72,8 @@ class BeyondMasking(MAE):
         spec["image"] = jax.ShapeDtypeStruct((global_batch_size, v, v, self.channels), jnp.float32)
         return spec
 
-    def train_transform(self, image_size: int | None = None):
-        return super().train_transform(image_size or self.view_size)
+    def train_transform(self, host_state=None):
+        return self.pretrain_transform(self.view_size)
 
     # -- step ------------------------------------------------------------------------------------
     @staticmethod

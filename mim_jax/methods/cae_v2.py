@@ -76,8 +76,8 @@ class LatentPredictor(nn.Module):
 
 class CAEv2(MaskedEncoderMethod):
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         inp, cfg, reg = config.input, config.method, config.regressor
         if not self.encoder.cls_token:
             raise ValueError("CAE v2 aligns the [CLS] token: config.model.cls_token must be True.")

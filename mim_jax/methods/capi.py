@@ -36,9 +36,10 @@ def ema_momentum(lr, scale: float = 1.0):
 
 
 class CAPI(MaskedEncoderMethod):
+    eval_uses_extras = True     # a finished run is evaluated with its EMA teacher
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         cfg, pred = config.method, config.predictor
         if self.encoder.cls_token or not self.encoder.rope:
             raise ValueError("CAPI's encoder has no [CLS] token and uses RoPE: set model.cls_token=False and "

@@ -60,12 +60,12 @@ def mix_batch(key, images, labels, num_classes, *, mixup_alpha, cutmix_alpha, sw
 
 class Finetune(Method):
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         self.encoder = vit_from_config(config.model)
         self.head = ClassifierHead(config.method.num_classes)
 
-    def train_transform(self):
+    def train_transform(self, host_state=None):
         inp, cfg = self.config.input, self.config.method
         return pipeline.FinetuneTransform(
             image_size=inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),

@@ -31,15 +31,15 @@ def masked_mse(pred, target, mask):
 
 class MAE(MaskedEncoderMethod):
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         inp, dec = config.input, config.decoder
         p = self.encoder.patch_size
         self.decoder = PixelDecoder(
             grid=self.grid, out_dim=p * p * inp.channels, width=dec.width, depth=dec.depth,
             num_heads=dec.num_heads, mlp_dim=dec.mlp_dim, num_prefix_tokens=self.encoder.num_prefix_tokens,
             dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat,
-            **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init") if k in dec})
+            **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init", "keep_prefix") if k in dec})
 
     def init_params(self, rng, batch):
         enc_rng, dec_rng = jax.random.split(rng)

@@ -25,8 +25,8 @@ def dropout_key(rng: jax.Array, step: jax.Array, module: int = 0) -> jax.Array:
 
 class MaskedEncoderMethod(Method):
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, num_examples=None):
+        super().__init__(config, num_examples)
         self.encoder = vit_from_config(config.model)
         p = self.encoder.patch_size
         self.grid = (config.input.image_size // p, config.input.image_size // p)

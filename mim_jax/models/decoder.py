@@ -26,7 +26,7 @@ def unshuffle(visible_tokens, mask_token, visible_idx, masked_idx):
 class PixelDecoder(nn.Module):
     """Embeds encoder tokens to `width`, fills masked positions, runs `depth` blocks, predicts
     `out_dim` values per patch. Prefix tokens (CLS/registers) take part in attention and are dropped
-    from the output."""
+    from the output unless `keep_prefix` ([B, prefix + N, out_dim] then)."""
     grid: tuple[int, int]
     out_dim: int
     width: int = 512
@@ -40,6 +40,7 @@ class PixelDecoder(nn.Module):
     posemb: str = "sincos2d"        # fixed table (models.layers.positions); Beyond Masking: "sincos1d"
     embed_bias: bool = True         # Beyond Masking's encoder-to-decoder Linear has none
     linear_init: str = "xavier"     # "trunc_normal": MAE-pytorch lineage (also the mask token)
+    keep_prefix: bool = False       # also predict at the prefix tokens (CMAE reads the [CLS] output)
 
     @nn.compact
     def __call__(self, tokens, visible_idx, masked_idx, *, train: bool = False):
@@ -59,5 +60,5 @@ class PixelDecoder(nn.Module):
         x = make_norm("layernorm", self.dtype, "decoder_norm")(x)
         pred = nn.Dense(self.out_dim, dtype=self.dtype, name="pred",
                         kernel_init=param_init(init, ("dec_embed", "patch")),
-                        bias_init=param_init(nn.initializers.zeros, ("patch",)))(x[:, p:])
+                        bias_init=param_init(nn.initializers.zeros, ("patch",)))(x if self.keep_prefix else x[:, p:])
         return pred.astype(jnp.float32)
