@@ -279,3 +279,18 @@ def test_analytic_flops_match_xla_cost_analysis():
     ratio = report["analytic_tflops_per_step"] / report["xla_tflops_per_step"]
     assert 0.6 < ratio < 1.05, report
 
+
+
+@pytest.mark.parametrize("variant,width", [("Ti/16", 192), ("S/16", 384), ("B/16", 768), ("L/16", 1024)])
+def test_every_size_builds_and_only_b16_needs_no_projection(variant, width):
+    """The contrastive blocks run at the encoder's width; the decoder outputs 16*16*3 = 768 pixel
+    values per token, so every size but B/16 projects them first (SDMAE's L/16 would not run)."""
+    config = cmae_config.get_config(f"variant={variant}")
+    method = get_method(config, NUM_EXAMPLES)
+    params = jax.eval_shape(method.init_params, jax.random.key(0), method.batch_spec(2))
+    head = params["contrastive"]
+    assert ("input_proj" in head) == (width != 768)
+    assert head["block_0"]["attn"]["qkv"]["kernel"].value.shape == (width, 3 * width)
+    assert head["mlp"]["linear_2"]["kernel"].value.shape == (4096, width)       # output at the encoder's width
+    assert params["decoder"]["embed"]["kernel"].value.shape == (width, 128)
+    assert params["position"]["linear_1"]["kernel"].value.shape == (width // 2, 196)
