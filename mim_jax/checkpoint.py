@@ -112,17 +112,26 @@ class Checkpointer:
         with ocp.PyTreeCheckpointer() as reader:
             return reader.metadata(self.directory / str(step) / "state").item_metadata.tree
 
-    def restore_parts(self, step: int, abstract: dict) -> dict:
+    def restore_parts(self, step: int, abstract: dict, subtrees: dict | None = None) -> dict:
         """Restores only the named parts of the stored train state (e.g. {'params': ..., 'extras':
         ...}, no optimizer state) onto the shardings of `abstract`'s ShapeDtypeStructs. Every key of
         the stored parts must be expected and every expected key stored, with the same shapes:
-        otherwise a CheckpointError lists what differs (orbax alone would fill or drop them)."""
+        otherwise a CheckpointError lists what differs (orbax alone would fill or drop them).
+        `subtrees` ({'params': ('encoder',)}) restricts a part to some of its top-level keys (a
+        warm start reads the encoder, not the decoder)."""
         stored = self.state_metadata(step)
         for name, part in abstract.items():
             if name not in stored:
                 raise CheckpointError(f"Checkpoint {self.directory}/{step} holds no {name!r} "
                                       f"(it has {sorted(stored)}).")
-            mismatch = tree_mismatch(stored[name], part)
+            have = stored[name]
+            if subtrees and name in subtrees:
+                missing = [k for k in subtrees[name] if k not in have]
+                if missing:
+                    raise CheckpointError(f"Checkpoint {self.directory}/{step}: its {name!r} have no {missing} "
+                                          f"(they have {sorted(have)}).")
+                have = {k: have[k] for k in subtrees[name]}
+            mismatch = tree_mismatch(have, part)
             if mismatch:
                 raise CheckpointError(f"Checkpoint {self.directory}/{step}: its {name!r} do not match the model "
                                       f"built from its config: {mismatch}.")

@@ -88,16 +88,26 @@ def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 
 
-def load(workdir, mesh) -> Weights:
+def load(workdir, mesh, keys=None) -> Weights:
     """The newest checkpoint of a pre-training workdir, restored onto `mesh` whatever mesh it was
-    written on. A checkpoint whose tree does not match its own config is an error that lists the
-    missing, unexpected and mis-shaped entries."""
+    written on; `keys` (e.g. ('encoder',)) restores only those params (not a decoder or heads).
+    A checkpoint whose tree does not match its own config is an error that lists the missing,
+    unexpected and mis-shaped entries."""
     ckpt = _checkpoints(workdir)
     step = ckpt.latest_step()
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
     method = get_method(config)
     parts = ("params", "extras") if method.eval_uses_extras else ("params",)
-    variables = ckpt.restore_parts(step, abstract_variables(method, mesh, parts))
+    abstract = abstract_variables(method, mesh, parts)
+    subtrees = None
+    if keys is not None:
+        unknown = [k for k in keys if k not in abstract["params"]]
+        if unknown:
+            raise ValueError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
+                             f"{sorted(abstract['params'])}.")
+        abstract["params"] = {k: abstract["params"][k] for k in keys}
+        subtrees = {"params": tuple(keys)}
+    variables = ckpt.restore_parts(step, abstract, subtrees)
     logging.info("Loaded %s weights from %s at step %d.", config.method.name, workdir, step)
     params = method.eval_params(variables["params"], variables.get("extras", {}))
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
@@ -108,12 +118,15 @@ def warm_start_params(init: str, keys, target: dict) -> dict:
     abstract `target` params (same tree and shapes) and placed on its shardings: a new run starts
     from them (big_vision's `model_init`)."""
     mesh = jax.tree.leaves(target)[0].sharding.mesh
-    weights = load(init, mesh)
+    absent = [key for key in keys if key not in target]
+    if absent:
+        raise ValueError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
+    weights = load(init, mesh, keys=keys)    # only those params are read (EMA extras where evaluated)
     loaded = {}
     for key in keys:
-        if key not in weights.params or key not in target:
+        if key not in weights.params:
             raise ValueError(f"config.init_keys names {key!r}, but the run in {init} has params "
-                             f"{sorted(weights.params)} and this model {sorted(target)}.")
+                             f"{sorted(weights.params)}.")
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
             raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "

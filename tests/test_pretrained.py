@@ -126,3 +126,14 @@ def test_a_workdir_without_checkpoints_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No pre-training checkpoint in .*nowhere/checkpoints"):
         pretrained.load(tmp_path / "nowhere", parallel.make_mesh([("data", -1)]))
     assert not (tmp_path / "nowhere").exists()      # nothing is created at a mistyped path
+
+
+@pytest.mark.parametrize("run", ("mae", "capi"))
+def test_loading_only_the_encoder_reads_only_the_encoder(run):
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+    everything = pretrained.load(FIXTURES / run, mesh)
+    encoder = pretrained.load(FIXTURES / run, mesh, keys=("encoder",))
+    assert "decoder" not in encoder.params and "clustering" not in encoder.params
+    jax.tree.map(np.testing.assert_array_equal, encoder.params["encoder"], everything.params["encoder"])
+    with pytest.raises(ValueError, match=r"has no params \['regressor'\]"):
+        pretrained.load(FIXTURES / run, mesh, keys=("regressor",))
