@@ -1,12 +1,10 @@
 """Blocks shared by every method's `get_config(arg)`: data, model, optimizer, mesh and sharding."""
 from __future__ import annotations
 
-import importlib
-
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mim_jax import evaluators
+from mim_jax import config_lib, evaluators
 from mim_jax.data.catalog import DATASETS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES  # noqa: F401
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
@@ -88,12 +86,7 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
 def pretrain_config(name_and_arg: str) -> ml_collections.ConfigDict:
     """'mae:local' -> configs/mae.py's get_config('local'): the architecture and data of an
     untrained or pixel baseline (evaluations with init=random|pixels, fine-tuning from random)."""
-    name, _, arg = name_and_arg.partition(":")
-    try:
-        module = importlib.import_module(f"configs.{name}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"pretrain={name_and_arg!r}: there is no configs/{name}.py.") from e
-    return module.get_config(arg or None)
+    return config_lib.load_config(name_and_arg)
 
 
 def periodic_eval(evaluator: str, every_epochs: float, **options) -> ml_collections.ConfigDict:
@@ -110,7 +103,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     """Shared block of evaluation jobs: which encoder, which features, which data. For
     init=random|pixels the architecture and data config (`pretrain=`) is resolved here."""
     if not arg.init:
-        raise ValueError("Evaluation configs need init=<pre-training workdir>|random|pixels.")
+        raise ValueError("Evaluation configs need init=<pre-training workdir>|<layout>:<weight file>|random|pixels.")
     c = ml_collections.ConfigDict()
     c.evaluator = evaluator
     c.init = arg.init
@@ -119,6 +112,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
                          else ml_collections.ConfigDict())
     c.seed = 0
     c.batch_size = 256
+    c.dataset = arg.get("dataset") or placeholder(str)   # another data set than the pre-training one
     c.data_dir = placeholder(str)   # overrides the pre-training config's input.data_dir
     c.train_split = placeholder(str)  # default: the pre-training split
     c.eval_split = placeholder(str)   # default: EVAL_SPLITS or "test"

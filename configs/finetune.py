@@ -5,9 +5,12 @@ RandAugment (2 ops, magnitude 9, std 0.5) and random erasing 0.25.
 
   python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_b16 --workdir=/tmp/ft_b16
   python -m mim_jax.main --config=configs/finetune.py:init=/tmp/mae_local,local --workdir=/tmp/ft_local
+  python -m mim_jax.main --config=configs/finetune.py:init=mae:/ckpt/mae_pretrain_vit_base.pth --workdir=/tmp/ft
 
-Arguments: init=<pre-training workdir> (architecture and data come from its config) or
-init=random,pretrain=<config>:<arg>; local (1 epoch, small batch, CPU-sized).
+Arguments: init=<pre-training workdir> (architecture and data come from its config),
+init=<layout>:<weight file> (a released checkpoint: architecture from the file, ImageNet data) or
+init=random,pretrain=<config>:<arg>; dataset=<TFDS name> (another data set, with the encoder's
+input normalisation); local (1 epoch, small batch, CPU-sized).
 """
 import ml_collections
 
@@ -20,7 +23,7 @@ LAYER_DECAY = {"Ti": 0.75, "S": 0.75, "B": 0.65, "L": 0.75, "H": 0.75}  # MAE/BE
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, init="", pretrain="mae:local", local=False)
+    arg = parse_arg(arg, init="", pretrain="mae:local", dataset="", local=False)
     if not arg.init:
         raise ValueError("configs/finetune.py needs init=<pre-training workdir> (or init=random,pretrain=...).")
     pre = common.pretrain_config(arg.pretrain) if arg.init == "random" else pretrained.read_config(arg.init)
@@ -30,14 +33,17 @@ def get_config(arg=None):
         raise ValueError("Layer-wise lr decay selects blocks by name: fine-tune with model.scan=False "
                          "(a scanned run's params convert with models.layers.unstack_blocks).")
 
-    c = common.base_config(dataset=pre.input.dataset, image_size=pre.input.image_size, batch_size=1024)
-    c.input.update(data_dir=pre.input.data_dir, channels=pre.input.channels, mean=tuple(pre.input.mean),
-                   std=tuple(pre.input.std), crop_scale=(0.08, 1.0))
+    # The pre-training data by default; `dataset=` fine-tunes on another with the encoder's own
+    # input normalisation (released weights expect theirs).
+    dataset = arg.dataset or pre.input.dataset
+    c = common.base_config(dataset=dataset, image_size=pre.input.image_size, batch_size=1024)
+    c.input.update(data_dir=pre.input.data_dir if not arg.dataset else None, channels=pre.input.channels,
+                   mean=tuple(pre.input.mean), std=tuple(pre.input.std), crop_scale=(0.08, 1.0))
     c.model = ml_collections.ConfigDict(pre.model.to_dict())
     c.model.drop_path = 0.1
     c.total_epochs = 100.0
     c.init = None if arg.init == "random" else arg.init
-    c.method = dict(name="finetune", num_classes=common.NUM_CLASSES.get(pre.input.dataset, 1000),
+    c.method = dict(name="finetune", num_classes=common.NUM_CLASSES.get(dataset, 1000),
                     label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=(2, 9.0, 0.5), erase_prob=0.25)
     c.optax.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-6)
     decay = LAYER_DECAY.get(variant.split("/")[0], 0.75)

@@ -4,12 +4,13 @@
   python -m mim_jax.main --config=configs/knn.py:init=random,pretrain=mae:local --workdir=/tmp/knn_random
   python -m mim_jax.main --config=configs/knn.py:init=pixels,pretrain=mae:local --workdir=/tmp/knn_pixels
 
-Arguments: init=<pre-training workdir>|random|pixels; pretrain=<config>:<arg> (the architecture and
-data for random/pixels); feature=cls|patch_mean|cls+patch_mean.
+Arguments: init=<pre-training workdir>|<layout>:<weight file>|random|pixels; pretrain=<config>:<arg> (the architecture and
+data for random/pixels); feature=cls|patch_mean|cls+patch_mean; dataset=<TFDS name> (default: the
+pre-training data; the encoder's own normalisation is kept).
 """
 from configs import common
 from mim_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature=""), "knn")
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="", dataset=""), "knn")

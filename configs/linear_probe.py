@@ -5,12 +5,13 @@ on cached centre-view features; the best head is reported.
   python -m mim_jax.main --config=configs/linear_probe.py:init=/tmp/mae_local --workdir=/tmp/lin_mae_local
   python -m mim_jax.main --config=configs/linear_probe.py:init=random,pretrain=mae:local --workdir=/tmp/lin_random
 
-Arguments: init=<pre-training workdir>|random|pixels; pretrain=<config>:<arg>;
-feature=cls|patch_mean|cls+patch_mean.
+Arguments: init=<pre-training workdir>|<layout>:<weight file>|random|pixels; pretrain=<config>:<arg>;
+feature=cls|patch_mean|cls+patch_mean; dataset=<TFDS name> (default: the
+pre-training data; the encoder's own normalisation is kept).
 """
 from configs import common
 from mim_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature=""), "linear_probe")
+    return common.eval_config(parse_arg(arg, init="", pretrain="mae:local", feature="", dataset=""), "linear_probe")

@@ -6,20 +6,29 @@ This module reads that config, rebuilds the method's parameter tree abstractly
 nothing computed), and restores only `params` and `extras` onto it: no optimizer state, no train
 step, no teacher. Evaluators, fine-tuning's warm start (`config.init`) and run teachers all load
 through here.
+
+Where a workdir is accepted, so is a weights spec from another codebase (`mae:/path/file.pth`, a
+timm or Hugging Face file or folder, `capi:`, `cae_v2:`, `beyond_masking:`; see `interop.imports`):
+its config is built from the encoder the file holds, and the file is converted on the host with
+every tensor accounted for, then placed on the mesh like a checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from etils import epath
 
-from mim_jax import checkpoint, parallel
+from mim_jax import checkpoint, config_lib, parallel
+from mim_jax.interop import imports as interop
 from mim_jax.methods import Method, get_method
+from mim_jax.models import layers
 
 PyTree = object
 
@@ -35,7 +44,8 @@ class Weights:
 
 
 def _checkpoints(workdir) -> checkpoint.Checkpointer:
-    directory = epath.Path(workdir) / "checkpoints"
+    # orbax reads metadata only through absolute local paths.
+    directory = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir)) / "checkpoints"
     # Checked first: orbax would otherwise report an empty directory, or create one at a typo.
     if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
         raise FileNotFoundError(f"No pre-training checkpoint in {directory}: pass the --workdir "
@@ -44,7 +54,10 @@ def _checkpoints(workdir) -> checkpoint.Checkpointer:
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-    """The config of the newest checkpoint of a pre-training workdir."""
+    """The config of the newest checkpoint of a pre-training workdir, or the config that builds
+    the encoder of a weights spec."""
+    if interop.is_weights(str(workdir)):
+        return imported_config(interop.describe(str(workdir)))
     ckpt = _checkpoints(workdir)
     return ml_collections.ConfigDict(ckpt.restore_config(ckpt.latest_step()))
 
@@ -65,6 +78,31 @@ def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict
         shardings = parallel.logical_shardings(boxed, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         parallel.unbox_abstract(boxed), shardings)
+
+
+def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
+    """configs/<method>.py with the encoder of a weight file, at its resolution; data stay the
+    recipe's (ImageNet statistics, which released weights expect)."""
+    # Encoder-only arguments: Beyond Masking's zoom-in needs a resolution its ring fits, which an
+    # evaluation does not use.
+    arg = {"mae": "variant=B/16", "beyond_masking": "variant=B/16,degradation=none",
+           "capi": "variant=L/14"}[desc.config_name]
+    config = config_lib.load_config(f"{desc.config_name}:{arg},res={desc.image_size}")
+    config.model.update(desc.model)
+    # float32 so that features equal the PyTorch forward of the same file; a warm start takes only
+    # the params, so a new run computes in its own dtype.
+    config.model.dtype = "float32"
+    config.input.channels = desc.channels
+    if desc.mean is not None:
+        config.input.update(mean=tuple(desc.mean), std=tuple(desc.std))
+    elif desc.channels != len(config.input.mean):
+        raise ValueError(f"{desc.path} takes {desc.channels}-channel images and nothing beside it records their "
+                         "normalisation (timm's config.json pretrained_cfg mean/std, or a Hugging Face "
+                         "preprocessor_config.json): add one.")
+    for key, value in desc.extra.items():   # e.g. CAPI's predictor size
+        config[key].update(value)
+    config.imported = dict(layout=desc.layout, path=str(desc.path))
+    return config
 
 
 def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None) -> Weights:
@@ -93,6 +131,8 @@ def load(workdir, mesh, keys=None) -> Weights:
     written on; `keys` (e.g. ('encoder',)) restores only those params (not a decoder or heads).
     A checkpoint whose tree does not match its own config is an error that lists the missing,
     unexpected and mis-shaped entries."""
+    if interop.is_weights(str(workdir)):
+        return load_file(str(workdir), mesh, keys)
     ckpt = _checkpoints(workdir)
     step = ckpt.latest_step()
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
@@ -113,6 +153,72 @@ def load(workdir, mesh, keys=None) -> Weights:
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
 
 
+def load_file(spec: str, mesh, keys=None) -> Weights:
+    """The encoder (and, for keys=('encoder', 'decoder'), MAE's decoder; for CAPI the whole
+    released backbone) of a weights spec on `mesh`."""
+    from mim_jax.interop import tensors as tensor_maps, vit as vit_layouts
+
+    desc = interop.describe(spec)
+    config = imported_config(desc)
+    method = get_method(config)
+    abstract = abstract_variables(method, mesh, ("params",))["params"]
+    tensors = interop.read(desc.path)
+    if desc.family == "capi":
+        from mim_jax.interop import capi as capi_layout
+        keys = tuple(keys or capi_layout.COVERED)
+        params = capi_layout.import_backbone(tensors, method, {k: abstract[k] for k in keys}, keys=keys,
+                                             ignore=capi_layout.HEADS, source=f"{desc.path} (capi layout)")
+    else:
+        keys = tuple(keys or ("encoder",))
+        entries = _file_entries(desc, method, keys, vit_layouts, tensor_maps)
+        target = {k: abstract[k] for k in keys}
+        loop_target = jax.eval_shape(layers.unstack_blocks, target)
+        params = tensor_maps.to_params(tensors, entries, loop_target, ignore=interop.ignored(desc, keys),
+                                       source=f"{desc.path} ({desc.layout} layout)")
+        if method.encoder.scan:
+            params = {k: layers.stack_blocks(v, method.encoder.depth) for k, v in params.items()}
+    params = jax.tree.map(lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), params,
+                          {k: abstract[k] for k in params})
+    logging.info("Loaded %s from %s (%s layout).", sorted(params), desc.path, desc.layout)
+    return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}")
+
+
+def _file_entries(desc, method, keys, vit_layouts, tensor_maps):
+    encoder, grid, channels = method.encoder, method.grid, desc.channels
+    unknown = sorted(set(keys) - {"encoder", "decoder"})
+    if unknown or ("decoder" in keys and not desc.has_decoder):
+        raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}; "
+                         f"params {unknown or ['decoder']} cannot be loaded from it.")
+    entries = []
+    if "encoder" in keys:
+        if desc.family == "hf":
+            encoder_entries = vit_layouts.hf_entries(encoder, grid, channels, prefix=desc.prefix)
+        else:
+            naming = {"timm": vit_layouts.TIMM, "beit": vit_layouts.BEIT, "mae_pytorch": vit_layouts.MAE_PYTORCH}
+            encoder_entries = vit_layouts.encoder_entries(encoder, grid, channels, naming[desc.family])
+        entries += tensor_maps.under("encoder", encoder_entries)
+    if "decoder" in keys:
+        entries += tensor_maps.under("decoder", vit_layouts.mae_decoder_entries(method.decoder,
+                                                                               encoder.num_prefix_tokens))
+    return entries
+
+
+def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
+    """A learned position table resampled (bicubic) to the new run's grid when the resolutions
+    differ; fixed tables and RoPE need nothing, they are computed for any grid."""
+    from mim_jax.interop import vit as vit_layouts
+
+    table, want = encoder.get("pos_embedding"), target.get("pos_embedding")
+    if table is None or want is None or table.shape == want.shape:
+        return encoder
+    side = int(round(want.shape[0] ** 0.5))
+    if side * side != want.shape[0]:
+        return encoder   # not a square grid: reported as a shape mismatch
+    resized = vit_layouts.resize_positions(np.asarray(jax.device_get(table)), weights.method.grid, (side, side))
+    logging.info("Resampled the learned position table from %s to %s patches.", weights.method.grid, (side, side))
+    return dict(encoder, pos_embedding=resized)
+
+
 def warm_start_params(init: str, keys, target: dict) -> dict:
     """The subtrees `keys` (e.g. ('encoder',)) of a run's evaluation weights, checked against the
     abstract `target` params (same tree and shapes) and placed on its shardings: a new run starts
@@ -127,6 +233,8 @@ def warm_start_params(init: str, keys, target: dict) -> dict:
         if key not in weights.params:
             raise ValueError(f"config.init_keys names {key!r}, but the run in {init} has params "
                              f"{sorted(weights.params)}.")
+        if key == "encoder":
+            weights.params[key] = _fit_positions(weights, weights.params[key], target[key])
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
             raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "

@@ -7,8 +7,11 @@ like the student, run in its own dtype, with no gradients and no optimizer state
 `source` picks one:
 - `run:DIR`: the encoder of any pre-training workdir of this project (its newest checkpoint), so
   distillation works offline with a teacher trained here;
-- anything else is a Hugging Face CLIP checkpoint (`openai/clip-vit-base-patch16`, a folder with
-  model.safetensors + config.json, or the .safetensors file itself): see `models/clip_weights.py`.
+- `<layout>:FILE`: the encoder of a released ViT checkpoint of another codebase
+  (`mae:/ckpt/mae_pretrain_vit_base.pth`, `timm:`, `hf:`, `capi:`, ...; see `interop/imports.py`);
+- anything else is a CLIP checkpoint: Hugging Face (`openai/clip-vit-base-patch16`, a folder with
+  model.safetensors + config.json, or the .safetensors file itself) or one of OpenAI's own files
+  (`ViT-B-16.pt`): see `models/clip_weights.py`.
 
 Teachers resolve their weights lazily (`out_dim` may read a config; `load` reads the weights), so
 building a method to evaluate its trained encoder never touches the teacher.
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import flops, parallel, pretrained
+from mim_jax.interop import imports as interop
 from mim_jax.methods import get_method
 from mim_jax.models import vit
 
@@ -93,8 +97,9 @@ class ClipTeacher:
 
 
 class RunTeacher:
-    """The encoder of a pre-training workdir of this project: its final-norm tokens ([CLS] first if
-    it has one; registers dropped)."""
+    """The encoder of a pre-training workdir of this project, or of a released ViT file (a weights
+    spec): its final-norm tokens ([CLS] first if it has one; registers dropped). Only the encoder
+    is held and loaded (a decoder or predictor would be dead weight)."""
 
     def __init__(self, workdir: str, *, grid: tuple[int, int], student_mean, student_std, out_dim: int | None = None):
         self.workdir, self.grid = workdir, tuple(grid)
@@ -132,16 +137,17 @@ class RunTeacher:
                 "label": jnp.zeros(images.shape[0], jnp.int32), "index": jnp.arange(images.shape[0], dtype=jnp.int32)}
 
     def init(self, rng, images):
-        return self.method.init_params(rng, self._batch(images))
+        return {"encoder": self.method.init_params(rng, self._batch(images))["encoder"]}
 
     def load(self, abstract, shardings):
         if self.out_dim != self.method.encoder.width:
             raise ValueError(f"config.teacher.dim={self.out_dim}, but the encoder in {self.workdir} is "
                              f"{self.method.encoder.width} wide: pass the teacher as a config argument "
                              "(configs/cae_v2.py:teacher=run:DIR), which records its width.")
-        weights = pretrained.load(self.workdir, jax.tree.leaves(shardings)[0].mesh)
-        _check_same_shapes(weights.params, abstract, f"the encoder in {self.workdir} (step {weights.step})")
-        return jax.device_put(weights.params, shardings)
+        weights = pretrained.load(self.workdir, jax.tree.leaves(shardings)[0].mesh, keys=("encoder",))
+        params = {"encoder": weights.params["encoder"]}    # CAPI's evaluation weights also hold its EMA predictor
+        _check_same_shapes(params, abstract, f"the encoder in {weights.description}")
+        return jax.device_put(params, shardings)
 
     def __call__(self, params, images):
         inp = self.config.input
@@ -149,7 +155,7 @@ class RunTeacher:
             raise ValueError(f"The teacher in {self.workdir} takes {inp.channels}-channel images, "
                              f"the student {images.shape[-1]}.")
         x = renormalize(images, self.student_mean, self.student_std, inp.mean, inp.std, self.input_size)
-        out = self.method.encode(params, x)
+        _, out = self.method.encoder.apply({"params": params["encoder"]}, x)
         tokens = out["patch_tokens"]
         if self.has_cls:
             tokens = jnp.concatenate([out["cls"][:, None], tokens], axis=1)
@@ -172,13 +178,18 @@ def _check_same_shapes(params, abstract, what: str):
         raise ValueError(f"{what} have the wrong shapes for the teacher: {bad[:5]}.")
 
 
+def _is_vit_spec(source: str) -> bool:
+    """A released ViT file is named by its layout (`mae:/path.pth`); unprefixed files are CLIP."""
+    return interop.parse(source)[0] is not None
+
+
 def output_dim(source: str) -> int:
     """Width of the target tokens of the teacher `source`, read from its config (a run's saved
     config, or the CLIP config.json; online, a hub id fetches only that file). Configs call this
     once, so a run records its target width and its trained model can be rebuilt later without
     the teacher."""
-    if source.startswith(RUN_PREFIX):
-        model = pretrained.read_config(source[len(RUN_PREFIX):]).model
+    if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
+        model = pretrained.read_config(source.removeprefix(RUN_PREFIX)).model
         return model.width or vit.decode_variant(model.variant)["width"]
     from mim_jax.models import clip, clip_weights
     fields = clip.clip_config_from_hf(clip_weights.read_config(source))
@@ -192,6 +203,6 @@ def from_config(teacher_config, *, grid, student_mean, student_std):
         raise ValueError("config.teacher.source is empty: give a CLIP checkpoint (e.g. "
                          "'openai/clip-vit-base-patch16' or a local folder) or run:<pre-training workdir>.")
     common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.get("dim"))
-    if source.startswith(RUN_PREFIX):
-        return RunTeacher(source[len(RUN_PREFIX):], **common)
+    if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
+        return RunTeacher(source.removeprefix(RUN_PREFIX), **common)
     return ClipTeacher(source, dtype=teacher_config.get("dtype", "bfloat16"), **common)

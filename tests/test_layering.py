@@ -10,8 +10,9 @@ LAYERS = [
     # 0. utilities, data and sharding: no models, no methods
     ("mim_jax.config_lib", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data", "mim_jax.masking",
      "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint"),
-    # 1. Linen models and their weight readers
-    ("mim_jax.models",),
+    # 1. Linen models and their weight readers; weight layouts of other codebases (interop reads
+    #    the models' param trees, models' CLIP loader reads OpenAI's files through it)
+    ("mim_jax.models", "mim_jax.interop"),
     # 2. losses and targets on model outputs
     ("mim_jax.sinkhorn", "mim_jax.contrastive"),
     # 3. the method interface and registry (concrete methods load by name, lazily)
@@ -23,7 +24,7 @@ LAYERS = [
     # 6. train state and step; evaluators
     ("mim_jax.state", "mim_jax.evaluators"),
     # 7. entry points
-    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot"),
+    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export"),
 ]
 
 

@@ -23,13 +23,24 @@ def num_classes_of(data_config, feats) -> int:
     return catalog.NUM_CLASSES.get(data_config.dataset) or int(feats["eval"][1].max() + 1)
 
 
+def _use_dataset(inp, dataset: str) -> None:
+    """Evaluates on `dataset` with the encoder's own input normalisation (what it was trained on)."""
+    split, channels, _, _ = catalog.DATASETS.get(dataset, ("train", inp.channels, None, None))
+    if channels != inp.channels:
+        raise ValueError(f"dataset={dataset} has {channels}-channel images; this encoder takes {inp.channels}.")
+    inp.update(dataset=dataset, split=split, data_dir=None)
+
+
 def features_and_labels(config, mesh, splits):
     """The encoder's features and labels of each split; the architecture and data come from the
-    pre-training run (`init=<workdir>`) or from `config.pretrain_config` (`init=random|pixels`)."""
+    pre-training run (`init=<workdir>`), the weight file (`init=<layout>:<file>`) or from
+    `config.pretrain_config` (`init=random|pixels`); `config.dataset` swaps the data set."""
     if config.init in ("random", "pixels"):
         base = config.pretrain_config
     else:
         base = pretrained.read_config(config.init)
+    if config.get("dataset"):
+        _use_dataset(base.input, config.dataset)
     if config.data_dir:
         base.input.data_dir = config.data_dir
     encoder = encoder_lib.load(config.init, mesh, feature=config.feature, base_config=base)

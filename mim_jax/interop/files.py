@@ -1,0 +1,92 @@
+"""Reading and writing PyTorch-world weight files as flat dicts of float32 numpy arrays.
+
+Read: `.safetensors` (no torch needed), `.pth`/`.pt`/`.bin` torch pickles (loaded with
+`weights_only=True`: tensors only, no code runs), TorchScript archives (OpenAI's CLIP `.pt`), and
+folders holding `model.safetensors` or `pytorch_model.bin` (+ `config.json`, returned too).
+Training checkpoints nest the weights (`{"model": ...}`, `{"state_dict": ...}`); the usual wrapper
+keys are unwrapped.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WRAPPERS = ("model", "state_dict", "module", "model_state", "teacher")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("Reading .pth/.pt/.bin weights needs PyTorch (the CPU build is enough): "
+                          "pip install torch. .safetensors files need no torch.") from None
+    return torch
+
+
+def weights_path(path) -> pathlib.Path:
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} is a folder without {' or '.join(WEIGHT_FILES)}: pass the weight file "
+                                "itself or a Hugging Face / timm model folder.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Weight file {path} does not exist.")
+    return path
+
+
+def read_config_json(path) -> dict | None:
+    """config.json of a model folder (or beside a weight file), if there is one."""
+    path = pathlib.Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    file = folder / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _unwrap(obj, source):
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                raise ValueError(f"{source} holds {sorted(obj)[:8]}, none of them a state dict "
+                                 f"(looked for {list(_WRAPPERS)}).")
+            obj = inner
+    return obj
+
+
+def read(path) -> dict[str, np.ndarray]:
+    """The tensors of a weight file or folder (non-tensor entries such as step counters dropped)."""
+    file = weights_path(path)
+    if file.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        try:
+            return {k: np.asarray(v, np.float32) for k, v in load_file(str(file)).items()}
+        except Exception as e:   # safetensors raises its own error types for truncated files
+            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+    torch = _torch()
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
+            raise ValueError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
+        obj = torch.jit.load(str(file), map_location="cpu").state_dict()   # OpenAI's CLIP archives
+    except Exception as e:  # truncated zip, wrong format
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
+    state = _unwrap(obj, file)
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def write_torch(tensors: dict[str, np.ndarray], path, extra: dict | None = None) -> None:
+    """A `.pth` as the official training scripts save it: {"model": state_dict, **extra}."""
+    torch = _torch()
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}   # writable copies
+    torch.save({"model": state, **(extra or {})}, str(path))

@@ -1,0 +1,436 @@
+"""Released-weight layouts in and out: timm (= official MAE), BEiT (CAE v2), MAE-pytorch (Beyond
+Masking) and Hugging Face ViT files give the same features here as in PyTorch; exports load in
+timm / transformers with strict key matching; every mismatch is named."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mim_jax import parallel, pretrained
+from mim_jax.interop import files, imports, tensors as tensor_maps
+from mim_jax.models import layers
+
+timm = pytest.importorskip("timm")
+
+IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 192, 2, 3     # ViT-Ti width: heads are known without a config.json
+GRID = (IMAGE // PATCH, IMAGE // PATCH)
+
+
+def _mesh():
+    return parallel.make_mesh([("data", -1), ("fsdp", 1)])
+
+
+def _images(channels=3, n=2, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, IMAGE, IMAGE, channels)).astype(np.float32)
+
+
+def _timm_vit(**kwargs):
+    torch.manual_seed(0)
+    args = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=0,
+                global_pool="token", qkv_bias=True)
+    args.update(kwargs)
+    model = timm.models.vision_transformer.VisionTransformer(**args).eval()
+    with torch.no_grad():   # non-zero biases and norms, so a dropped or transposed tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm1.weight", "norm2.weight", "norm.weight", "gamma")):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "weight" in name else 0.0))
+    return model
+
+
+def _set_fixed_pos(model, kind, with_cls=True):
+    table = layers.positions(kind, GRID, WIDTH)
+    if with_cls:
+        table = np.concatenate([np.zeros((1, WIDTH), np.float32), table])
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.from_numpy(table[None]))
+
+
+def _torch_tokens(model, images):
+    with torch.no_grad():
+        return model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+
+
+def _save(state: dict, path):
+    torch.save({"model": {k: v.detach().clone() for k, v in state.items()}}, str(path))
+    return path
+
+
+def _our_tokens(spec, images):
+    weights = pretrained.load(spec, _mesh())
+    out = weights.method.encode(weights.params, jnp.asarray(images))
+    return np.asarray(out["encoded"]), weights
+
+
+def test_official_mae_layout_gives_timms_features(tmp_path):
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    path = _save(model.state_dict(), tmp_path / "mae_pretrain_vit_tiny.pth")
+    images = _images()
+    ours, weights = _our_tokens(f"mae:{path}", images)
+    assert weights.config.model.posemb == "sincos2d" and weights.config.model.cls_token
+    np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+
+
+def test_a_timm_vit_with_learned_positions_loads_its_table_and_cls_position(tmp_path):
+    model = _timm_vit()
+    with torch.no_grad():
+        model.pos_embed.normal_(0, 0.5)      # the [CLS] row too: it is folded into the [CLS] token
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    images = _images()
+    ours, weights = _our_tokens(f"timm:{path}", images)
+    assert weights.config.model.posemb == "learn"
+    np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+
+
+def _beit_state(model):
+    """timm's ViT state dict renamed to CAE's BEiT layout, written here independently of the library."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("attn.qkv.bias"):
+            q, kb, vb = v.chunk(3)
+            assert not kb.any()
+            out["encoder." + k.replace("qkv.bias", "q_bias")] = q
+            out["encoder." + k.replace("qkv.bias", "v_bias")] = vb
+            continue
+        out["encoder." + k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v
+    return out
+
+
+def _zero_key_bias(model):
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.bias[WIDTH:2 * WIDTH] = 0
+
+
+def test_cae_v2_released_layout_gives_the_same_features(tmp_path):
+    model = _timm_vit(init_values=0.1)
+    _zero_key_bias(model)
+    _set_fixed_pos(model, "sincos2d_rowfirst")
+    state = _beit_state(model)
+    state["regressor.blocks.0.norm1.weight"] = torch.ones(WIDTH)   # full CAE checkpoints carry more: ignored
+    path = _save(state, tmp_path / "caev2_tiny_300ep.pth")
+    images = _images()
+    ours, weights = _our_tokens(f"cae_v2:{path}", images)
+    m = weights.config.model
+    assert (m.posemb, m.qkv_bias, m.layerscale is not None) == ("sincos2d_rowfirst", "qv", True)
+    np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+
+
+def test_beyond_masking_layout_gives_the_same_features(tmp_path):
+    model = _timm_vit(class_token=False, global_pool="avg", fc_norm=False)
+    _zero_key_bias(model)
+    _set_fixed_pos(model, "sincos1d", with_cls=False)
+    state = {k: v for k, v in _beit_state(model).items() if k != "encoder.pos_embed"}   # not stored there
+    state["encoder.cls_token"] = torch.zeros(1, 1, WIDTH)           # MAE-pytorch's unused [CLS]
+    state["decoder.head.weight"] = torch.zeros(PATCH * PATCH * 3, 384)
+    state["mask_token"] = torch.zeros(1, 1, 384)
+    path = _save(state, tmp_path / "checkpoint-399.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": IMAGE}))
+    images = _images()
+    weights = pretrained.load(f"beyond_masking:{path}", _mesh())
+    out = weights.method.encode(weights.params, jnp.asarray(images))
+    np.testing.assert_allclose(np.asarray(out["encoded"]), _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+    assert "cls" in out    # Beyond Masking's global feature (mean patch token) for kNN / linear probes
+
+
+def test_hugging_face_vit_folder_gives_the_same_features(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                                 intermediate_size=4 * WIDTH, image_size=IMAGE, patch_size=PATCH,
+                                 layer_norm_eps=1e-6, hidden_act="gelu")
+    torch.manual_seed(0)
+    model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "vit")
+    images = _images()
+    ours, weights = _our_tokens(f"hf:{tmp_path / 'vit'}", images)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_hugging_face_vit_mae_for_pretraining_loads_its_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTMAEConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                                    intermediate_size=4 * WIDTH, image_size=IMAGE, patch_size=PATCH,
+                                    layer_norm_eps=1e-6, mask_ratio=0.0, decoder_hidden_size=64,
+                                    decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                    decoder_intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.ViTMAEForPreTraining(cfg).eval()
+    table = np.concatenate([np.zeros((1, WIDTH), np.float32), layers.positions("sincos2d", GRID, WIDTH)])
+    with torch.no_grad():     # as facebook/vit-mae-* hold it (transformers builds it zero until loaded)
+        model.vit.embeddings.position_embeddings.copy_(torch.from_numpy(table[None]))
+    model.save_pretrained(tmp_path / "vitmae")
+    images = _images()
+    ours, weights = _our_tokens(str(tmp_path / "vitmae"), images)      # detected: no layout named
+    assert weights.config.model.posemb == "sincos2d"
+    with torch.no_grad():
+        out = model.vit(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    # ViTMAE shuffles the tokens even at mask ratio 0; ids_restore puts them back in raster order.
+    restore = out.ids_restore.numpy()
+    ref = out.last_hidden_state.numpy()
+    ref = np.concatenate([ref[:, :1], np.take_along_axis(ref[:, 1:], restore[..., None], axis=1)], axis=1)
+    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("problem", ["missing", "extra", "shape"])
+def test_a_file_that_does_not_fit_names_the_tensor(tmp_path, problem):
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    state = dict(model.state_dict())
+    name = "blocks.1.mlp.fc1.bias"
+    if problem == "missing":
+        del state[name]
+    elif problem == "extra":
+        name = "blocks.1.attn.relative_position_bias_table"
+        state[name] = torch.zeros(3)
+    else:
+        state[name] = torch.zeros(7)
+    path = _save(state, tmp_path / "bad.pth")
+    with pytest.raises(tensor_maps.MismatchError, match=name.replace(".", r"\.")):
+        pretrained.load(f"mae:{path}", _mesh())
+
+
+def test_a_position_table_of_another_layout_is_an_error_not_a_silent_load(tmp_path):
+    model = _timm_vit(init_values=0.1)
+    _zero_key_bias(model)
+    _set_fixed_pos(model, "sincos2d")          # MAE's column-first table in a BEiT-layout file
+    path = _save(_beit_state(model), tmp_path / "caev2.pth")
+    weights_config = pretrained.read_config(f"cae_v2:{path}")
+    assert weights_config.model.posemb == "sincos2d"   # detected from the table itself, then checked
+    with pytest.raises(ValueError, match="not mae's"):
+        pretrained.read_config(f"mae:{path}")
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        files.read(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        files.read(tmp_path / "absent.pth")
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+FIXTURE_MAE = "tests/fixtures/checkpoints_9ddba71/mae"
+
+
+def _tiny(name, **extra):
+    from configs import common
+    arg = {"mae": "local", "cmae": "local", "beyond_masking": "local",
+           "cae_v2": f"local,teacher=run:{FIXTURE_MAE}"}[name]
+    c = common.pretrain_config(f"{name}:{arg}")
+    c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, **extra)
+    return c
+
+
+def _perturbed(weights, seed=0):
+    """Random weights everywhere (zero-initialised biases and constant LayerScale would hide a
+    dropped or misplaced tensor)."""
+    leaves, tree = jax.tree.flatten(weights.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    weights.params = jax.tree.unflatten(tree, leaves)
+    return weights
+
+
+def _random_weights(name, **extra):
+    return _perturbed(pretrained.random_init(_tiny(name, **extra), _mesh()))
+
+
+def _timm_from_export(out):
+    cfg = json.loads((out / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                              pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors")))
+    same = timm.create_model(f"local-dir:{out}", pretrained=True)      # timm's own folder format
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,extra", [("mae", {}), ("cae_v2", {}), ("beyond_masking", {}), ("cmae", {}),
+                                        ("mae", {"scan": True})])
+def test_export_to_timm_loads_strictly_and_gives_the_same_features(tmp_path, name, extra):
+    from mim_jax import export
+    weights = _random_weights(name, **extra)
+    export.export_timm(weights, tmp_path)
+    model = _timm_from_export(tmp_path)     # timm loads pretrained files with strict=True
+    assert "mask_token" not in model.state_dict()
+    size, channels = weights.config.input.image_size, weights.config.input.channels
+    images = np.random.default_rng(1).normal(size=(2, size, size, channels)).astype(np.float32)
+    ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
+    np.testing.assert_allclose(np.asarray(ours), _torch_tokens(model, images), rtol=1e-5, atol=1e-5)
+    # ... and the export imports back exactly, into the same architecture.
+    back = pretrained.load(f"timm:{tmp_path / 'model.safetensors'}", _mesh())
+    for key in ("posemb", "qkv_bias", "cls_token"):
+        assert back.config.model[key] == weights.config.model[key]
+    original = layers.unstack_blocks(weights.params["encoder"])
+    jax.tree.map(np.testing.assert_array_equal, back.params["encoder"], original)
+
+
+@pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking"])
+def test_official_export_imports_back_exactly(tmp_path, name):
+    from mim_jax import export
+    weights = _random_weights(name)
+    path = export.export_official(weights, tmp_path)
+    keys = ("encoder", "decoder") if name == "mae" else ("encoder",)
+    state = torch.load(path, weights_only=True)
+    assert state["mim_jax"]["weights"] == "student" and "model" in state
+    assert json.loads((tmp_path / "config.json").read_text())["num_heads"] == 2   # what tensors cannot say
+    back = pretrained.load(f"{name}:{path}", _mesh(), keys=keys)
+    for key in keys:
+        jax.tree.map(np.testing.assert_array_equal, back.params[key], weights.params[key])
+
+
+def test_export_to_hugging_face_gives_the_same_features(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mim_jax import export
+    weights = _random_weights("mae")
+    export.export_hf(weights, tmp_path)
+    model = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    size = weights.config.input.image_size
+    images = np.random.default_rng(2).normal(size=(2, size, size, 1)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
+    ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="LayerScale"):
+        export.export_hf(_random_weights("cae_v2"), tmp_path / "caev2")
+
+
+def test_the_export_command_records_run_step_and_weights(tmp_path):
+    from mim_jax import export
+    export.export(FIXTURE_MAE, "timm", tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())["mim_jax"]
+    assert meta == {"run": FIXTURE_MAE, "step": 2, "method": "mae", "weights": "student"}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        assert f.metadata()["step"] == "2"
+
+
+def test_a_warm_start_continues_mae_pretraining_from_the_official_full_layout(tmp_path):
+    from mim_jax import export, state as state_lib
+    from mim_jax.methods import get_method
+    weights = _random_weights("mae")
+    path = export.export_official(weights, tmp_path)
+    config = _tiny("mae")
+    config.init, config.init_keys = f"mae:{path}", ("encoder", "decoder")
+    setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                            global_batch_size=config.input.batch_size)
+    state = setup.create(jax.random.key(1))
+    jax.tree.map(np.testing.assert_array_equal, state.params, weights.params)
+
+
+def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
+    """The released CAPI layout (tested against a PyTorch reference in test_interop_capi.py) also
+    goes through `pretrained.load`: the architecture is read from the file, the backbone restored."""
+    from configs import common
+    from mim_jax import export
+    config = common.pretrain_config("capi:local")
+    weights = _perturbed(pretrained.random_init(config, _mesh()))
+    path = export.export_official(weights, tmp_path)
+    back = pretrained.load(f"capi:{path}", _mesh())
+    for key in ("encoder", "predictor"):
+        jax.tree.map(np.testing.assert_array_equal, back.params[key], layers.unstack_blocks(weights.params[key]))
+    size = config.input.image_size
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, size, size, 1)), jnp.float32)
+    np.testing.assert_allclose(back.method.encode(back.params, images)["cls"],
+                               weights.method.encode(weights.params, images)["cls"], rtol=1e-5, atol=1e-5)
+
+
+def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path):
+    """kNN on Fashion-MNIST from the run's workdir and from its timm export (init=timm:FILE)."""
+    from configs import knn
+    from mim_jax import export
+    from mim_jax.evaluators import run
+    export.export(FIXTURE_MAE, "timm", tmp_path / "timm")
+    results = {}
+    for name, init in [("run", FIXTURE_MAE), ("file", f"timm:{tmp_path / 'timm' / 'model.safetensors'}")]:
+        config = knn.get_config(f"init={init},dataset=fashion_mnist")
+        config.update(max_train_examples=512, max_eval_examples=256, batch_size=128)
+        results[name] = run.evaluate(config, tmp_path / name)
+    assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
+
+
+def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
+    """teacher=mae:FILE distils the file's encoder: its targets are that encoder's tokens."""
+    from configs import cae_v2
+    from mim_jax import export, state as state_lib
+    from mim_jax.methods import get_method
+    weights = _random_weights("mae")
+    path = export.export_official(weights, tmp_path)
+    config = cae_v2.get_config(f"local,teacher=mae:{path}")
+    config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
+    config.regressor.update(width=16, num_heads=2)
+    assert config.teacher.dim == 32                     # read from the file at config time
+    method = get_method(config)
+    mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+    setup = state_lib.build(config, method, mesh, total_steps=2, warmup_steps=1, global_batch_size=8)
+    assert set(setup.frozen["teacher"]) == {"encoder"}  # the decoder in the file is not loaded
+    size = config.input.image_size
+    images = jax.random.normal(jax.random.key(0), (8, size, size, 1))
+    _, out = weights.method.encoder.apply({"params": weights.params["encoder"]}, images)
+    expected = np.concatenate([out["cls"][:, None], out["patch_tokens"]], 1)
+    np.testing.assert_allclose(method.teacher(setup.frozen["teacher"], images), expected, atol=1e-5)
+
+
+def test_a_warm_start_at_another_resolution_resamples_learned_positions_as_timm(tmp_path):
+    from configs import common
+    from mim_jax import state as state_lib
+    from mim_jax.methods import get_method
+    model = _timm_vit(in_chans=1)
+    with torch.no_grad():
+        model.pos_embed.normal_(0, 0.5)
+    path = _save(model.state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5], "std": [0.5]}}))
+    config = common.pretrain_config("mae:local")
+    config.model.update(variant="Ti/8", depth=DEPTH, posemb="learn")
+    config.input.image_size = 48                         # 6 x 6 patches instead of the file's 4 x 4
+    config.init = f"timm:{path}"
+    setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                            global_batch_size=config.input.batch_size)
+    table = np.asarray(setup.create(jax.random.key(0)).params["encoder"]["pos_embedding"])
+    ref = timm.layers.resample_abs_pos_embed(model.pos_embed[:, 1:].detach(), new_size=(6, 6), old_size=GRID,
+                                             num_prefix_tokens=0, interpolation="bicubic", antialias=False)
+    np.testing.assert_allclose(table, ref[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0).eval()
+    table = np.concatenate([np.zeros((1, 1024), np.float32), layers.positions("sincos2d", (14, 14), 1024)])
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.from_numpy(table[None]))
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+    weights = pretrained.load(f"mae:{tmp_path / 'model.safetensors'}", mesh)
+    assert weights.method.encoder.depth == 24
+    qkv = weights.params["encoder"]["encoder"]["block_23"]["attn"]["qkv"]["kernel"]
+    assert qkv.shape == (1024, 3072) and qkv.sharding.spec[0] == "fsdp"   # weights sharded, not replicated
+    assert {s.data.shape for s in qkv.addressable_shards} == {(256, 3072)}
+    images = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
+    ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
+    np.testing.assert_allclose(np.asarray(ours), _torch_tokens(model, images), rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tuning_starts_from_a_released_file(tmp_path):
+    from configs import finetune
+    from mim_jax import export, state as state_lib
+    from mim_jax.methods import get_method
+    weights = _random_weights("mae")
+    export.export_timm(weights, tmp_path)
+    config = finetune.get_config(f"init=timm:{tmp_path / 'model.safetensors'},dataset=fashion_mnist,local")
+    assert config.method.num_classes == 10 and config.input.mean == weights.config.input.mean
+    setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                            global_batch_size=config.input.batch_size)
+    encoder = setup.create(jax.random.key(0)).params["encoder"]
+    jax.tree.map(np.testing.assert_array_equal, encoder, weights.params["encoder"])
