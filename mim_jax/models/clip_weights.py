@@ -1,8 +1,16 @@
-"""Hugging Face CLIP checkpoints (`model.safetensors` + `config.json`) -> CLIPVisionTower params.
+"""CLIP checkpoints -> CLIPVisionTower fields and params.
 
-`source` is a hub repo id (`openai/clip-vit-base-patch16`, downloaded once into the HF cache), a
-local folder holding both files, or the .safetensors file itself (config.json beside it). Offline
-without a cached copy, the error names the files to download and where to point the config.
+`source` is one of
+- a Hugging Face hub repo id (`openai/clip-vit-base-patch16`, downloaded once into the HF cache),
+  a local folder holding `model.safetensors` + `config.json`, or the .safetensors file itself
+  (config.json beside it). Offline without a cached copy, the error names the files to download
+  and where to point the config;
+- one of OpenAI's own released files, `ViT-B-16.pt`, `ViT-L-14.pt`, ... (TorchScript archives as
+  openai/CLIP downloads them; a `torch.save`d state dict in the same layout, `.pt` or `.pth`, too):
+  no config, the architecture is read from the tensor shapes (`interop/openai_clip.py`).
+
+`vision_fields(source)` gives the tower fields of either kind, `load_clip_vision(source)` fields and
+params; `read_config(source)` a Hugging Face style config.json (synthesised for an OpenAI file).
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import pathlib
 import numpy as np
 
 FILES = ("model.safetensors", "config.json")
+OPENAI_SUFFIXES = (".pt", ".pth")   # OpenAI's released files are .pt; .pth for a re-saved state dict
 
 
 def _offline_help(repo: str) -> str:
@@ -23,9 +32,65 @@ def _offline_help(repo: str) -> str:
             f"--config=configs/cae_v2.py:teacher=/data/{repo.split('/')[-1]} (or set config.teacher.source).")
 
 
-def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.Path:
-    """The local folder holding `files` (model.safetensors and config.json) for `source`."""
+def is_openai_file(source: str) -> bool:
+    """True for a path to one of OpenAI's CLIP files (by its suffix: `.pt` / `.pth`)."""
+    return pathlib.Path(os.path.expanduser(source)).suffix in OPENAI_SUFFIXES
+
+
+def _openai_path(source: str) -> pathlib.Path:
+    from mim_jax.interop import openai_clip
+
     path = pathlib.Path(os.path.expanduser(source))
+    if not path.is_file():
+        url = openai_clip.URLS.get(path.name)
+        where = (f"download {url} (openai/CLIP's clip/clip.py _MODELS) to {path}" if url else
+                 "download the file from the URL openai/CLIP's clip/clip.py _MODELS lists for it, e.g. "
+                 + openai_clip.URLS["ViT-B-16.pt"])
+        raise FileNotFoundError(f"OpenAI CLIP weights {path} do not exist: {where}, and pass its path as the teacher: "
+                                f"--config=configs/cae_v2.py:teacher={path} (or set config.teacher.source).")
+    return path
+
+
+def _read_openai(path: pathlib.Path) -> dict:
+    from mim_jax.interop import files, openai_clip
+
+    tensors = files.read(path)
+    if not openai_clip.is_openai_clip(tensors):
+        raise ValueError(f"{path} is not an OpenAI CLIP file (no visual.* tensors; "
+                         f"first tensors: {sorted(tensors)[:5]}). A Hugging Face CLIP checkpoint is a folder with "
+                         "model.safetensors + config.json, or the .safetensors file itself.")
+    return tensors
+
+
+_OPENAI_FIELDS: dict = {}   # (path, mtime, size) -> fields: config time, build and load each ask
+
+
+def _openai_fields(path: pathlib.Path, tensors: dict | None = None) -> dict:
+    from mim_jax.interop import openai_clip
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _OPENAI_FIELDS:
+        _OPENAI_FIELDS[key] = openai_clip.fields_from_tensors(_read_openai(path) if tensors is None else tensors,
+                                                              source=str(path))
+    return dict(_OPENAI_FIELDS[key])
+
+
+def hf_config(fields: dict) -> dict:
+    """CLIPVisionTower fields -> the Hugging Face CLIPModel config.json that `clip_config_from_hf`
+    reads back to the same fields."""
+    return dict(projection_dim=fields["proj_dim"], vision_config=dict(
+        hidden_size=fields["width"], intermediate_size=fields["mlp_dim"], num_hidden_layers=fields["depth"],
+        num_attention_heads=fields["num_heads"], image_size=fields["image_size"], patch_size=fields["patch_size"],
+        hidden_act="quick_gelu", layer_norm_eps=fields["layer_norm_eps"], projection_dim=fields["proj_dim"]))
+
+
+def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.Path:
+    """The local folder holding `files` (model.safetensors and config.json) for `source`; for an
+    OpenAI `.pt` file, the folder it is in (after checking it exists)."""
+    path = pathlib.Path(os.path.expanduser(source))
+    if is_openai_file(source):
+        return _openai_path(source).parent
     if path.suffix == ".safetensors":
         folder = path.parent
         if not path.is_file():
@@ -35,8 +100,9 @@ def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.P
     elif source.count("/") == 1 and not source.startswith((".", "/")):
         return _download(source, cache_dir, files)
     else:
-        raise FileNotFoundError(f"CLIP teacher {source!r} is neither a folder, a .safetensors file nor a "
-                                "Hugging Face repo id such as 'openai/clip-vit-base-patch16'.")
+        raise FileNotFoundError(f"CLIP teacher {source!r} is neither a folder, a .safetensors file, an OpenAI "
+                                "CLIP .pt file (ViT-B-16.pt) nor a Hugging Face repo id such as "
+                                "'openai/clip-vit-base-patch16'.")
     missing = [f for f in ("config.json",) + (() if path.suffix else ("model.safetensors",))
                if not (folder / f).is_file()]
     if missing:
@@ -64,16 +130,35 @@ def _weights_file(source: str, folder: pathlib.Path) -> pathlib.Path:
 
 
 def read_config(source: str, cache_dir: str | None = None) -> dict:
+    """The Hugging Face config.json of `source` (online, a hub id fetches only that file); for an
+    OpenAI `.pt` file, the equivalent config built from its tensor shapes."""
+    if is_openai_file(source):
+        return hf_config(_openai_fields(_openai_path(source)))
     return json.loads((resolve(source, cache_dir, files=("config.json",)) / "config.json").read_text())
+
+
+def vision_fields(source: str, cache_dir: str | None = None) -> dict:
+    """CLIPVisionTower fields of any CLIP `source` (HF: from config.json; OpenAI: from the shapes)."""
+    if is_openai_file(source):
+        return _openai_fields(_openai_path(source))
+    from mim_jax.models.clip import clip_config_from_hf
+    return clip_config_from_hf(read_config(source, cache_dir))
 
 
 def load_clip_vision(source: str, cache_dir: str | None = None) -> tuple[dict, dict]:
     """(CLIPVisionTower fields, params as float32 numpy) from a CLIPModel or
-    CLIPVisionModelWithProjection checkpoint (text-tower tensors are ignored)."""
+    CLIPVisionModelWithProjection checkpoint or an OpenAI CLIP file (text-tower tensors are
+    ignored)."""
     from safetensors.numpy import load_file
 
     from mim_jax.models.clip import clip_config_from_hf
 
+    if is_openai_file(source):
+        from mim_jax.interop import openai_clip
+        path = _openai_path(source)
+        tensors = _read_openai(path)
+        fields = _openai_fields(path, tensors)
+        return fields, openai_clip.to_params(tensors, fields, source=str(path))
     folder = resolve(source, cache_dir)
     fields = clip_config_from_hf(json.loads((folder / "config.json").read_text()))
     tensors = load_file(str(_weights_file(source, folder)))
