@@ -40,7 +40,10 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
         dataset=dataset, split=split, data_dir=placeholder(str), batch_size=batch_size,
         image_size=image_size, channels=channels, mean=mean, std=std,
         crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, interpolation="auto",
-        num_workers=8, prefetch_buffer=2))
+        num_workers=8, prefetch_buffer=2,
+        # A JPEG whose crop is >= 2x/4x/8x the output on both sides is decoded at that reduced
+        # scale (data/decode.py); 1 always decodes at full size.
+        max_decode_reduction=8))
 
     c.optax = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4, lr_scale_batch=256, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8,

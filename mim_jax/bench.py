@@ -1,11 +1,17 @@
-"""Times the jitted train step on synthetic on-device batches (no input pipeline).
+"""Times the jitted train step on synthetic on-device batches, or (`--input`) the input pipeline.
 
-  python -m mim_jax.bench --config=configs/mae.py:variant=B/16 --config.input.batch_size=256 \
-      --config.model.attention_impl=cudnn
+  python -m mim_jax.bench --config=configs/mae.py:variant=B/16 --config.input.batch_size=256
+  python -m mim_jax.bench --input --config=configs/mae.py --config.input.num_workers=16
 
-Prints images/s, ms/step, TFLOP/s per device and MFU (on devices with a known peak), the time to
-lower and compile the step, and the analytic FLOP count next to XLA's own cost analysis of the
-compiled step.
+The step: images/s, ms/step, TFLOP/s per device and MFU (on devices with a known peak), the time
+to lower and compile the step, and the analytic FLOP count next to XLA's own cost analysis of the
+compiled step. The attention implementation is chosen automatically (cuDNN on GPUs where it
+applies); `--config.model.attention_impl=xla` forces XLA's.
+
+`--input`: the method's Grain training pipeline alone on the config's real TFDS data set (its
+workers, its transform), and in the same run the bare reference loop on the same records (one
+core: cv2 full decode, the same random-resized crop box, resize); the last line is
+`input: N images/s on C cores (M per core)`.
 """
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, as for mim_jax.main.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
+flags.DEFINE_bool("input", False, "Time the input pipeline instead of the train step.")
+flags.DEFINE_string("profile_dir", None, "Write a TensorBoard profiler trace of the timed steps here.")
+flags.DEFINE_integer("input_batches", 20, "Timed batches of the input benchmark (after 2 warm-up batches).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def benchmark(config, steps: int) -> dict:
+def benchmark(config, steps: int, profile_dir: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -56,12 +65,16 @@ def benchmark(config, steps: int) -> dict:
         state, m = compiled(state, setup.frozen, batch)
     jax.block_until_ready(m)
     throughput = flops.Throughput(bs, method.train_flops_per_example(), config.peak_flops)
+    if profile_dir:
+        jax.profiler.start_trace(profile_dir)
     start = time.perf_counter()
     for _ in range(steps):
         state, m = compiled(state, setup.frozen, batch)
         throughput.add_step(0.0)
     jax.block_until_ready((state, m))
     elapsed = time.perf_counter() - start
+    if profile_dir:
+        jax.profiler.stop_trace()
     report = throughput.report()
     report.update(ms_per_step=1e3 * elapsed / steps, compile_s=compile_s, device=jax.devices()[0].device_kind,
                   devices=jax.device_count(), batch_size=bs,
@@ -71,9 +84,58 @@ def benchmark(config, steps: int) -> dict:
     return report
 
 
+def reference_loop(source, config, num_images: int) -> float:
+    """images/s of the bare loop on one core: full cv2 decode, the pipeline's crop box, resize."""
+    import numpy as np
+
+    from mim_jax.data import decode, transforms
+
+    inp, channels = config.input, config.input.channels
+    start = time.perf_counter()
+    for i in range(num_images):
+        rng = np.random.default_rng([config.seed, i])
+        image = decode.image(source[i % len(source)]["image"], channels)
+        top, left, h, w = transforms.sample_crop_box(image.shape[0], image.shape[1], rng, inp.crop_scale,
+                                                     inp.crop_ratio)
+        transforms.resize(image[top:top + h, left:left + w], inp.image_size)
+    return num_images / (time.perf_counter() - start)
+
+
+def input_benchmark(config, batches: int) -> dict:
+    """The method's training input pipeline on the config's TFDS data set, and the bare loop."""
+    from mim_jax.data import pipeline
+    from mim_jax.methods import get_method
+
+    inp = config.input
+    source = pipeline.open_source(inp.dataset, inp.split, inp.data_dir)
+    method = get_method(config, num_examples=len(source))
+    it = pipeline.train_iterator(source, global_batch_size=inp.batch_size, seed=config.seed, process_index=0,
+                                 process_count=1, transform=method.train_transform(), num_workers=inp.num_workers,
+                                 prefetch_buffer=inp.prefetch_buffer)
+    for _ in range(2):   # worker start-up
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * inp.batch_size / (time.perf_counter() - start)
+    it.close()
+    cores = max(inp.num_workers, 1)
+    bare = reference_loop(source, config, min(batches * inp.batch_size // cores, 2000))
+    return {"dataset": f"{inp.dataset}/{inp.split}", "images_per_s": rate, "cores": cores,
+            "images_per_s_per_core": rate / cores, "bare_loop_images_per_s_one_core": bare,
+            "pipeline_per_core_over_bare_loop": rate / cores / bare}
+
+
 def main(argv):
     del argv
-    report = benchmark(FLAGS.config, FLAGS.steps)
+    if FLAGS.input:
+        report = input_benchmark(FLAGS.config, FLAGS.input_batches)
+        for key, value in report.items():
+            print(f"{key:>34}: {value:.4g}" if isinstance(value, float) else f"{key:>34}: {value}")
+        print(f"input: {report['images_per_s']:.0f} images/s on {report['cores']} cores "
+              f"({report['images_per_s_per_core']:.0f} per core)")
+        return
+    report = benchmark(FLAGS.config, FLAGS.steps, FLAGS.profile_dir)
     for key, value in report.items():
         print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
 

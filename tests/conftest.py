@@ -5,6 +5,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # noqa: E402
+
+# PyPI's CUDA build of torch (what timm's torchvision needs) ships triton, which segfaults when it
+# is loaded after TensorFlow (TFDS imports it) in the same process; torchvision's import pulls it in
+# through torch._dynamo. Nothing here needs triton on the CPU, so it is kept from loading.
+sys.modules.setdefault("triton", None)
+
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 

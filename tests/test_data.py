@@ -240,7 +240,8 @@ def test_fashion_mnist_prepared_offline_matches_the_original_files(fashion_mnist
     train = pipeline.open_source("fashion_mnist", "train", fashion_mnist_dir)
     assert len(train) == 60_000 and len(tfds.data_source("fashion_mnist", split="test", data_dir=fashion_mnist_dir)) == 10_000
     records = train.__getitems__(range(len(train)))
-    images = np.stack([r["image"] for r in records])
+    from mim_jax.data import decode    # sources keep images encoded; the workers decode them
+    images = np.stack([decode.image(r["image"], 1) for r in records])
     labels = np.array([r["label"] for r in records])
     assert images.shape == (60_000, 28, 28, 1) and images.dtype == np.uint8
     assert labels.min() == 0 and labels.max() == 9

@@ -126,3 +126,19 @@ def test_scanned_drop_path_is_per_layer_and_off_at_evaluation():
 def test_unknown_remat_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown remat_policy 'everything'"):
         layers.remat_policy("everything")
+
+
+def test_attention_is_chosen_automatically_cudnn_on_gpus_where_it_applies(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from mim_jax.models import layers
+    choose = layers.attention_implementation
+    assert choose(None, jnp.bfloat16, 64) == "xla"                     # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose(None, jnp.bfloat16, 64) == choose("auto", jnp.float16, 128) == "cudnn"
+    assert choose(None, jnp.float32, 64) == "xla"                      # cuDNN's kernel has no fp32
+    assert choose(None, jnp.bfloat16, 160) == choose(None, jnp.bfloat16, 60) == "xla"
+    assert choose("xla", jnp.bfloat16, 64) == "xla" and choose("cudnn", jnp.float32, 64) == "cudnn"
+    with pytest.raises(ValueError, match="attention_impl"):
+        choose("flash", jnp.bfloat16, 64)

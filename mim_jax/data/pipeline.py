@@ -18,7 +18,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from mim_jax.data import contrastive_crop, randaugment, transforms
+from mim_jax.data import contrastive_crop, decode, randaugment, transforms
 
 INT32_MAX = 2**31 - 1
 # Key under which a transform finds its record's stable index in the source (per-example state such
@@ -55,7 +55,11 @@ def open_source(name: str, split: str, data_dir: str | None = None):
             f"needs array_record. Convert it with `tfds convert_format --dataset_version_dir="
             f"{builder.data_dir} --out_file_format=array_record` (needs apache-beam), or delete it and "
             f"prepare again: {_how_to_prepare(name, data_dir)}")
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    # Images stay encoded: the transforms decode them, at reduced scale where a crop allows
+    # (data/decode.py).
+    image_features = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders={k: tfds.decode.SkipDecoding() for k in image_features})
 
 
 class SyntheticSource:
@@ -79,17 +83,18 @@ class PretrainTransform:
     flip, normalise."""
 
     def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
-                 interpolation="auto"):
+                 interpolation="auto", max_reduction=8):
         self.image_size, self.crop_scale, self.crop_ratio = image_size, crop_scale, crop_ratio
         self.flip, self.mean, self.std = flip, mean, std
         self.color_jitter, self.interpolation = color_jitter, interpolation
+        self.max_reduction = max_reduction   # libjpeg scale reduction allowed by the crop (1: off)
 
     def crop_and_flip(self, record, rng):
-        image = record["image"]
+        image, channels = record["image"], len(self.mean)
         if self.color_jitter:  # BEiT/CAE jitter the whole image first (contrast uses its mean)
-            image = transforms.color_jitter(image, rng, *(self.color_jitter,) * 3)
-        image = transforms.random_resized_crop(image, rng, self.image_size, self.crop_scale, self.crop_ratio,
-                                               self.interpolation)
+            image = transforms.color_jitter(decode.image(image, channels), rng, *(self.color_jitter,) * 3)
+        image = transforms.random_resized_crop_encoded(image, rng, self.image_size, channels, self.crop_scale,
+                                                       self.crop_ratio, self.interpolation, self.max_reduction)
         return transforms.horizontal_flip(image, rng) if self.flip else image
 
     def __call__(self, record, rng):
@@ -142,7 +147,7 @@ class ContrastiveViewsTransform:
                                                  interpolation=self.interpolation)
 
     def __call__(self, record, rng):
-        image, index = record["image"], record[SOURCE_INDEX]
+        image, index = decode.image(record["image"], len(self.mean)), record[SOURCE_INDEX]
         view1 = self.crop(image, index, rng)
         view1 = transforms.horizontal_flip(view1, rng) if self.flip else view1
         view2 = self.crop(image, index, rng)
@@ -157,9 +162,10 @@ class ContrastiveViewsTransform:
 
 
 def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
-                       interpolation="auto") -> PretrainTransform:
+                       interpolation="auto", max_reduction=8) -> PretrainTransform:
     return PretrainTransform(image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, mean=mean,
-                             std=std, color_jitter=color_jitter, interpolation=interpolation)
+                             std=std, color_jitter=color_jitter, interpolation=interpolation,
+                             max_reduction=max_reduction)
 
 
 class EvalTransform:
@@ -170,7 +176,8 @@ class EvalTransform:
 
     def __call__(self, record, rng):
         del rng
-        image = transforms.center_crop_resize(record["image"], self.image_size, self.crop_fraction)
+        image = transforms.center_crop_resize(decode.image(record["image"], len(self.mean)), self.image_size,
+                                              self.crop_fraction)
         return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
 
 
@@ -184,7 +191,7 @@ class ResizeTransform:
 
     def __call__(self, record, rng):
         del rng
-        image = transforms.resize(record["image"], self.image_size)
+        image = transforms.resize(decode.image(record["image"], len(self.mean)), self.image_size)
         return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
 
 

@@ -10,6 +10,8 @@ import math
 import cv2
 import numpy as np
 
+from mim_jax.data import decode
+
 
 def resize(image: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:
     """'auto': area averaging when shrinking (no aliasing), bilinear when enlarging; 'bicubic' as
@@ -50,6 +52,19 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "auto") -> np.ndarray:
     top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
     return resize(image[top:top + h, left:left + w], size, interpolation)
+
+
+def random_resized_crop_encoded(record_image, rng: np.random.Generator, size: int, channels: int,
+                                scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "auto",
+                                max_reduction: int = 8) -> np.ndarray:
+    """`random_resized_crop` of a record's image that may still be encoded: the same box (drawn
+    from the header's size with the same random stream), the JPEG decoded at reduced scale when
+    the box allows (`decode.crop_region`; max_reduction=1 always decodes at full size)."""
+    if not decode.is_encoded(record_image):
+        return random_resized_crop(record_image, rng, size, scale, ratio, interpolation)
+    height, width, _ = decode.header(record_image)
+    box = sample_crop_box(height, width, rng, scale, ratio)
+    return resize(decode.crop_region(record_image, box, size, channels, max_reduction), size, interpolation)
 
 
 def _grayscale(image: np.ndarray) -> np.ndarray:

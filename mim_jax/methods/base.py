@@ -132,7 +132,7 @@ class Method(abc.ABC):
         return pipeline.pretrain_transform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.get("color_jitter", 0.0),
-            interpolation=inp.get("interpolation", "auto"))
+            interpolation=inp.get("interpolation", "auto"), max_reduction=inp.get("max_decode_reduction", 8))
 
     # -- accounting and features ---------------------------------------------------------------
     @abc.abstractmethod

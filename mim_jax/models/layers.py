@@ -133,14 +133,29 @@ def make_norm(kind: str, dtype: Dtype, name: str | None = None, eps: float = 1e-
     raise ValueError(f"Unknown norm {kind!r}: use 'layernorm' or 'rmsnorm'.")
 
 
+def attention_implementation(requested: str | None, dtype, head_dim: int) -> str:
+    """`model.attention_impl`: None or 'auto' picks cuDNN's fused kernel on GPUs where it applies
+    (bf16/fp16, head_dim a multiple of 8 up to 128) and XLA's everywhere else (jax's own None is
+    always XLA); 'xla' or 'cudnn' force one."""
+    if requested in ("xla", "cudnn"):
+        return requested
+    if requested not in (None, "auto"):
+        raise ValueError(f"Unknown attention_impl {requested!r}: use 'auto', 'xla' or 'cudnn'.")
+    fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
+        and head_dim <= 128
+    return "cudnn" if fused and jax.default_backend() == "gpu" else "xla"
+
+
 def attention(q, k, v, implementation: str | None, pad_multiple: int | None = None):
     """softmax(q k^T / sqrt(d)) v over [B, T, heads, head_dim] via jax.nn.dot_product_attention.
     Keys and values may be longer or shorter than the queries (cross-attention).
+    `implementation` as `attention_implementation` resolves it (None: automatic).
 
     cuDNN's fused kernel rejects lengths that are not a multiple of 64 (e.g. 197 = 196 + CLS), so
     for implementation='cudnn' we pad to the next multiple and pass the true lengths: the padded
     keys are masked out and the padded queries sliced away.
     """
+    implementation = attention_implementation(implementation, q.dtype, q.shape[-1])
     if pad_multiple is None:
         pad_multiple = 64 if implementation == "cudnn" else 1
     b, t_q, t_kv = q.shape[0], q.shape[1], k.shape[1]
