@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import optim, parallel, pretrained
+from mim_jax import image_ops, optim, parallel, pretrained
 
 
 @flax.struct.dataclass
@@ -99,6 +99,8 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
     seed_key = jax.random.key(config.seed)
 
     def train_step(state, frozen, batch):
+        batch = image_ops.normalize_images(batch, config.input.mean, config.input.std)
+
         def loss_fn(params):
             return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
 

@@ -40,13 +40,19 @@ def tiny_mae_config(**overrides):
 
 
 def synthetic_batches(config, n, image_shape=(16, 16, 1), num_examples=256):
-    """`n` host batches of a synthetic source through the method's own train transform."""
-    from mim_jax.data import pipeline
+    """`n` host batches of a synthetic source through the method's own train transform, as the
+    loss sees them: the workers' uint8 images normalised (the train step does it on the device;
+    equal to rounding, tests/test_data.py)."""
+    from mim_jax.data import pipeline, transforms
     from mim_jax.methods import get_method
     source = pipeline.SyntheticSource(num_examples, image_shape=image_shape, num_classes=10, seed=0)
     it = pipeline.train_iterator(source, global_batch_size=config.input.batch_size, seed=0, process_index=0,
                                  process_count=1, transform=get_method(config).train_transform())
-    return [next(it) for _ in range(n)]
+
+    def normalised(batch):
+        return {k: transforms.normalize(v, config.input.mean, config.input.std) if v.dtype == "uint8" and v.ndim == 4
+                else v for k, v in batch.items()}
+    return [normalised(next(it)) for _ in range(n)]
 
 
 def run_steps(config, mesh, batches):

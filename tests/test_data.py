@@ -36,7 +36,7 @@ def test_deterministic_for_a_seed_and_batch_format():
     for a, b in zip(first, again):
         assert_same(a, b)
     batch = first[0]
-    assert batch["image"].shape == (8, 8, 8, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, 8, 8, 3) and batch["image"].dtype == np.uint8   # normalised on device
     assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
     np.testing.assert_array_equal(batch["index"], np.arange(8))  # index = global stream position
     assert not np.array_equal(batch["image"], batches(seed=4, n=1)[0]["image"])  # the seed matters
@@ -266,3 +266,15 @@ def test_fashion_mnist_missing_sources_is_a_clear_error(tmp_path):
     from mim_jax.data.fashion_mnist import prepare_fashion_mnist
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         prepare_fashion_mnist(str(tmp_path / "tfds"), source_dir=str(tmp_path))
+
+
+def test_the_train_step_normalises_the_workers_uint8_images_as_the_host_did():
+    import jax.numpy as jnp
+
+    from mim_jax import image_ops
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    on_device = image_ops.normalize_images({"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)}, mean, std)
+    host = transforms.normalize(images, mean, std)
+    np.testing.assert_allclose(np.asarray(on_device["image"]), host, rtol=1e-6, atol=1e-6)   # float32 rounding
+    assert on_device["label"].dtype == jnp.int32 and on_device["image"].dtype == jnp.float32

@@ -79,8 +79,9 @@ class SyntheticSource:
 
 # Transforms are classes, not closures, so they pickle into Grain worker processes.
 class PretrainTransform:
-    """record, rng -> {'image': float32 HWC, 'label': int32}: [colour jitter,] random-resized crop,
-    flip, normalise."""
+    """record, rng -> {'image': uint8 HWC, 'label': int32}: [colour jitter,] random-resized crop,
+    flip. The train step normalises uint8 images on the device (`image_ops.normalize_images`):
+    a quarter of the bytes to copy between processes and to the device."""
 
     def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
                  interpolation="auto", max_reduction=8):
@@ -98,8 +99,7 @@ class PretrainTransform:
         return transforms.horizontal_flip(image, rng) if self.flip else image
 
     def __call__(self, record, rng):
-        image = self.crop_and_flip(record, rng)
-        return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
+        return {"image": np.ascontiguousarray(self.crop_and_flip(record, rng)), "label": np.int32(record["label"])}
 
 
 class FinetuneTransform(PretrainTransform):
@@ -120,7 +120,8 @@ class FinetuneTransform(PretrainTransform):
 
 
 class ContrastiveViewsTransform:
-    """record, rng -> {'image', 'image2': float32 HWC, 'label'}: CMAE's two views of one image.
+    """record, rng -> {'image', 'image2': uint8 HWC (normalised on the device), 'label'}: CMAE's
+    two views of one image.
 
     Both views are drawn independently by ContrastiveCrop from the record's box (`boxes[index]`,
     normalised (h_min, w_min, h_max, w_max), keyed by the stable source index), or, before the
@@ -157,8 +158,8 @@ class ContrastiveViewsTransform:
         view2 = contrastive_crop.random_color_jitter(view2, rng, p=self.jitter_prob, brightness=brightness,
                                                      contrast=contrast, saturation=saturation, hue=hue)
         view2 = contrastive_crop.random_grayscale(view2, rng, p=self.gray_prob)
-        return {"image": transforms.normalize(view1, self.mean, self.std),
-                "image2": transforms.normalize(view2, self.mean, self.std), "label": np.int32(record["label"])}
+        return {"image": np.ascontiguousarray(view1), "image2": np.ascontiguousarray(view2),
+                "label": np.int32(record["label"])}
 
 
 def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,

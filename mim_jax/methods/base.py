@@ -123,11 +123,12 @@ class Method(abc.ABC):
 
     def train_transform(self, host_state: PyTree | None = None) -> Callable:
         """The Grain workers' transform `(record, rng) -> example`. `record` carries
-        `pipeline.SOURCE_INDEX`, its stable index in the source."""
+        `pipeline.SOURCE_INDEX`, its stable index in the source; uint8 images in the example are
+        normalised with config.input's mean/std inside the train step."""
         return self.pretrain_transform(self.config.input.image_size)
 
     def pretrain_transform(self, image_size: int) -> Callable:
-        """MAE's views: [colour jitter,] random-resized crop to `image_size`, flip, normalise."""
+        """MAE's views: [colour jitter,] random-resized crop to `image_size`, flip; uint8."""
         inp = self.config.input
         return pipeline.pretrain_transform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
