@@ -345,7 +345,7 @@ def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
                                weights.method.encode(weights.params, images)["cls"], rtol=1e-5, atol=1e-5)
 
 
-def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path):
+def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion_mnist_dir):
     """kNN on Fashion-MNIST from the run's workdir and from its timm export (init=timm:FILE)."""
     from configs import knn
     from mim_jax import export
@@ -354,7 +354,7 @@ def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path):
     results = {}
     for name, init in [("run", FIXTURE_MAE), ("file", f"timm:{tmp_path / 'timm' / 'model.safetensors'}")]:
         config = knn.get_config(f"init={init},dataset=fashion_mnist")
-        config.update(max_train_examples=512, max_eval_examples=256, batch_size=128)
+        config.update(max_train_examples=512, max_eval_examples=256, batch_size=128, data_dir=fashion_mnist_dir)
         results[name] = run.evaluate(config, tmp_path / name)
     assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
 
