@@ -64,11 +64,12 @@ def reduction(box_h: int, box_w: int, size: int, max_factor: int = 8) -> int:
     return factor
 
 
-def crop_region(record_image, box, size: int, channels: int, max_factor: int = 8) -> np.ndarray:
+def crop_region(record_image, box, size: int, channels: int, max_factor: int = 8, known_header=None) -> np.ndarray:
     """The pixels of `box` = (top, left, h, w) in full-size coordinates, decoded at the largest
-    scale reduction that keeps them at least `size` on both sides (JPEG only), then cropped."""
+    scale reduction that keeps them at least `size` on both sides (JPEG only), then cropped.
+    `known_header` is `header(record_image)` where the caller has read it already."""
     top, left, h, w = box
-    height, width, fmt = header(record_image)
+    height, width, fmt = known_header or header(record_image)
     factor = reduction(h, w, size, max_factor) if fmt == "JPEG" else 1
     if factor == 1:
         return image(record_image, channels)[top:top + h, left:left + w]

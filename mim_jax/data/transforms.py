@@ -62,9 +62,9 @@ def random_resized_crop_encoded(record_image, rng: np.random.Generator, size: in
     the box allows (`decode.crop_region`; max_reduction=1 always decodes at full size)."""
     if not decode.is_encoded(record_image):
         return random_resized_crop(record_image, rng, size, scale, ratio, interpolation)
-    height, width, _ = decode.header(record_image)
-    box = sample_crop_box(height, width, rng, scale, ratio)
-    return resize(decode.crop_region(record_image, box, size, channels, max_reduction), size, interpolation)
+    known = decode.header(record_image)
+    box = sample_crop_box(known[0], known[1], rng, scale, ratio)
+    return resize(decode.crop_region(record_image, box, size, channels, max_reduction, known), size, interpolation)
 
 
 def _grayscale(image: np.ndarray) -> np.ndarray:
