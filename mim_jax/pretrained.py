@@ -26,7 +26,7 @@ import ml_collections
 from etils import epath
 
 from mim_jax import checkpoint, config_lib, parallel
-from mim_jax.interop import imports as interop
+from mim_jax.interop import imports as interop, tensors as tensor_maps, vit as vit_layouts
 from mim_jax.methods import Method, get_method
 from mim_jax.models import layers
 
@@ -156,8 +156,6 @@ def load(workdir, mesh, keys=None) -> Weights:
 def load_file(spec: str, mesh, keys=None) -> Weights:
     """The encoder (and, for keys=('encoder', 'decoder'), MAE's decoder; for CAPI the whole
     released backbone) of a weights spec on `mesh`."""
-    from mim_jax.interop import tensors as tensor_maps, vit as vit_layouts
-
     desc = interop.describe(spec)
     config = imported_config(desc)
     method = get_method(config)
@@ -170,7 +168,7 @@ def load_file(spec: str, mesh, keys=None) -> Weights:
                                              ignore=capi_layout.HEADS, source=f"{desc.path} (capi layout)")
     else:
         keys = tuple(keys or ("encoder",))
-        entries = _file_entries(desc, method, keys, vit_layouts, tensor_maps)
+        entries = _file_entries(desc, method, keys)
         target = {k: abstract[k] for k in keys}
         loop_target = jax.eval_shape(layers.unstack_blocks, target)
         params = tensor_maps.to_params(tensors, entries, loop_target, ignore=interop.ignored(desc, keys),
@@ -183,7 +181,7 @@ def load_file(spec: str, mesh, keys=None) -> Weights:
     return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}")
 
 
-def _file_entries(desc, method, keys, vit_layouts, tensor_maps):
+def _file_entries(desc, method, keys):
     encoder, grid, channels = method.encoder, method.grid, desc.channels
     unknown = sorted(set(keys) - {"encoder", "decoder"})
     if unknown or ("decoder" in keys and not desc.has_decoder):
@@ -206,8 +204,6 @@ def _file_entries(desc, method, keys, vit_layouts, tensor_maps):
 def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
     """A learned position table resampled (bicubic) to the new run's grid when the resolutions
     differ; fixed tables and RoPE need nothing, they are computed for any grid."""
-    from mim_jax.interop import vit as vit_layouts
-
     table, want = encoder.get("pos_embedding"), target.get("pos_embedding")
     if table is None or want is None or table.shape == want.shape:
         return encoder
