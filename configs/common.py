@@ -28,6 +28,8 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     c.ckpt_epochs = 1.0
     c.keep_ckpts = 3
     c.async_ckpt = True
+    c.resume_step = placeholder(int)   # restore this checkpoint, not the newest; later ones are deleted
+    c.max_loss_ratio = 1e3       # a loss over this x the run's first loss is divergence (0: off)
     c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known
@@ -64,7 +66,7 @@ def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
     """Encoder block; the width/depth/... placeholders override the variant's sizes when set."""
     model = dict(variant=variant, posemb="sincos2d", cls_token=True, num_registers=0, norm="layernorm",
                  use_bias=True, qkv_bias="dense", init_style="mae", layerscale=placeholder(float),
-                 drop_path=0.0, dtype="bfloat16", attention_impl=placeholder(str), remat=False,
+                 drop_path=0.0, drop_path_form="naive", dtype="bfloat16", attention_impl=placeholder(str), remat=False,
                  remat_policy=placeholder(str), scan=False, qkv_init="fused", width=placeholder(int),
                  depth=placeholder(int), mlp_dim=placeholder(int), num_heads=placeholder(int))
     model.update(overrides)

@@ -30,14 +30,15 @@ def dense(tokens: int, fan_in: int, fan_out: int) -> float:
     return 2.0 * tokens * fan_in * fan_out
 
 
-def vit_forward(encoder, num_patches: int, channels: int) -> float:
+def vit_forward(encoder, num_patches: int, channels: int, block_fraction: float = 1.0) -> float:
     """Per example: a ViT-style encoder (fields patch_size, width, depth, mlp_dim and
     num_prefix_tokens) on `num_patches` patches of `channels`-channel pixels plus its prefix
-    tokens: patch embedding + blocks (no final norm or heads)."""
+    tokens: patch embedding + blocks (no final norm or heads). `block_fraction`: the share of
+    examples each block's branches run on (subset drop path: 1 - rate)."""
     patch_dim = encoder.patch_size ** 2 * channels
     tokens = num_patches + encoder.num_prefix_tokens
     return (dense(num_patches, patch_dim, encoder.width)
-            + transformer_forward(tokens, encoder.width, encoder.depth, encoder.mlp_dim))
+            + block_fraction * transformer_forward(tokens, encoder.width, encoder.depth, encoder.mlp_dim))
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:

@@ -142,7 +142,7 @@ class CAEv2(MaskedEncoderMethod):
     def train_flops_per_example(self):
         enc, kw = self.encoder, self.predictor_kwargs
         d_r, k, n_v = kw["width"], self.num_masked, self.num_visible
-        encoder = self.encoder_flops()
+        encoder = self.encoder_flops(train=True)
         project = flops.dense(n_v + 1, enc.width, d_r) if d_r != enc.width else 0.0
         # Per regressor block: q/out projections on K queries, k/v on Nv+K tokens, attention
         # K x (Nv+K), MLP on K queries.

@@ -48,7 +48,8 @@ class CAPI(MaskedEncoderMethod):
         self.predictor = Predictor(
             depth=pred.depth, num_heads=pred.num_heads or self.encoder.num_heads,
             mlp_dim=int(pred.mlp_ratio * self.encoder.width), drop_path=pred.drop_path, norm_eps=self.encoder.norm_eps,
-            rope=self.encoder.rope, dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl)
+            rope=self.encoder.rope, dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl,
+            drop_path_form=self.encoder.drop_path_form)   # official: one drop_path_type for both
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
         chunk = cfg.get("sinkhorn_chunk") or self.num_patches
@@ -121,10 +122,10 @@ class CAPI(MaskedEncoderMethod):
         enc, pred = self.encoder, self.predictor
         d, k, n_vis = enc.width, self.config.method.num_prototypes, self.num_visible
         teacher = self.encoder_flops(self.num_patches)
-        student = self.encoder_flops()
+        student = self.encoder_flops(train=True)
         q, ctx = self.num_predict, n_vis + enc.num_registers
         predictor = pred.depth * (2 * flops.dense(q, d, d) + 2 * flops.dense(ctx, d, d) + 4.0 * q * ctx * d
-                                  + 2 * flops.dense(q, d, pred.mlp_dim))
+                                  + 2 * flops.dense(q, d, pred.mlp_dim)) * self.branch_fraction(pred.drop_path)
         head = flops.dense(q, d, k)
         clustering = flops.dense(self.num_patches, d, k)    # forward; backward reaches only the weights
         return (teacher + 2 * clustering + flops.TRAIN_MULTIPLIER * (student + predictor + head))

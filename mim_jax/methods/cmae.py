@@ -245,6 +245,6 @@ class CMAE(MAE):
         predictor = flops.dense(1, self.dim, ctr.hidden_dim) + flops.dense(1, ctr.hidden_dim, self.dim)
         position = flops.dense(self.num_visible, enc.width, enc.width // 2) + flops.dense(
             self.num_visible, enc.width // 2, self.num_patches)
-        online = self.encoder_flops() + decoder + head + predictor + position
+        online = self.encoder_flops(train=True) + decoder + head + predictor + position
         # Two views through the trained path (forward + backward), the momentum head forward only.
         return 2 * (flops.TRAIN_MULTIPLIER * online + head)

@@ -74,4 +74,4 @@ class MAE(MaskedEncoderMethod):
                 + flops.dense(self.num_patches, dec.width, patch_dim))
 
     def train_flops_per_example(self):
-        return flops.TRAIN_MULTIPLIER * (self.encoder_flops() + self.decoder_flops())
+        return flops.TRAIN_MULTIPLIER * (self.encoder_flops(train=True) + self.decoder_flops())

@@ -58,10 +58,17 @@ class MaskedEncoderMethod(Method):
         return self.encoder.apply({"params": params["encoder"]}, images, visible_idx, train=True,
                                   rngs={"dropout": dropout_key(rng, step)})
 
-    def encoder_flops(self, num_patches: int | None = None) -> float:
-        """Forward FLOPs per example of the encoder on `num_patches` patches (default: the visible ones)."""
+    def encoder_flops(self, num_patches: int | None = None, *, train: bool = False) -> float:
+        """Forward FLOPs per example of the encoder on `num_patches` patches (default: the visible
+        ones); `train`: as the training forward runs it (the subset drop path skips examples)."""
         n = self.num_visible if num_patches is None else num_patches
-        return flops.vit_forward(self.encoder, n, self.config.input.channels)
+        return flops.vit_forward(self.encoder, n, self.config.input.channels,
+                                 block_fraction=self.branch_fraction(self.encoder.drop_path) if train else 1.0)
+
+    def branch_fraction(self, rate: float) -> float:
+        """The share of examples a residual branch runs on in training: 1 - rate for the subset
+        drop path (rounding of int((1 - rate) * b) aside), 1 for the naive form."""
+        return 1.0 - rate if self.encoder.drop_path_form == "subset" else 1.0
 
     def encode(self, params, images):
         _, out = self.encoder.apply({"params": params["encoder"]}, images)

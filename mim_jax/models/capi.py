@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mim_jax.models import rope as rope_lib
-from mim_jax.models.layers import (DropPath, Dtype, Mlp, attention, constrain, l2_normalize, make_norm, param_init,
-                                   trunc_normal)
+from mim_jax.models.layers import (DropPath, Dtype, Mlp, attention, check_drop_path_form, constrain, l2_normalize,
+                                   make_norm, param_init, residual, trunc_normal)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -28,6 +28,7 @@ class CrossAttentionBlock(nn.Module):
     rope: str = "capi"
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    drop_path_form: str = "naive"
 
     @nn.compact
     def __call__(self, x, context, coords, context_coords, deterministic: bool):
@@ -38,15 +39,22 @@ class CrossAttentionBlock(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name,
                             kernel_init=param_init(nn.initializers.xavier_uniform(), names))
 
-        y = make_norm("rmsnorm", self.dtype, "norm1", self.norm_eps)(x)
-        q = rope_lib.apply_rope(heads(dense("q", ("embed", "qkv"))(y)), coords, self.rope)
-        k = rope_lib.apply_rope(heads(dense("k", ("embed", "qkv"))(context)), context_coords, self.rope)
-        v = heads(dense("v", ("embed", "qkv"))(context))
-        y = dense("out", ("qkv", "embed"))(attention(q, k, v, self.attention_impl).reshape(x.shape))
-        x = x + DropPath(self.drop_path)(y, deterministic)
-        y = Mlp(self.mlp_dim, self.dtype, use_bias=False, name="mlp")(
-            make_norm("rmsnorm", self.dtype, "norm2", self.norm_eps)(x))
-        return constrain(x + DropPath(self.drop_path)(y, deterministic), ("act_batch", "act_len", "act_emb"))
+        norm1 = make_norm("rmsnorm", self.dtype, "norm1", self.norm_eps)
+        q_proj, k_proj, v_proj = (dense(n, ("embed", "qkv")) for n in ("q", "k", "v"))
+        out_proj = dense("out", ("qkv", "embed"))
+
+        def cross_attention(h, coords, context, context_coords):
+            q = rope_lib.apply_rope(heads(q_proj(norm1(h))), coords, self.rope)
+            k = rope_lib.apply_rope(heads(k_proj(context)), context_coords, self.rope)
+            return out_proj(attention(q, k, heads(v_proj(context)), self.attention_impl).reshape(h.shape))
+
+        mlp = Mlp(self.mlp_dim, self.dtype, use_bias=False, name="mlp")
+        norm2 = make_norm("rmsnorm", self.dtype, "norm2", self.norm_eps)
+        drop = dict(rate=self.drop_path, deterministic=deterministic, form=self.drop_path_form)
+        # The subset form subsets the queries, their coordinates and the context alike (official).
+        x = residual(x, cross_attention, coords, context, context_coords, drop_path=DropPath(self.drop_path), **drop)
+        x = residual(x, lambda h: mlp(norm2(h)), drop_path=DropPath(self.drop_path), **drop)
+        return constrain(x, ("act_batch", "act_len", "act_emb"))
 
 
 class Predictor(nn.Module):
@@ -60,9 +68,11 @@ class Predictor(nn.Module):
     rope: str = "capi"
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    drop_path_form: str = "naive"   # or "subset" (layers.SubsetDropPath)
 
     @nn.compact
     def __call__(self, context, context_coords, query_coords, *, train: bool = False):
+        check_drop_path_form(self.drop_path_form)
         width = context.shape[-1]
         token = self.param("mask_token", param_init(nn.initializers.normal(0.02), (None, "norm")), (1, width))
         x = jnp.broadcast_to(token.astype(self.dtype), query_coords.shape[:2] + (width,))
@@ -71,7 +81,8 @@ class Predictor(nn.Module):
         for i in range(self.depth):
             x = CrossAttentionBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path=self.drop_path,
                                     norm_eps=self.norm_eps, rope=self.rope, dtype=self.dtype,
-                                    attention_impl=self.attention_impl, name=f"block_{i}")(
+                                    attention_impl=self.attention_impl, drop_path_form=self.drop_path_form,
+                                    name=f"block_{i}")(
                 x, context, query_coords, context_coords, not train)
             outputs.append(dec_norm(x))
         return outputs

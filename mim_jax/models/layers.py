@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import parallel
 from mim_jax.models import rope as rope_lib
 
 Dtype = Any
@@ -191,8 +192,85 @@ class DropPath(nn.Module):
         if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
             return x
         keep = 1.0 - rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = draw_keep_mask(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
+
+
+def draw_keep_mask(rng, keep, shape):
+    """The naive form's draw: keep each example's branch with probability `keep`."""
+    return jax.random.bernoulli(rng, keep, shape)
+
+
+DROP_PATH_FORMS = ("naive", "subset")
+
+
+def check_drop_path_form(form: str):
+    if form not in DROP_PATH_FORMS:
+        raise ValueError(f"Unknown drop_path_form {form!r}: use 'naive' (a Bernoulli mask per example) or "
+                         "'subset' (CAPI's efficient form: each branch runs on a fixed share of the batch).")
+
+
+def subset_size(local_batch: int, rate: float) -> int:
+    """How many examples of a device's batch a branch runs on: the official `int(b * keep)`."""
+    return max(int(local_batch * (1.0 - rate)), 1)
+
+
+def draw_subsets(rng, batch: int, rate: float, groups: int):
+    """[groups, n_keep] distinct row indices within each group of batch/groups consecutive rows."""
+    local = batch // groups
+    keys = jax.random.split(rng, groups)
+    return jax.vmap(lambda k: jax.random.permutation(k, local)[:subset_size(local, rate)])(keys)
+
+
+def subset_residual(x, branch, indices, *per_example):
+    """x + (local / n_keep) * branch(rows `indices` of x and of `per_example`), added back at
+    those rows (torch.index_add with alpha). `indices` [G, n_keep] are within each of G groups of
+    consecutive rows: one group per device sharing the batch, so the gather and the scatter stay
+    on the device (the official code draws per GPU, over its local batch)."""
+    groups, n_keep = indices.shape
+    local = x.shape[0] // groups
+
+    def take(a):
+        if a is None:
+            return None
+        grouped = a.reshape((groups, local) + a.shape[1:])
+        picked = jax.vmap(lambda g, i: g[i])(grouped, indices)
+        return picked.reshape((groups * n_keep,) + a.shape[1:])
+
+    y = branch(take(x), *(take(a) for a in per_example))
+    y = (y * jnp.asarray(local / n_keep, y.dtype)).astype(x.dtype).reshape((groups, n_keep) + x.shape[1:])
+    grouped = x.reshape((groups, local) + x.shape[1:])
+    out = jax.vmap(lambda g, i, r: g.at[i].add(r, unique_indices=True))(grouped, indices, y)
+    return out.reshape(x.shape)
+
+
+class SubsetDropPath(nn.Module):
+    """CAPI's efficient stochastic depth (`EfficientResidual`): the branch runs only on a random
+    `int((1 - rate) * b)` of each device's b examples and is scaled by b / n_keep, so a rate of
+    0.2 saves 20% of the branch's FLOPs. Per example it is the naive form's distribution
+    whenever (1 - rate) * b is whole: kept with probability n_keep / b, scaled by its inverse."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, branch, *per_example):
+        batch, groups = x.shape[0], parallel.batch_shards()
+        if batch % groups:
+            raise ValueError(f"A batch of {batch} cannot be split over the {groups} devices that share it.")
+        return subset_residual(x, branch, draw_subsets(self.make_rng("dropout"), batch, self.rate, groups),
+                               *per_example)
+
+
+def residual(x, branch, *per_example, rate, deterministic: bool, form: str, drop_path):
+    """x + branch(x, *per_example) under stochastic depth of `rate` in `form`; `drop_path`: the
+    naive DropPath to use (built by the caller, so the naive form's random draws keep their
+    module paths)."""
+    if form == "subset" and not deterministic:
+        if not isinstance(rate, (int, float)):
+            raise ValueError("drop_path_form='subset' needs a static rate per block: with scan=True, set "
+                             "drop_path_uniform=True (or scan=False).")
+        if rate:
+            return SubsetDropPath(rate)(x, branch, *per_example)
+    return x + drop_path(branch(x, *per_example), deterministic, rate)
 
 
 class Attention(nn.Module):
@@ -270,39 +348,49 @@ class Block(nn.Module):
     rope: str | None = None
     norm_eps: float = 1e-6
     linear_init: str = "xavier"
+    drop_path_form: str = "naive"   # or "subset" (CAPI's efficient form, see SubsetDropPath)
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, coords=None, drop_rate=None):
-        def branch(y, name):
+        def scaled(y, name):
             if self.layerscale is not None:
                 gamma = self.param(f"{name}_scale", param_init(
                     nn.initializers.constant(self.layerscale), ("norm",)), (y.shape[-1],))
                 y = y * gamma.astype(y.dtype)
-            return DropPath(self.drop_path)(y, deterministic, drop_rate)
+            return y
 
         init = linear_init(self.linear_init)
         attn = Attention(num_heads=self.num_heads, dtype=self.dtype, use_bias=self.use_bias,
                          implementation=self.attention_impl, qkv_bias=self.qkv_bias, qkv_init=self.qkv_init,
                          rope=self.rope, kernel_init=init, name="attn")
-        y = attn(make_norm(self.norm, self.dtype, "norm1", self.norm_eps)(x), coords)
-        x = constrain(x + branch(y, "attn"), TOKENS)
-        y = Mlp(mlp_dim=self.mlp_dim, dtype=self.dtype, use_bias=self.use_bias, kernel_init=init, name="mlp")(
-            make_norm(self.norm, self.dtype, "norm2", self.norm_eps)(x))
-        return constrain(x + branch(y, "mlp"), TOKENS)
+        norm1 = make_norm(self.norm, self.dtype, "norm1", self.norm_eps)
+        mlp = Mlp(mlp_dim=self.mlp_dim, dtype=self.dtype, use_bias=self.use_bias, kernel_init=init, name="mlp")
+        norm2 = make_norm(self.norm, self.dtype, "norm2", self.norm_eps)
+        rate = self.drop_path if drop_rate is None else drop_rate
+        drop = dict(rate=rate, deterministic=deterministic, form=self.drop_path_form)
+        x = residual(x, lambda h, c: scaled(attn(norm1(h), c), "attn"), coords, drop_path=DropPath(self.drop_path),
+                     **drop)
+        x = constrain(x, TOKENS)
+        x = residual(x, lambda h: scaled(mlp(norm2(h)), "mlp"), drop_path=DropPath(self.drop_path), **drop)
+        return constrain(x, TOKENS)
 
 
 # Fields a Transformer hands to each Block unchanged.
 _BLOCK_FIELDS = ("num_heads", "mlp_dim", "dtype", "norm", "use_bias", "layerscale", "attention_impl", "qkv_bias",
-                 "qkv_init", "rope", "norm_eps", "linear_init")
+                 "qkv_init", "rope", "norm_eps", "linear_init", "drop_path_form")
 
 
 class _ScanStep(nn.Module):
-    """One block as a scan body: (carry, per-layer drop rate) -> (carry, None)."""
+    """One block as a scan body: (carry, per-layer drop rate) -> (carry, None). `static_rate`
+    replaces the traced rate where the form needs a Python number (the subset form's size)."""
     block: dict
     deterministic: bool
+    static_rate: float | None = None
 
     @nn.compact
     def __call__(self, x, rate, coords):
+        if self.static_rate is not None:
+            return Block(**self.block, drop_path=self.static_rate, name="block")(x, self.deterministic, coords), None
         return Block(**self.block, name="block")(x, self.deterministic, coords, rate), None
 
 
@@ -342,6 +430,7 @@ class Transformer(nn.Module):
     norm_eps: float = 1e-6
     drop_path_uniform: bool = False   # CAPI: the same rate in every block instead of a linear ramp
     linear_init: str = "xavier"
+    drop_path_form: str = "naive"
 
     def rates(self) -> list[float]:
         if self.drop_path_uniform:
@@ -350,6 +439,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, coords=None):
+        check_drop_path_form(self.drop_path_form)
         fields = {name: getattr(self, name) for name in _BLOCK_FIELDS}
         if self.scan:
             return self._scanned(x, deterministic, coords, fields), {}
@@ -369,7 +459,14 @@ class Transformer(nn.Module):
                           split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast),
                           length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
         deterministic = deterministic or self.drop_path == 0.0
-        x, _ = scanned(block=fields, deterministic=deterministic, name="blocks")(
+        static_rate = None
+        if self.drop_path_form == "subset" and not deterministic:
+            if len(set(self.rates())) > 1:
+                raise ValueError("drop_path_form='subset' draws a fixed number of examples per block, so with "
+                                 "scan=True every block needs the same rate: set drop_path_uniform=True (or "
+                                 "scan=False).")
+            static_rate = self.drop_path
+        x, _ = scanned(block=fields, deterministic=deterministic, static_rate=static_rate, name="blocks")(
             x, jnp.asarray(self.rates(), jnp.float32), coords)
         return x
 

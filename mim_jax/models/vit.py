@@ -67,6 +67,7 @@ class ViT(nn.Module):
     norm_eps: float = 1e-6
     final_norm_affine: bool = True  # CAPI's enc_norm has no scale
     drop_path_uniform: bool = False
+    drop_path_form: str = "naive"   # "subset": CAPI's efficient stochastic depth (layers.SubsetDropPath)
 
     @property
     def rope(self) -> str | None:
@@ -144,7 +145,8 @@ class ViT(nn.Module):
             use_bias=self.use_bias, layerscale=self.layerscale, drop_path=self.drop_path,
             attention_impl=self.attention_impl, remat=self.remat, remat_policy=self.remat_policy, scan=self.scan,
             qkv_bias=self.qkv_bias, qkv_init=self.qkv_init, rope=self.rope, norm_eps=self.norm_eps,
-            drop_path_uniform=self.drop_path_uniform, linear_init=self.linear_init, name="encoder")(x, not train, coords)
+            drop_path_uniform=self.drop_path_uniform, linear_init=self.linear_init,
+            drop_path_form=self.drop_path_form, name="encoder")(x, not train, coords)
         out["pre_norm"] = x
         x = make_norm(self.norm, self.dtype, "encoder_norm", self.norm_eps, self.final_norm_affine)(x)
         out["encoded"] = x
