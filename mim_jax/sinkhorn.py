@@ -7,8 +7,8 @@ official `all_reduce` calls, and keeps the row normalisation local.
 
 Memory: the clustering logits are B x P x K (ViT-L: 512 images x 256 positions x 16384 prototypes
 per device = 2.1G values). SK is independent per position, so `clustering_targets` runs over
-chunks of positions with `lax.map` and rematerialises each chunk in the backward pass: only one
-chunk of logits is ever alive.
+chunks of positions with `lax.scan` and computes each chunk's gradient as it goes: only one chunk
+of logits is ever alive, and nothing is recomputed in the backward pass.
 """
 from __future__ import annotations
 
@@ -46,30 +46,62 @@ def clustering_targets(head_fn, head_params, tokens, predict_idx, *, target_temp
     Returns (clustering loss: mean over all B*P tokens, differentiable in head_params only;
     targets [B, n, K] (no gradient); stats: mean target entropy and a [K] histogram of argmax
     assignments, for collapse monitoring).
+
+    The loss's gradient is computed in the forward pass, chunk by chunk: d/ds of
+    -sum_k q_k log softmax(s / T)_k is (softmax(s / T) sum_k q_k - q) / T, and the head's vjp turns
+    it into a parameter gradient at once. Autodiff would have to keep every chunk's logits or
+    recompute them (and Sinkhorn) in the backward pass: this saves one B x P x D x K matmul and the
+    Sinkhorn iterations per step, and only one chunk of logits is ever alive.
     """
     b, p, _ = tokens.shape
     chunk = p if chunk is None else chunk
     if p % chunk:
         raise ValueError(f"The position chunk ({chunk}) must divide the number of positions ({p}).")
-    tokens = jax.lax.stop_gradient(tokens)
+    n = b * p
     # [P/c, c, B, D]: positions chunked on the leading axis; the batch axis stays sharded.
-    chunks = tokens.transpose(1, 0, 2).reshape(p // chunk, chunk, b, tokens.shape[-1])
+    chunks = jax.lax.stop_gradient(tokens).transpose(1, 0, 2).reshape(p // chunk, chunk, b, tokens.shape[-1])
     starts = jnp.arange(0, p, chunk)
 
-    @jax.checkpoint   # recompute each chunk's logits in the backward pass instead of storing them
-    def one_chunk(args):
-        z, start = args
-        logits = head_fn(head_params, z.transpose(1, 0, 2)).transpose(1, 0, 2)          # [c, B, K]
-        q = jax.lax.stop_gradient(sinkhorn_knopp(jax.lax.stop_gradient(logits) / target_temp, iterations))
-        loss = jnp.sum(soft_cross_entropy(q, logits, pred_temp))
+    def one_chunk(params, z, start, with_grad: bool):
+        head = lambda prm: head_fn(prm, z.transpose(1, 0, 2)).transpose(1, 0, 2)       # noqa: E731  [c, B, K]
+        logits, head_vjp = jax.vjp(head, params)
+        q = sinkhorn_knopp(logits / target_temp, iterations)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / pred_temp, axis=-1)
+        loss = -jnp.sum(q * log_p)
         # Targets of the predicted positions that fall in this chunk.
         in_chunk = jax.nn.one_hot(predict_idx - start, chunk, dtype=q.dtype)              # [B, n, c]
         picked = jnp.einsum("bnc,cbk->bnk", in_chunk, q)
         entropy = -jnp.sum(q * jnp.log(q + 1e-12))
         usage = jnp.zeros(q.shape[-1], jnp.float32).at[jnp.argmax(q, -1).reshape(-1)].add(1.0)
-        return loss, picked, entropy, usage
+        outputs = (loss, picked, entropy, usage)
+        if not with_grad:
+            return outputs, None
+        d_logits = (jnp.exp(log_p) * jnp.sum(q, -1, keepdims=True) - q) / (pred_temp * n)
+        return outputs, head_vjp(d_logits.astype(logits.dtype))[0]
 
-    losses, picked, entropies, usage = jax.lax.map(one_chunk, (chunks, starts))
-    n = b * p
-    stats = {"target_entropy": jnp.sum(entropies) / n, "assignment_histogram": jnp.sum(usage, 0)}
-    return jnp.sum(losses) / n, jax.lax.stop_gradient(jnp.sum(picked, 0)), stats
+    def reduce(losses, picked, entropies, usage):
+        stats = {"target_entropy": jnp.sum(entropies) / n, "assignment_histogram": jnp.sum(usage, 0)}
+        return jnp.sum(losses) / n, jnp.sum(picked, 0), stats
+
+    def forward(params, with_grad: bool):
+        def body(grad, args):
+            outputs, chunk_grad = one_chunk(params, *args, with_grad)
+            return (jax.tree.map(jnp.add, grad, chunk_grad) if with_grad else grad), outputs
+        zero = jax.tree.map(jnp.zeros_like, params) if with_grad else None
+        grad, outputs = jax.lax.scan(body, zero, (chunks, starts))
+        return reduce(*outputs), grad
+
+    @jax.custom_vjp
+    def run(params):
+        return forward(params, with_grad=False)[0]
+
+    def run_fwd(params):
+        return forward(params, with_grad=True)
+
+    def run_bwd(grad, cotangents):
+        # Only the loss carries a gradient; the targets and statistics are stop-gradient.
+        return (jax.tree.map(lambda g: g * cotangents[0].astype(g.dtype), grad),)
+
+    run.defvjp(run_fwd, run_bwd)
+    loss, picked, stats = run(head_params)
+    return loss, jax.lax.stop_gradient(picked), stats

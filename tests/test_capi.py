@@ -80,6 +80,45 @@ def test_clustering_targets_chunked_equal_unchunked_and_match_numpy():
     assert float(stats["assignment_histogram"].sum()) == 6 * 8
 
 
+def test_clustering_gradient_equals_autodiff_and_numpy_and_costs_two_matmuls():
+    """The gradient computed in the forward pass equals autodiff of the plain (unchunked) loss and
+    the float64 formula, and the step needs only the head's forward and weight-gradient matmuls
+    (autodiff through the old rematerialised chunks needed a third, and Sinkhorn twice)."""
+    b, p, d, k = 16, 8, 256, 256
+    head = capi_models.ClusteringHead(k)
+    tokens = jax.random.normal(jax.random.key(1), (b, p, d))
+    params = nn.unbox(head.init(jax.random.key(0), tokens[:, :1])["params"])
+    predict = jnp.zeros((b, 2), jnp.int32)
+    fn = lambda prm, z: head.apply({"params": prm}, z)                    # noqa: E731
+
+    def plain(prm):
+        logits = fn(prm, tokens)
+        q = jax.lax.stop_gradient(sinkhorn.sinkhorn_knopp(logits.transpose(1, 0, 2) / 0.06).transpose(1, 0, 2))
+        return jnp.mean(sinkhorn.soft_cross_entropy(q, logits, 0.12))
+
+    expected = jax.grad(plain)(params)
+    for chunk in (None, 2):
+        got = jax.jit(jax.grad(lambda prm: sinkhorn.clustering_targets(fn, prm, tokens, predict, chunk=chunk)[0]))(params)
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(jnp.abs(e).max()))
+
+    z = np.asarray(tokens, np.float64)
+    z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    logits = z @ np.asarray(params["prototypes"]["kernel"], np.float64) + np.asarray(params["prototypes"]["bias"])
+    q = np_sinkhorn(logits.transpose(1, 0, 2) / 0.06).transpose(1, 0, 2)
+    soft = np.exp(logits / 0.12 - logits.max(-1, keepdims=True) / 0.12)
+    soft /= soft.sum(-1, keepdims=True)
+    d_logits = (soft * q.sum(-1, keepdims=True) - q) / (0.12 * b * p)
+    np.testing.assert_allclose(expected["prototypes"]["kernel"], np.einsum("bpd,bpk->dk", z, d_logits),
+                               rtol=2e-3, atol=1e-6)
+
+    step = jax.jit(jax.value_and_grad(lambda prm: sinkhorn.clustering_targets(fn, prm, tokens, predict)[0]))
+    cost = step.lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    matmul = 2.0 * b * p * d * k
+    assert cost["flops"] / matmul < 2.3, cost["flops"] / matmul       # the old form: 3.1
+
+
 # ---- RoPE and coordinates --------------------------------------------------------------------
 
 def test_rope_official_formula_against_numpy():
