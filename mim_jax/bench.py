@@ -76,11 +76,30 @@ def benchmark(config, steps: int, profile_dir: str | None = None) -> dict:
     if profile_dir:
         jax.profiler.stop_trace()
     report = throughput.report()
+    report.update(_memory_report(compiled))
     report.update(ms_per_step=1e3 * elapsed / steps, compile_s=compile_s, device=jax.devices()[0].device_kind,
                   devices=jax.device_count(), batch_size=bs,
                   analytic_tflops_per_step=method.train_flops_per_example() * bs / 1e12,
                   # XLA counts per device of an SPMD program; scale to the whole step.
                   xla_tflops_per_step=xla_flops * jax.device_count() / 1e12)
+    return report
+
+
+def _memory_report(compiled) -> dict:
+    """The step's memory per device: XLA's static plan (arguments + outputs + temporaries, less
+    donated buffers) and, where the runtime reports it (GPUs, TPUs), the measured peak and limit,
+    whose difference is the headroom left for a larger batch."""
+    import jax
+    report = {}
+    plan = compiled.memory_analysis()
+    if plan is not None:
+        total = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+                 - plan.alias_size_in_bytes)
+        report["xla_memory_gib"] = total / 2 ** 30
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats and "bytes_limit" in stats:
+        report["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2 ** 30
+        report["memory_headroom_gib"] = (stats["bytes_limit"] - stats["peak_bytes_in_use"]) / 2 ** 30
     return report
 
 
