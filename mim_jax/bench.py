@@ -126,7 +126,7 @@ def input_benchmark(config, batches: int) -> dict:
     from mim_jax.methods import get_method
 
     inp = config.input
-    source = pipeline.open_source(inp.dataset, inp.split, inp.data_dir)
+    source = pipeline.open_source(inp.dataset, inp.split, inp.data_dir, channels=inp.channels)
     method = get_method(config, num_examples=len(source))
     it = pipeline.train_iterator(source, global_batch_size=inp.batch_size, seed=config.seed, process_index=0,
                                  process_count=1, transform=method.train_transform(), num_workers=inp.num_workers,

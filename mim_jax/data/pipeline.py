@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from typing import Callable
 
 import grain
 import numpy as np
 
 from mim_jax.data import contrastive_crop, decode, randaugment, transforms
+from mim_jax.errors import UserFacingError
 
 INT32_MAX = 2**31 - 1
 # Key under which a transform finds its record's stable index in the source (per-example state such
@@ -39,9 +42,19 @@ def _how_to_prepare(name: str, data_dir: str | None) -> str:
     return f"`tfds build {name} --file_format=array_record{flag}`"
 
 
-def open_source(name: str, split: str, data_dir: str | None = None):
+class DataMismatchError(UserFacingError, ValueError):
+    pass
+
+
+class CorruptDataError(UserFacingError, OSError):
+    pass
+
+
+def open_source(name: str, split: str, data_dir: str | None = None, *, channels: int | None = None):
     """A random-access TFDS source (array_record). Never downloads: a data set that is missing,
-    or prepared only as tfrecord, is a FileNotFoundError that says how to prepare it."""
+    or prepared only as tfrecord, is a FileNotFoundError that says how to prepare it. `channels`:
+    the config's `input.channels`, checked against the data set's images. A record that cannot be
+    read raises CorruptDataError naming its file and how to prepare the data set again."""
     import tensorflow_datasets as tfds
     builder = tfds.builder(name, data_dir=data_dir)  # reads metadata only
     where = data_dir or tfds.core.constants.DATA_DIR
@@ -58,8 +71,54 @@ def open_source(name: str, split: str, data_dir: str | None = None):
     # Images stay encoded: the transforms decode them, at reduced scale where a crop allows
     # (data/decode.py).
     image_features = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            decoders={k: tfds.decode.SkipDecoding() for k in image_features})
+    stored = builder.info.features["image"].shape[-1] if "image" in image_features else None
+    if channels is not None and stored is not None and stored != channels:
+        mean_std = "one mean and one std value" if stored == 1 else f"{stored} mean and {stored} std values"
+        raise DataMismatchError(
+            f"TFDS data set {name!r} has {stored}-channel images, but config.input.channels={channels}. Set "
+            f"--config.input.channels={stored} with {mean_std} (config.input.mean/std), or use a "
+            f"{channels}-channel data set.")
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                              decoders={k: tfds.decode.SkipDecoding() for k in image_features})
+    return CheckedSource(source, name=name, split=split,
+                         files=[f.filename for f in source.dataset_info.splits[split].file_instructions],
+                         counts=[f.take for f in source.dataset_info.splits[split].file_instructions],
+                         how_to_prepare=f"delete {builder.data_dir} and prepare it again: "
+                                        f"{_how_to_prepare(name, data_dir)}")
+
+
+class CheckedSource:
+    """A TFDS source whose unreadable records name their file and the fix (array_record's own
+    error names a chunk offset only). Picklable: it travels to the Grain workers."""
+
+    def __init__(self, source, *, name: str, split: str, files: list[str], counts: list[int], how_to_prepare: str):
+        self.source, self.name, self.split = source, name, split
+        self.files, self.counts, self.how_to_prepare = files, counts, how_to_prepare
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getattr__(self, attribute):          # dataset_info, ... of the TFDS source
+        if attribute == "source" or attribute.startswith("__"):   # unpickling: not set yet
+            raise AttributeError(attribute)
+        return getattr(self.source, attribute)
+
+    def _file_of(self, index: int) -> str:
+        ends = np.cumsum(self.counts)
+        return self.files[min(int(np.searchsorted(ends, index, side="right")), len(self.files) - 1)]
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except Exception as error:     # noqa: BLE001 (array_record raises plain RuntimeErrors)
+            text = str(error)
+            if not any(sign in text.lower() for sign in ("riegeli", "corrupt", "data_loss", "checksum")):
+                raise
+            first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+            raise CorruptDataError(
+                f"Record {index} of TFDS data set {self.name!r} (split {self.split!r}) cannot be read: "
+                f"{self._file_of(int(index))} is damaged ({first}). A partial copy or a disk error does "
+                f"this; {self.how_to_prepare}") from None
 
 
 class SyntheticSource:
@@ -229,8 +288,37 @@ def _iterate(dataset, local_batch, num_workers, prefetch_buffer):
     iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                          prefetch_buffer_size=max(prefetch_buffer, threads)))
     if num_workers:
-        iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                        worker_init_fn=_ExitWithParent(os.getpid()))
     return iter(iterator)
+
+
+class _ExitWithParent:
+    """Runs in each Grain worker: the worker exits within a second of the trainer's death. A
+    SIGKILLed trainer cannot stop its workers, and they (and multiprocessing's resource tracker,
+    which waits for them) would otherwise run on for minutes with parent 1."""
+
+    def __init__(self, parent_pid: int, poll_s: float = 0.5):
+        self.parent_pid, self.poll_s = parent_pid, poll_s
+
+    def __call__(self, worker_index: int, worker_count: int):
+        def watch():
+            while _alive(self.parent_pid):
+                time.sleep(self.poll_s)
+            os._exit(1)
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    if os.getppid() == 1:          # re-parented: the trainer is gone (and its pid may be reused)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _StepIterator(grain.DatasetIterator):

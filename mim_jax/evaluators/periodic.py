@@ -34,7 +34,7 @@ class PeriodicEvals:
         inp = self.config.input
         for split, name in run.split_names({}, inp, splits).items():
             if split not in self._open:
-                self._open[split] = pipeline.open_source(inp.dataset, name, inp.data_dir)
+                self._open[split] = pipeline.open_source(inp.dataset, name, inp.data_dir, channels=inp.channels)
         return {split: self._open[split] for split in splits}
 
     def run(self, names: list[str], params) -> dict:

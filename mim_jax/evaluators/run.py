@@ -47,7 +47,7 @@ def features_and_labels(config, mesh, splits):
     inp = base.input
     out = {}
     for name, split in split_names(config, inp, splits).items():
-        source = pipeline.open_source(inp.dataset, split, inp.data_dir)
+        source = pipeline.open_source(inp.dataset, split, inp.data_dir, channels=inp.channels)
         out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
                                         image_size=inp.image_size, mean=inp.mean, std=inp.std,
                                         max_examples=config.get(f"max_{name}_examples"))

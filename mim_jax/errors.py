@@ -1,0 +1,7 @@
+"""The project's expected failures: their message is one paragraph naming what was wrong and the fix,
+so `mim_jax.main` prints it without a traceback."""
+from __future__ import annotations
+
+
+class UserFacingError(Exception):
+    pass
