@@ -36,6 +36,12 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     # Warm start: a new run (not a resume) takes these params from a pre-training workdir.
     c.init = placeholder(str)
     c.init_keys = ("encoder",)
+    # Gradient accumulation: the global batch (input.batch_size) as k micro-batches in one step,
+    # the same update with 1/k of the activation memory (divisible by k x the batch's devices).
+    # Methods whose loss reads the whole batch (CAPI, CMAE) refuse k > 1 unless
+    # allow_inexact_accumulation (then it warns what changes).
+    c.grad_accum_steps = 1
+    c.allow_inexact_accumulation = False
 
     split, channels, mean, std = DATASETS.get(dataset, ("train", 3, IMAGENET_MEAN, IMAGENET_STD))
     c.input = ml_collections.ConfigDict(dict(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import flax
@@ -9,8 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_jax import image_ops, optim, parallel, pretrained
+from mim_jax.methods.base import ACCUMULATION
 
 
 @flax.struct.dataclass
@@ -52,6 +55,48 @@ def shardings_by_param_path(tree, param_shardings, mesh):
         return parallel.replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
+    """`config.grad_accum_steps` (k), checked against the batch, the mesh and the method: every
+    micro-batch of `global_batch_size / k` must split evenly over the devices that share the batch,
+    and a method whose loss reads the whole batch at once (`Method.accumulation`) is refused unless
+    `config.allow_inexact_accumulation` (then a warning says what changes)."""
+    k = config.get("grad_accum_steps", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"config.grad_accum_steps={k!r} must be a positive integer (1: no accumulation).")
+    if k == 1:
+        return 1
+    n = parallel.batch_sharding(mesh).num_devices
+    if global_batch_size % (k * n):
+        raise ValueError(
+            f"config.input.batch_size={global_batch_size} must be divisible by config.grad_accum_steps={k} x the "
+            f"{n} devices that share the batch (= {k * n}): each of the {k} micro-batches is split over every "
+            f"device. Use a batch size that is a multiple of {k * n}, or another grad_accum_steps.")
+    if method.accumulation not in ACCUMULATION:
+        raise ValueError(f"{type(method).__name__}.accumulation={method.accumulation!r}: use one of {ACCUMULATION}.")
+    if method.accumulation != "exact":
+        why = method.accumulation_note.format(k=k, micro=global_batch_size // k, batch=global_batch_size)
+        if not config.get("allow_inexact_accumulation", False):
+            raise ValueError(
+                f"{why} Gradient accumulation would change the method, not just its memory use: set "
+                f"config.grad_accum_steps=1 (fit the batch with more devices, config.model.remat=True or a "
+                f"smaller config.input.batch_size), or config.allow_inexact_accumulation=True to run it anyway.")
+        logging.warning("config.allow_inexact_accumulation=True: %s The update is not the global batch's.", why)
+    return k
+
+
+def split_micro_batches(batch: dict, k: int, mesh) -> dict:
+    """[B, ...] -> [k, B/k, ...], micro-batch j holding rows j, j + k, j + 2k, ... Each device's
+    contiguous shard of the batch thus holds its own 1/k of every micro-batch: the split is a local
+    reshape (no communication) and every micro-batch keeps every device busy."""
+    spec = parallel.batch_sharding(mesh).spec
+
+    def split(x):
+        x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, *spec)))
+
+    return jax.tree.map(split, batch)
 
 
 def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int) -> Setup:
@@ -97,14 +142,51 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                 jax.eval_shape(create, jax.random.key(0), {}), shardings)
 
     seed_key = jax.random.key(config.seed)
+    accum = accumulation_steps(config, method, mesh, global_batch_size)
+
+    def accumulated_grads(state, frozen, batch):
+        """Mean loss, metrics and gradients of the `accum` micro-batches, one at a time under
+        `lax.scan` (only one micro-batch's activations alive), and the extras as the last forward
+        pass leaves them. Masks are keyed by example index, so they are the global batch's; per-step
+        randomness (drop path) gets a distinct step per micro-batch, `step * accum + j`."""
+        micro = split_micro_batches(batch, accum, mesh)
+        batch_shardings = jax.tree.map(lambda _: parallel.batch_sharding(mesh), batch)
+
+        def grad_fn(extras, j, micro_batch):
+            micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_shardings)
+
+            def loss_fn(params):
+                return method.loss_and_extras(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
+
+            (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return grads, dict(metrics, loss=loss), extras
+
+        def body(carry, xs):
+            grad_sum, metric_sum, extras = carry
+            grads, metrics, extras = grad_fn(extras, *xs)
+            add = lambda a, b: a + b.astype(a.dtype)   # noqa: E731
+            return (jax.tree.map(add, grad_sum, grads), jax.tree.map(add, metric_sum, metrics), extras), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        grad_shape, metric_shape, _ = jax.eval_shape(grad_fn, state.extras, jnp.zeros((), jnp.int32), first)
+        zeros = lambda shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)   # noqa: E731
+        grad_sum = jax.lax.with_sharding_constraint(zeros(grad_shape), shardings.params)
+        (grad_sum, metric_sum, extras), _ = jax.lax.scan(
+            body, (grad_sum, zeros(metric_shape), state.extras), (jnp.arange(accum, dtype=jnp.int32), micro))
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        metrics = jax.tree.map(lambda m: m / accum, metric_sum)
+        return metrics.pop("loss"), metrics, extras, grads
 
     def train_step(state, frozen, batch):
         batch = image_ops.normalize_images(batch, config.input.mean, config.input.std)
 
-        def loss_fn(params):
-            return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
+        if accum == 1:
+            def loss_fn(params):
+                return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
 
-        (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:
+            loss, metrics, extras, grads = accumulated_grads(state, frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extras = method.update_extras(extras, params, state.step, lr_schedule(state.step))

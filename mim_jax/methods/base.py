@@ -16,6 +16,9 @@ A method owns:
 - its analytic training FLOPs per example, for MFU.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
 jnp over the global batch axis: under `jax.jit` with a sharded batch XLA inserts the collectives.
+A method with such an operation declares it (`accumulation = "changes_method"` and a note): with
+gradient accumulation (`config.grad_accum_steps`) its loss would see only a micro-batch, and the
+trainer refuses to run it that way unless told to (`config.allow_inexact_accumulation`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ from mim_jax.data import pipeline
 
 PyTree = Any
 
+# What gradient accumulation does to a method's update (`Method.accumulation`):
+# "exact": the loss is a mean of per-example terms (per-example randomness keyed by the example
+#   index), so k micro-batches give the global batch's update, to float rounding; only per-step
+#   randomness (drop path, a mixing coefficient) is drawn per micro-batch, as a data-parallel
+#   trainer draws it per device;
+# "changes_method": the loss reads the batch as a whole (batch normalisation, negatives, a
+#   balanced assignment): each micro-batch would see 1/k of it.
+ACCUMULATION = ("exact", "changes_method")
+
 
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
@@ -41,6 +53,12 @@ class Method(abc.ABC):
 
     # Whether `eval_params` reads the extras (CAPI's EMA teacher): evaluation restores them only then.
     eval_uses_extras: bool = False
+
+    # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
+    # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
+    # {micro} (their size) and {batch} (the global batch size) for the trainer's refusal.
+    accumulation: str = "exact"
+    accumulation_note: str = ""
 
     def __init__(self, config: ml_collections.ConfigDict, num_examples: int | None = None):
         """`num_examples`: the size of the training set, for methods with per-example state
@@ -75,7 +93,12 @@ class Method(abc.ABC):
              step: jax.Array) -> tuple[jax.Array, dict]:
         """Returns (scalar loss, metrics). `rng` is the run's key: per-example randomness (masks)
         comes from `batch['index']` via `self.example_keys`, per-step randomness (drop path) from
-        `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant."""
+        `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant.
+
+        `step` identifies this forward pass for per-step randomness only (no schedule may read it):
+        the optimizer step, or with k-step gradient accumulation `step * k + j` for micro-batch j,
+        so each micro-batch draws its own drop path while its masks stay the global batch's.
+        With `accumulation = "exact"` the loss and metrics must be means over the examples."""
 
     def loss_and_extras(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
                         step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:

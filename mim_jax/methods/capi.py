@@ -37,6 +37,11 @@ def ema_momentum(lr, scale: float = 1.0):
 
 class CAPI(MaskedEncoderMethod):
     eval_uses_extras = True     # a finished run is evaluated with its EMA teacher
+    accumulation = "changes_method"
+    accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
+                         "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
+                         "normalisation would see 1/{k} of it ({micro} of {batch} images), so the targets "
+                         "would change.")
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

@@ -47,6 +47,11 @@ def box_areas(boxes) -> np.ndarray:
 
 
 class CMAE(MAE):
+    accumulation = "changes_method"
+    accumulation_note = ("CMAE's InfoNCE takes its negatives from the batch and its heads' BatchNorm (SyncBN) "
+                         "normalises over it; with grad_accum_steps={k} both would see 1/{k} of it ({micro} of "
+                         "{batch} images), and the momentum head and BatchNorm statistics would advance "
+                         "{k} times per step.")
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)
