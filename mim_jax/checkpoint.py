@@ -3,20 +3,28 @@ iterator state and the config. All orbax calls live here so a move to orbax v1 t
 
 Restores always target an abstract state whose shardings come from the *current* mesh, so a run
 saved on 8 devices resumes on 1 (and vice versa). Orbax writes each step into a temporary folder and
-renames it on commit, so a save interrupted half-way is never mistaken for a checkpoint.
+renames it on commit, so a save interrupted half-way is never mistaken for a checkpoint; such a
+folder is removed when the next run starts. Each step stores the training metrics it was saved with.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from mim_jax import storage
+from mim_jax.errors import UserFacingError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserFacingError, RuntimeError):
     pass
 
 
@@ -47,12 +55,17 @@ class Checkpointer:
         """`read_only=True` opens someone else's run (evaluation, warm starts, teachers): nothing is
         created, written or deleted there."""
         self.directory = epath.Path(directory)
+        self._failure = None  # a save's storage error, once reported
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         else:
             options = ocp.CheckpointManagerOptions(
-                save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True,
-                enable_async_checkpointing=async_save)
+                save_interval_steps=save_interval_steps, create=True, enable_async_checkpointing=async_save,
+                # Orbax writes a step's `metrics` only when best_fn is set; which steps are kept
+                # stays "the newest max_to_keep" (preservation_policy).
+                best_fn=lambda m: m.get("loss", math.inf), best_mode="min",
+                preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+                cleanup_tmp_directories=True)  # what a full disk or a kill left half-written
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -61,13 +74,61 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iterator=None, config=None, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iterator=None, config=None, *, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        """Saves `step` when due (or `force`); `metrics` (floats) are stored with it, see `metrics`."""
+        if not force and not self.manager.should_save(step):
+            return False
+        # Orbax would wait for the previous save anyway; done first, its failure is reported as
+        # such and the disk holds what that save wrote (and freed) when the space is checked.
+        self.wait()
+        # Found here, an unwritable or full disk is one clear error before orbax starts writing.
+        storage.ensure_writable(self.directory)
+        needed = self._bytes_needed(state)
+        storage.check_space(self.directory, needed, kept=self._kept())
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config.to_dict())
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._explained(needed):
+            return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with `step` (None for checkpoints saved without)."""
+        try:
+            return self.manager.metrics(step)
+        except Exception:  # unreadable: as good as absent
+            return None
+
+    def delete(self, steps):
+        for step in steps:
+            self.manager.delete(step)
+
+    def _bytes_needed(self, state) -> int:
+        """The newest checkpoint's size on disk (compression and orbax's files included), else the
+        state's bytes."""
+        latest = self.latest_step()
+        on_disk = storage.size_on_disk(self.directory / str(latest)) if latest is not None else None
+        return on_disk or sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+
+    def _kept(self) -> str:
+        latest = self.latest_step()
+        return (f" The newest complete checkpoint, step {latest}, is kept." if latest is not None
+                else " No checkpoint was complete yet.")
+
+    @contextlib.contextmanager
+    def _explained(self, needed: int | None = None):
+        """Turns a full or unwritable disk met by orbax (also in its background thread, reported
+        at the next save or wait) into one clear StorageError, raised once."""
+        try:
+            yield
+        except Exception as e:
+            error = storage.explain(e, self.directory, needed=needed, kept=self._kept())
+            if error is None:
+                raise
+            self._failure = error
+            raise error from e
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any has been asked to stop (multi-host preemption notice)."""
@@ -83,10 +144,12 @@ class Checkpointer:
         The Grain iterator is restored only when this checkpoint holds a state file for this
         process (same process count); otherwise the caller rebuilds the stream from the step.
         Returns (step, state, data_restored). A corrupt checkpoint is reported and the previous one
-        tried, so one bad write never loses the whole run.
+        tried, so one bad write never loses the whole run. Once an older step restores onto the same
+        target, the newer unreadable ones are corrupt (not from another config) and are moved aside,
+        or the next save of their step would find it taken.
         """
         candidates = [step] if step is not None else self.all_steps()[::-1]
-        errors = []
+        errors, unreadable = [], []
         for candidate in candidates:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             with_data = data_iterator is not None and self._has_data_state(candidate)
@@ -95,17 +158,38 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax raises many types for missing/corrupt files.
-                message = f"step {candidate}: {type(e).__name__}: {str(e)[:300]}"
+                message = f"step {candidate}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 logging.error("Checkpoint %s could not be restored: %s", self.directory, message)
                 errors.append(message)
+                unreadable.append(candidate)
                 continue
             if errors:
                 logging.warning("Restored older checkpoint %d because newer ones were unreadable.", candidate)
+                self._move_aside(unreadable, candidate)
             return candidate, restored["state"], with_data
         raise CheckpointError(
-            f"No readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors) +
-            "\nIf the checkpoint was written by an incompatible config (model size, method), start a "
-            "new --workdir; if it is corrupt, delete that step's folder to resume from an older one.")
+            f"No readable checkpoint in {self.directory} ({'; '.join(errors)}). If the checkpoints were "
+            "written by an incompatible config (model size, method), start a new --workdir; if they are "
+            "corrupt, move their step folders aside to start over.")
+
+    def _move_aside(self, steps, restored: int):
+        """Renames unreadable step folders to `<step>.corrupt-<time>`, a name orbax never takes for a
+        step, so they stay for inspection and their steps can be saved again."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            target = self.directory / f"{step}.corrupt-{stamp}"
+            if jax.process_index() == 0:
+                try:
+                    (self.directory / str(step)).rename(target)
+                except Exception as e:  # e.g. a store that cannot rename folders
+                    raise CheckpointError(
+                        f"Checkpoint step {step} in {self.directory} is unreadable and could not be moved aside "
+                        f"({type(e).__name__}: {e}): move or delete that folder, then rerun the same command.") from e
+            logging.warning("Checkpoint step %d is unreadable: moved to %s for inspection; the run resumes "
+                            "from step %d.", step, target, restored)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mim_jax:moved_unreadable_checkpoints")
+        self.manager.reload()
 
     def state_metadata(self, step: int):
         """The stored train state's tree (shapes and dtypes, no values)."""
@@ -147,7 +231,11 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        if self._failure is None:  # orbax raises a failed save again on every wait
+            with self._explained():
+                self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.close()
+        self.wait()
+        if self._failure is None:
+            self.manager.close()

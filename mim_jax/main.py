@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -53,12 +54,17 @@ def main(argv):
     import jax
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
-    if FLAGS.config.get("evaluator"):
-        from mim_jax.evaluators import run
-        run.evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-        from mim_jax import train
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from mim_jax.errors import UserFacingError
+    try:
+        if FLAGS.config.get("evaluator"):
+            from mim_jax.evaluators import run
+            run.evaluate(FLAGS.config, FLAGS.workdir)
+        else:
+            from mim_jax import train
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
+        logging.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -10,17 +11,28 @@ from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """One JSON object per write: {"step": s, name: value, ...}, easy to load into pandas."""
+    """One JSON object per write: {"step": s, name: value, ...}, easy to load into pandas.
 
-    def __init__(self, path):
-        self._file = epath.Path(path).open("a")
+    Each row is appended by its own open and close: a kill loses at most the row being written,
+    and a file deleted mid-run is created again. `resumed_at=N` first drops the rows past step N
+    (logged after the checkpoint a run resumes from, they are logged again), so every step appears
+    once; `resumed_at=0`, a fresh start, drops them all (the hparams are written again).
+    """
+
+    def __init__(self, path, resumed_at: int | None = None):
+        self._path = epath.Path(path)
+        if resumed_at is not None and self._path.exists():
+            _drop_rows_after(self._path, resumed_at)
+
+    def _append(self, row: dict):
+        with self._path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write_scalars(self, step, scalars):
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
     def write_hparams(self, hparams):
-        self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+        self._append({"hparams": {k: str(v) for k, v in hparams.items()}})
 
     # Non-scalar summaries are TensorBoard's business.
     def write_summaries(self, step, values, metadata=None): pass
@@ -30,19 +42,35 @@ class JsonlWriter(metric_writers.MetricWriter):
     def write_texts(self, step, texts): pass
     def write_histograms(self, step, arrays, num_buckets=None): pass
 
-    def flush(self):
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
+    def flush(self): pass   # every row is written when it comes
+    def close(self): pass
 
 
-def create_writer(workdir) -> metric_writers.MetricWriter:
-    """TensorBoard events + log lines (clu) and `metrics.jsonl` on host 0; log lines elsewhere."""
+def _drop_rows_after(path: epath.Path, step: int):
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut short by a kill
+            row = None
+        if isinstance(row, dict) and step > 0 and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.parent / f"{path.name}.tmp"
+        tmp.write_text("".join(kept))
+        tmp.replace(path)  # atomic: a kill leaves either the old or the new file
+        logging.info("%s: dropped %d rows past step %d, the step this run starts from.", path, dropped, step)
+
+
+def create_writer(workdir, *, resumed_at: int | None = None) -> metric_writers.MetricWriter:
+    """TensorBoard events + log lines (clu) and `metrics.jsonl` on host 0; log lines elsewhere.
+    `resumed_at`: the step training starts from, see JsonlWriter."""
     if jax.process_index() > 0:
         return metric_writers.create_default_writer(workdir, just_logging=True)
     default = metric_writers.create_default_writer(workdir, asynchronous=True)
-    return metric_writers.MultiWriter([default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl")])
+    return metric_writers.MultiWriter([default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl", resumed_at)])
 
 
 def to_host_scalars(metric_list) -> dict:

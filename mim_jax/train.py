@@ -2,6 +2,7 @@
 knows which method runs."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -12,13 +13,14 @@ import numpy as np
 from clu import periodic_actions
 from etils import epath
 
-from mim_jax import checkpoint, config_lib, flops, metrics, parallel, state as state_lib
+from mim_jax import checkpoint, config_lib, flops, metrics, parallel, state as state_lib, storage
 from mim_jax.data import pipeline
+from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method
 
 
-class NonFiniteLossError(FloatingPointError):
+class DivergenceError(UserFacingError, FloatingPointError):
     pass
 
 
@@ -64,12 +66,26 @@ def validate(config, mesh):
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(config, workdir)
+    except UserFacingError:
+        raise
+    except Exception as e:  # metrics.jsonl or TensorBoard events on a full disk
+        if not storage.is_full(e):
+            raise
+        raise storage.explain(e, workdir) from e
+
+
+def _train(config, workdir: epath.Path) -> state_lib.TrainState:
+    # An unwritable workdir is one clear error now, not a timeout at the first checkpoint.
+    storage.ensure_writable(workdir)
+    storage.ensure_writable(workdir / "checkpoints")
 
     # ----- mesh, method, data source ----------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh)
     validate(config, mesh)
-    source = pipeline.open_source(config.input.dataset, config.input.split, config.input.data_dir)
+    source = pipeline.open_source(config.input.dataset, config.input.split, config.input.data_dir,
+                                  channels=config.input.channels)
     method = get_method(config, num_examples=len(source))
     steps = durations(config, len(source))
     logging.info("Mesh %s; %d examples; %.1f steps/epoch; %d total steps.", dict(mesh.shape),
@@ -90,8 +106,9 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_interval_steps=steps["ckpt"],
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
-    if ckpt.latest_step() is not None:
-        start, state, _ = ckpt.restore(setup.abstract)
+    resume_step = _resume_step(ckpt, config)
+    if resume_step is not None or ckpt.latest_step() is not None:
+        start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
         logging.info("Resumed from step %d.", start)
     else:
         start, state = 0, setup.create(jax.random.key(config.seed))
@@ -99,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     refresh_at = set(method.refresh_steps(steps["total"]))
 
     # ----- loop -------------------------------------------------------------------------------
-    writer = metrics.create_writer(workdir)
+    writer = metrics.create_writer(workdir, resumed_at=start)
     if start == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
     # Refresh passes (e.g. heat maps over the training set) amortised over the run.
@@ -113,6 +130,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
                                               profile_duration_ms=None, first_profile=start + 3))
     evals = PeriodicEvals(config, method, mesh=mesh, steps_per_epoch=steps["steps_per_epoch"])
+    divergence = _DivergenceCheck(config.get("max_loss_ratio"), start)
     stop = _StopSignal()
     pending = []
     step = start
@@ -129,10 +147,13 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
                 hook(step)
 
             preempted = stop.received or ckpt.reached_preemption(step)
+            saving = preempted or step == steps["total"] or step % steps["ckpt"] == 0
+            if saving:  # this step's own metrics, stored with its checkpoint
+                latest = metrics.to_host_scalars(pending[-1:])
             if step % config.log_steps == 0 or step == steps["total"] or preempted:
                 scalars = metrics.to_host_scalars(pending)
                 pending = []
-                _check_finite(scalars, step)
+                divergence.check(scalars, step, ckpt)
                 scalars.update(throughput.report())
                 writer.write_scalars(step, scalars)
             due = evals.due(step, last=step == steps["total"])
@@ -145,19 +166,99 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
                 _write_logs(writer, step, logs)
                 data.close()
                 data = data_iterator(step, state)
-            if preempted or step == steps["total"] or step % steps["ckpt"] == 0:
-                if pending:  # never checkpoint a diverged state
-                    _check_finite(metrics.to_host_scalars(pending[-1:]), step)
-                ckpt.save(step, state, data, config, force=preempted or step == steps["total"])
+            if saving:
+                divergence.check(latest, step, ckpt)  # never checkpoint a diverged state
+                writer.flush()  # the metrics up to a checkpoint are on disk before it is
+                ckpt.save(step, state, data, config, metrics=latest, force=preempted or step == steps["total"])
             if preempted:
                 logging.warning("Stopped at step %d after a preemption notice; checkpoint saved.", step)
                 break
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.flush()
-        stop.restore()
+        try:
+            ckpt.close()  # waits for the last save
+        finally:
+            writer.flush()
+            stop.restore()
     return state
+
+
+def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
+    """The step `config.resume_step` asks to restore (None: the newest). Its later checkpoints
+    (a diverged run's) are deleted so the run continues from it and saves those steps again;
+    unless the newest was written by this very config: that is a restart of the resumed run
+    (e.g. after a preemption), which continues from the newest."""
+    step, steps = config.get("resume_step"), ckpt.all_steps()
+    if step is None:
+        return None
+    if steps and steps[-1] > step and _stored_config(ckpt, steps[-1]) == json.loads(json.dumps(config.to_dict())):
+        logging.info("config.resume_step=%d: checkpoint %d was written by this same config after resuming "
+                     "from it; continuing from %d.", step, steps[-1], steps[-1])
+        return None
+    if step not in steps:
+        raise checkpoint.CheckpointError(
+            f"--config.resume_step={step}: {ckpt.directory} holds no checkpoint of that step (it holds "
+            f"{steps or 'none'}). Pass one of those, or leave resume_step unset to continue from the newest.")
+    later = [s for s in steps if s > step]
+    if later:
+        logging.warning("config.resume_step=%d: deleting the later checkpoints %s; the run continues from "
+                        "step %d.", step, later, step)
+        ckpt.delete(later)
+    return step
+
+
+def _stored_config(ckpt, step: int) -> dict | None:
+    try:
+        return ckpt.restore_config(step)
+    except Exception:  # unreadable: not this config's
+        return None
+
+
+class _DivergenceCheck:
+    """Stops the run on non-finite metrics, or on a loss over `max_loss_ratio` x this run's first
+    loss (0 or None: off), so finite but exploding states (base_lr=1e4 passes a loss of 1e12 within
+    three steps) are never checkpointed; the error names a checkpoint to resume from."""
+
+    def __init__(self, max_loss_ratio: float | None, start: int):
+        self.max_ratio, self.start = max_loss_ratio or 0.0, start
+        self.first = None       # (step, loss): this run's first positive loss
+        self.last_sane = None   # the last step whose metrics passed
+
+    def problem(self, scalars: dict) -> str | None:
+        bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+        if bad:
+            return f"non-finite metrics {bad}"
+        loss = scalars.get("loss")
+        if self.max_ratio and self.first and loss is not None and loss > self.max_ratio * self.first[1]:
+            return (f"the loss {loss:.3g} is over config.max_loss_ratio={self.max_ratio:g} x this run's first "
+                    f"loss {self.first[1]:.4g} (step {self.first[0]}; raise the ratio, or 0 to disable it, if "
+                    "such a rise is expected)")
+        return None
+
+    def check(self, scalars: dict, step: int, ckpt: checkpoint.Checkpointer):
+        problem = self.problem(scalars)
+        if problem is None:
+            if self.first is None and scalars.get("loss", 0.0) > 0:
+                self.first = (step, scalars["loss"])
+            self.last_sane = step
+            return
+        raise DivergenceError(f"Training diverged at step {step}: {problem}. {self._advice(ckpt)}")
+
+    def _advice(self, ckpt: checkpoint.Checkpointer) -> str:
+        fix = ("lower config.optax.base_lr (or raise the warm-up, set config.optax.clip_norm, use float32 "
+               "config.model.dtype)")
+        ckpt.wait()
+        sane = [s for s in reversed(ckpt.all_steps())
+                if (m := ckpt.metrics(s)) is not None and self.problem(m) is None]
+        # A checkpoint's metrics come from the step that wrote it, not from its new weights: it is
+        # known to be sane only once a later step's metrics were (with base_lr=1e4 step 2 still
+        # has a sane loss, but its update already broke the weights).
+        known = [s for i, s in enumerate(sane) if i > 0 or (self.last_sane is not None and s < self.last_sane)]
+        if not known:
+            return (f"No checkpoint is known to be sane (one is once a later step's metrics were): {fix} and "
+                    "start again in a new --workdir.")
+        where = " (where this run started)" if known[0] == self.start else ""
+        return (f"The newest checkpoint known to be sane is step {known[0]}{where}: {fix} and rerun with "
+                f"--config.resume_step={known[0]}, which restores it and deletes the later checkpoints.")
 
 
 def _write_logs(writer, step: int, logs: dict):
@@ -169,12 +270,3 @@ def _write_logs(writer, step: int, logs: dict):
     if histograms:
         writer.write_histograms(step, histograms)
     logging.info("Refresh at step %d: %s", step, scalars)
-
-
-def _check_finite(scalars: dict, step: int):
-    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
-    if bad:
-        raise NonFiniteLossError(
-            f"Non-finite training metrics at step {step}: {bad}. The last finite checkpoint is kept; "
-            "lower config.optax.base_lr, raise warm-up, set config.optax.clip_norm, or use float32 "
-            "(config.model.dtype) and resume.")

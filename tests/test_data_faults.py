@@ -108,3 +108,16 @@ def test_data_workers_exit_when_the_trainer_is_killed():
     finally:
         if trainer.poll() is None:
             trainer.kill()
+
+
+def test_training_on_data_with_other_channels_stops_before_it_starts(fashion_mnist_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "mim_jax.main", "--config=configs/mae.py:local", f"--workdir={tmp_path}",
+         f"--config.input.data_dir={fashion_mnist_dir}", "--config.input.channels=3",
+         "--config.input.mean=(0.5,0.5,0.5)", "--config.input.std=(0.5,0.5,0.5)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "has 1-channel images, but config.input.channels=3" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
