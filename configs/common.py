@@ -30,6 +30,9 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     c.async_ckpt = True
     c.resume_step = placeholder(int)   # restore this checkpoint, not the newest; later ones are deleted
     c.max_loss_ratio = 1e3       # a loss over this x the run's first loss is divergence (0: off)
+    # Multi-process runs: a process silent this long is lost; the others name it and exit (0: only
+    # JAX's own heartbeat check, which aborts after max(100, 2x this) s without naming the process).
+    c.peer_timeout_s = 60.0
     c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known

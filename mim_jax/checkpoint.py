@@ -55,6 +55,7 @@ class Checkpointer:
         """`read_only=True` opens someone else's run (evaluation, warm starts, teachers): nothing is
         created, written or deleted there."""
         self.directory = epath.Path(directory)
+        self.max_to_keep = None if read_only else max_to_keep
         self._failure = None  # a save's storage error, once reported
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
@@ -104,6 +105,15 @@ class Checkpointer:
     def delete(self, steps):
         for step in steps:
             self.manager.delete(step)
+
+    def enforce_retention(self):
+        """Deletes the oldest steps beyond `max_to_keep`. Orbax prunes only after a save commits,
+        so a run killed between the commit and the pruning (a lost host) leaves one extra; called
+        after a successful restore, when the older ones are no longer needed as a fallback."""
+        extra = self.all_steps()[:-self.max_to_keep] if self.max_to_keep else []
+        if extra:
+            logging.info("Deleting checkpoints %s beyond keep_ckpts=%d.", extra, self.max_to_keep)
+            self.delete(extra)
 
     def _bytes_needed(self, state) -> int:
         """The newest checkpoint's size on disk (compression and orbax's files included), else the

@@ -31,18 +31,26 @@ def _auto_detected_cluster() -> bool:
             or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
 
 
-def initialize_distributed():
-    """Called once in the main process only: Grain worker processes must never join the cluster."""
+def initialize_distributed(peer_timeout_s: float):
+    """Called once in the main process only: Grain worker processes must never join the cluster.
+    Returns the watch over the other processes (peers.py), or None for a single process."""
     import jax
+
+    from mim_jax import peers
     if multiprocessing.parent_process() is not None:
-        return
+        return None
+    # JAX's own heartbeat check is the backstop: it aborts with a C++ fatal error that only names a
+    # "task", so it is given longer than the peer watch, which names the process and the fix.
+    heartbeat = max(100, int(2 * peer_timeout_s)) if peer_timeout_s else 100
     if FLAGS.coordinator_address:
         # CPU devices talk through gloo (no effect on accelerator backends); without it CPU
         # multi-process collectives are unavailable. Must be set before any backend starts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                   heartbeat_timeout_seconds=heartbeat)
     elif _auto_detected_cluster():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+    return peers.watch(timeout_s=peer_timeout_s)
 
 
 def main(argv):
@@ -50,7 +58,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
-    initialize_distributed()
+    watch = initialize_distributed(FLAGS.config.get("peer_timeout_s", 60.0))
     import jax
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
@@ -65,6 +73,9 @@ def main(argv):
     except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
         logging.error("%s", e)
         sys.exit(1)
+    finally:
+        if watch is not None:     # the others may take longer to finish their last save
+            watch.stop()
 
 
 if __name__ == "__main__":

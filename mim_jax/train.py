@@ -110,6 +110,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     if resume_step is not None or ckpt.latest_step() is not None:
         start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
         logging.info("Resumed from step %d.", start)
+        ckpt.enforce_retention()
     else:
         start, state = 0, setup.create(jax.random.key(config.seed))
     data = data_iterator(start, state)

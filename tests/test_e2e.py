@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,3 +97,42 @@ def test_two_processes_match_one_process_and_resume_on_one(tmp_path, fashion_mni
         assert out.returncode == 0, out.stderr[-3000:]
     assert "Resumed from step 3" in out.stderr
     np.testing.assert_allclose(losses(tmp_path / "multi")[5], losses(tmp_path / "single")[5], rtol=1e-5)
+
+
+def test_a_killed_process_is_named_and_the_same_command_resumes(tmp_path, fashion_mnist_dir):
+    """SIGKILL of one process of two: the other names it within config.peer_timeout_s and exits;
+    rerunning the same command resumes, and keep_ckpts holds."""
+    args = ["--config=configs/mae.py:local", f"--workdir={tmp_path / 'w'}", f"--config.input.data_dir={fashion_mnist_dir}",
+            *TINY, "--config.total_steps=16", "--config.ckpt_steps=4", "--config.keep_ckpts=2",
+            "--config.peer_timeout_s=5"]
+    port = 24000 + os.getpid() % 1000
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([sys.executable, "-m", "mim_jax.main", *args, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        metrics = tmp_path / "w" / "metrics.jsonl"
+        while time.monotonic() < deadline and (not metrics.exists() or len(losses(tmp_path / "w")) < 6):
+            time.sleep(0.5)
+        assert len(losses(tmp_path / "w")) >= 6, "the run did not get going"
+        procs[1].kill()
+        start = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 1, stderr[-3000:]
+    assert "Process 1 (on " in stderr and "stopped responding" in stderr and "Rerun the same command" in stderr
+    assert waited < 30, waited
+
+    env = dict(os.environ, MIM_JAX_PORT=str(port + 1))
+    rerun = subprocess.run(["bash", "launch/multiprocess_local.sh", "2", "4", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    assert "Resumed from step" in rerun.stderr
+    assert steps_saved(tmp_path / "w") == [12, 16]
+    assert not list((tmp_path / "w" / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    assert sorted(losses(tmp_path / "w")) == list(range(1, 17))

@@ -411,3 +411,19 @@ def test_exploding_loss_is_not_checkpointed_and_the_named_checkpoint_resumes(tmp
     assert saved(tmp_path / "checkpoints") == [4, 6, 8] and loss_steps(tmp_path) == list(range(1, 9))
     assert int(train.train_and_evaluate(resumed, workdir).step) == 8  # the same command: no rewind
     assert saved(tmp_path / "checkpoints") == [4, 6, 8]
+
+
+def test_checkpoints_beyond_keep_ckpts_are_pruned_after_a_restore(tmp_path):
+    """A run killed after a save committed but before orbax pruned (a lost host) leaves one extra;
+    the next run's restore brings the folder back to keep_ckpts."""
+    state = _random_state(100)
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
+    for step in (2, 4, 6):
+        ckpt.save(step, state, force=True)
+    ckpt.close()
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2)
+    step, _, _ = ckpt.restore(_abstract(state))
+    assert step == 6 and saved(tmp_path) == [2, 4, 6]
+    ckpt.enforce_retention()
+    ckpt.close()
+    assert saved(tmp_path) == [4, 6]
