@@ -46,6 +46,10 @@ def test_a_damaged_shard_names_its_file_and_how_to_prepare_again(fashion_mnist_d
     message = str(error.value)
     assert str(shard) in message and "Corrupted Riegeli" in message
     assert f"delete {shard.parent} and prepare it again: python -m mim_jax.data.fashion_mnist" in message
+    # A batched read (what Grain and a user's bulk read use) names the same damaged file.
+    with pytest.raises(pipeline.CorruptDataError, match="prepare it again") as error:
+        source.__getitems__(range(len(source)))
+    assert str(shard) in str(error.value)
     # Through Grain worker processes, as training reads it: the same message reaches the trainer.
     transform = pipeline.pretrain_transform(image_size=28, crop_scale=(0.35, 1.0), crop_ratio=(0.75, 1.333),
                                             flip=True, mean=(0.286,), std=(0.353,))

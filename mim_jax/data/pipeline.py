@@ -46,6 +46,10 @@ class DataMismatchError(UserFacingError, ValueError):
     pass
 
 
+class DataNotFoundError(UserFacingError, FileNotFoundError):
+    pass
+
+
 class CorruptDataError(UserFacingError, OSError):
     pass
 
@@ -59,11 +63,11 @@ def open_source(name: str, split: str, data_dir: str | None = None, *, channels:
     builder = tfds.builder(name, data_dir=data_dir)  # reads metadata only
     where = data_dir or tfds.core.constants.DATA_DIR
     if not builder.is_prepared():
-        raise FileNotFoundError(f"TFDS data set {name!r} is not prepared in {where}. Prepare it with: "
+        raise DataNotFoundError(f"TFDS data set {name!r} is not prepared in {where}. Prepare it with: "
                                 f"{_how_to_prepare(name, data_dir)}")
     formats = {f.value for f in builder.info.available_file_formats()}
     if "array_record" not in formats:  # tfds.data_source would fall back to nothing useful
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"TFDS data set {name!r} is prepared in {builder.data_dir} as {sorted(formats)}, but Grain "
             f"needs array_record. Convert it with `tfds convert_format --dataset_version_dir="
             f"{builder.data_dir} --out_file_format=array_record` (needs apache-beam), or delete it and "
@@ -111,14 +115,27 @@ class CheckedSource:
         try:
             return self.source[index]
         except Exception as error:     # noqa: BLE001 (array_record raises plain RuntimeErrors)
-            text = str(error)
-            if not any(sign in text.lower() for sign in ("riegeli", "corrupt", "data_loss", "checksum")):
+            if not _is_corruption(error):
                 raise
+            text = str(error)
             first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
             raise CorruptDataError(
                 f"Record {index} of TFDS data set {self.name!r} (split {self.split!r}) cannot be read: "
                 f"{self._file_of(int(index))} is damaged ({first}). A partial copy or a disk error does "
                 f"this; {self.how_to_prepare}") from None
+
+    def __getitems__(self, indices):   # Grain's batched read; also what TFDS sources offer
+        indices = list(indices)
+        try:
+            return self.source.__getitems__(indices)
+        except Exception as error:     # noqa: BLE001 -- read one by one to name the damaged record
+            if not _is_corruption(error):
+                raise
+            return [self[index] for index in indices]
+
+
+def _is_corruption(error: Exception) -> bool:
+    return any(sign in str(error).lower() for sign in ("riegeli", "corrupt", "data_loss", "checksum"))
 
 
 class SyntheticSource:
