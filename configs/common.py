@@ -33,6 +33,8 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     # Multi-process runs: a process silent this long is lost; the others name it and exit (0: only
     # JAX's own heartbeat check, which aborts after max(100, 2x this) s without naming the process).
     c.peer_timeout_s = 60.0
+    # Persistent XLA compilation cache (None: WORKDIR/jax_cache; "": off; or a path, local or gs://).
+    c.compilation_cache_dir = placeholder(str)
     c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known

@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class UserFacingError(Exception):
     pass
+
+
+class WeightsNotFoundError(UserFacingError, FileNotFoundError):
+    """A run, weight file or teacher that is not where the config says."""

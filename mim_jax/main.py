@@ -12,6 +12,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow only reads data set metadata here; its oneDNN notice would print at every start.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -53,16 +55,33 @@ def initialize_distributed(peer_timeout_s: float):
     return peers.watch(timeout_s=peer_timeout_s)
 
 
+def parse_flags(argv):
+    """absl's parsing, with a bad config file or an unknown --config.* key as one line, not the
+    traceback config_flags and ml_collections print."""
+    from mim_jax import console
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        sys.stderr.write(f"FATAL: {console.flag_error_message(error, argv)}\n")
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        from mim_jax import console
+        console.quiet_third_party_info()
     import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
     watch = initialize_distributed(FLAGS.config.get("peer_timeout_s", 60.0))
     import jax
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+    from mim_jax import compile_cache
     from mim_jax.errors import UserFacingError
+    # Before anything compiles: a restarted or resumed job reuses the compiled steps.
+    compile_cache.enable(FLAGS.workdir, FLAGS.config.get("compilation_cache_dir"))
     try:
         if FLAGS.config.get("evaluator"):
             from mim_jax.evaluators import run
@@ -79,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

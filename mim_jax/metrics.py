@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax
 import numpy as np
@@ -65,12 +66,37 @@ def _drop_rows_after(path: epath.Path, step: int):
 
 
 def create_writer(workdir, *, resumed_at: int | None = None) -> metric_writers.MetricWriter:
-    """TensorBoard events + log lines (clu) and `metrics.jsonl` on host 0; log lines elsewhere.
+    """TensorBoard events and `metrics.jsonl` on host 0 (other hosts write nothing: the values
+    are global). The console gets `progress_line`s instead of one line per scalar.
     `resumed_at`: the step training starts from, see JsonlWriter."""
     if jax.process_index() > 0:
-        return metric_writers.create_default_writer(workdir, just_logging=True)
-    default = metric_writers.create_default_writer(workdir, asynchronous=True)
-    return metric_writers.MultiWriter([default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl", resumed_at)])
+        return metric_writers.MultiWriter([])
+    events = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir)))
+    return metric_writers.MultiWriter([events, JsonlWriter(epath.Path(workdir) / "metrics.jsonl", resumed_at)])
+
+
+def progress_line(step: int, total: int, scalars: dict) -> str:
+    """`step 120/938  loss 0.8123 (mae_loss 0.8123)  1,234 img/s  MFU 31.5%  ETA 12m05s`: the
+    loss terms, throughput and the time left at this interval's pace."""
+    terms = [k for k in scalars if k.endswith("_loss")]
+    loss = f"loss {scalars['loss']:.4g}" if "loss" in scalars else ""
+    if terms and terms != ["loss"]:
+        loss += " (" + ", ".join(f"{k} {scalars[k]:.4g}" for k in terms) + ")"
+    parts = [f"step {step}/{total}", loss]
+    if "images_per_s" in scalars:
+        parts.append(f"{scalars['images_per_s']:,.0f} img/s")
+    if "mfu" in scalars:
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    if "step_time_s" in scalars:
+        parts.append(f"ETA {_duration(scalars['step_time_s'] * max(total - step, 0))}")
+    return "  ".join(p for p in parts if p)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def to_host_scalars(metric_list) -> dict:

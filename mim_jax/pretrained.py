@@ -26,6 +26,7 @@ import ml_collections
 from etils import epath
 
 from mim_jax import checkpoint, config_lib, parallel
+from mim_jax.errors import WeightsNotFoundError
 from mim_jax.interop import imports as interop, tensors as tensor_maps, vit as vit_layouts
 from mim_jax.methods import Method, get_method
 from mim_jax.models import layers
@@ -48,7 +49,7 @@ def _checkpoints(workdir) -> checkpoint.Checkpointer:
     directory = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir)) / "checkpoints"
     # Checked first: orbax would otherwise report an empty directory, or create one at a typo.
     if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
-        raise FileNotFoundError(f"No pre-training checkpoint in {directory}: pass the --workdir "
+        raise WeightsNotFoundError(f"No pre-training checkpoint in {directory}: pass the --workdir "
                                 "of a `python -m mim_jax.main --config=configs/<method>.py` run.")
     return checkpoint.Checkpointer(directory, read_only=True)
 

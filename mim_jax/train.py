@@ -157,9 +157,13 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                 divergence.check(scalars, step, ckpt)
                 scalars.update(throughput.report())
                 writer.write_scalars(step, scalars)
+                if jax.process_index() == 0:
+                    logging.info("%s", metrics.progress_line(step, steps["total"], scalars))
             due = evals.due(step, last=step == steps["total"])
             if due:
-                writer.write_scalars(step, evals.run(due, state.params))
+                results = evals.run(due, state.params)
+                writer.write_scalars(step, results)
+                logging.info("step %d evaluation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
                 throughput.reset()  # evaluation time is not training time
             if step in refresh_at:   # before any checkpoint of this step, so a resume sees it
                 extras, logs = method.refresh_extras(state.params, state.extras, source, mesh)
@@ -180,6 +184,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         finally:
             writer.flush()
             stop.restore()
+            data.close()  # stops the data workers and frees their shared-memory batches
     return state
 
 

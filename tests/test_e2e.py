@@ -70,6 +70,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     out = run_main(tmp_path / "w", tmp_path / "empty", "--config.total_steps=1")
     assert out.returncode != 0
     assert "fashion_mnist" in out.stderr and "python -m mim_jax.data.fashion_mnist" in out.stderr
+    assert "Traceback" not in out.stderr and out.returncode == 1
 
 
 def test_two_processes_match_one_process_and_resume_on_one(tmp_path, fashion_mnist_dir):

@@ -13,6 +13,8 @@ import pathlib
 
 import numpy as np
 
+from mim_jax.errors import WeightsNotFoundError
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPERS = ("model", "state_dict", "module", "model_state", "teacher")
 
@@ -32,10 +34,10 @@ def weights_path(path) -> pathlib.Path:
         for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"{path} is a folder without {' or '.join(WEIGHT_FILES)}: pass the weight file "
+        raise WeightsNotFoundError(f"{path} is a folder without {' or '.join(WEIGHT_FILES)}: pass the weight file "
                                 "itself or a Hugging Face / timm model folder.")
     if not path.is_file():
-        raise FileNotFoundError(f"Weight file {path} does not exist.")
+        raise WeightsNotFoundError(f"Weight file {path} does not exist.")
     return path
 
 

@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from mim_jax.errors import UserFacingError
+
 Path = tuple[str, ...]
 
 
-class MismatchError(ValueError):
+class MismatchError(UserFacingError, ValueError):
     """A state dict that does not fit the model; the message lists every problem."""
 
 

@@ -20,6 +20,8 @@ import pathlib
 
 import numpy as np
 
+from mim_jax.errors import WeightsNotFoundError
+
 FILES = ("model.safetensors", "config.json")
 OPENAI_SUFFIXES = (".pt", ".pth")   # OpenAI's released files are .pt; .pth for a re-saved state dict
 
@@ -46,7 +48,7 @@ def _openai_path(source: str) -> pathlib.Path:
         where = (f"download {url} (openai/CLIP's clip/clip.py _MODELS) to {path}" if url else
                  "download the file from the URL openai/CLIP's clip/clip.py _MODELS lists for it, e.g. "
                  + openai_clip.URLS["ViT-B-16.pt"])
-        raise FileNotFoundError(f"OpenAI CLIP weights {path} do not exist: {where}, and pass its path as the teacher: "
+        raise WeightsNotFoundError(f"OpenAI CLIP weights {path} do not exist: {where}, and pass its path as the teacher: "
                                 f"--config=configs/cae_v2.py:teacher={path} (or set config.teacher.source).")
     return path
 
@@ -94,19 +96,19 @@ def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.P
     if path.suffix == ".safetensors":
         folder = path.parent
         if not path.is_file():
-            raise FileNotFoundError(f"CLIP weights {path} do not exist.")
+            raise WeightsNotFoundError(f"CLIP weights {path} do not exist.")
     elif path.is_dir():
         folder = path
     elif source.count("/") == 1 and not source.startswith((".", "/")):
         return _download(source, cache_dir, files)
     else:
-        raise FileNotFoundError(f"CLIP teacher {source!r} is neither a folder, a .safetensors file, an OpenAI "
+        raise WeightsNotFoundError(f"CLIP teacher {source!r} is neither a folder, a .safetensors file, an OpenAI "
                                 "CLIP .pt file (ViT-B-16.pt) nor a Hugging Face repo id such as "
                                 "'openai/clip-vit-base-patch16'.")
     missing = [f for f in ("config.json",) + (() if path.suffix else ("model.safetensors",))
                if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {missing}: a CLIP teacher folder needs model.safetensors and "
+        raise WeightsNotFoundError(f"{folder} lacks {missing}: a CLIP teacher folder needs model.safetensors and "
                                 "config.json as on its Hugging Face page (Files and versions).")
     return folder
 
@@ -115,13 +117,13 @@ def _download(repo: str, cache_dir: str | None, files=FILES) -> pathlib.Path:
     try:
         import huggingface_hub
     except ImportError as e:   # pragma: no cover - it is in requirements.txt
-        raise FileNotFoundError(_offline_help(repo) + " (huggingface_hub is not installed.)") from e
+        raise WeightsNotFoundError(_offline_help(repo) + " (huggingface_hub is not installed.)") from e
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         paths = [huggingface_hub.hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=offline)
                  for f in files]
     except Exception as e:  # network, auth, missing cache: all mean the same to the user
-        raise FileNotFoundError(f"{_offline_help(repo)}\n(cause: {type(e).__name__}: {e})") from None
+        raise WeightsNotFoundError(f"{_offline_help(repo)}\n(cause: {type(e).__name__}: {e})") from None
     return pathlib.Path(paths[0]).parent
 
 

@@ -1,0 +1,69 @@
+"""What `python -m mim_jax.main` prints: this project's INFO lines and everyone's warnings and errors,
+not the INFO chatter of orbax, TFDS, clu and JAX (`--verbosity=0` or higher brings it back); a
+command line that cannot be parsed as one message with its fix instead of a traceback."""
+from __future__ import annotations
+
+import logging
+import os
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Passes warnings and errors, and INFO only from this package's files."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.pathname.startswith(PACKAGE_DIR)
+
+
+def quiet_third_party_info():
+    """Keeps other libraries' INFO records off the console (absl's handler, where every library's
+    records end up); they stay available with an explicit --verbosity."""
+    from absl import logging as absl_logging
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
+
+
+def flag_error_message(error: BaseException, argv: list[str]) -> str:
+    """One paragraph for a command line that does not parse: the config file's own error (its last
+    line, not the traceback config_flags embeds), or the --config.* key that does not exist."""
+    text = str(error).strip()
+    if isinstance(error, AttributeError) or "has no attribute" in text or text.startswith("\"'"):
+        unknown = _unknown_override(argv)
+        if unknown:
+            return unknown
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        flag = text.split(":", 1)[0]
+        return f"{flag}: {last.split(': ', 1)[-1]}"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    import importlib.util
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    try:   # the config file as config_flags loads it: a path, then get_config(arg)
+        path, _, arg = spec.partition(":")
+        module_spec = importlib.util.spec_from_file_location("_config_being_checked", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(arg or None) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 (the config's own error is reported instead)
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                where = "--config." + ".".join(path[:depth]) if depth else "the config"
+                options = sorted(node.keys()) if hasattr(node, "keys") else []
+                known = f"; {where} has: {', '.join(options)}" if options else ""
+                return (f"--config.{'.'.join(path)}: {spec} has no key {key!r}{known}. Check the spelling "
+                        "(python -m mim_jax.main --config=... --helpfull lists every flag).")
+            node = node[key]
+    return None

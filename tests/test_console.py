@@ -1,0 +1,62 @@
+"""The console: one progress line per log step, no third-party INFO chatter, and command-line
+mistakes as one message with the fix."""
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mim_jax import console, metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_progress_line_has_the_loss_terms_throughput_and_eta():
+    line = metrics.progress_line(120, 938, {"loss": 0.81234, "mae_loss": 0.81234, "lr": 1e-3, "images_per_s": 1234.4,
+                                            "mfu": 0.315, "step_time_s": 0.5})
+    assert line == "step 120/938  loss 0.8123 (mae_loss 0.8123)  1,234 img/s  MFU 31.5%  ETA 6m49s"
+    assert metrics.progress_line(1, 10_001, {"loss": 2.0, "step_time_s": 1.0}) == "step 1/10001  loss 2  ETA 2h46m"
+
+
+def _record(path: str, level: int) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+
+def test_only_this_packages_info_reaches_the_console():
+    own_info = console._OwnInfoOnly()
+    assert own_info.filter(_record(os.path.join(console.PACKAGE_DIR, "train.py"), logging.INFO))
+    orbax = "/usr/lib/python3/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not own_info.filter(_record(orbax, logging.INFO))
+    assert own_info.filter(_record(orbax, logging.WARNING))
+
+
+def _main(*args, timeout=120):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/capi.py:variant=X/14"], "variant='X/14'; use S/14, B/14 or L/14."),
+    (["--config=configs/mae.py:local", "--config.input.nonexistent=3"],
+     "--config.input.nonexistent: configs/mae.py:local has no key 'nonexistent'; --config.input has: batch_size"),
+    (["--config=configs/mae.py:local", "--config.input.batch_size=abc"], "--config.input.batch_size=abc: invalid"),
+])
+def test_a_bad_command_line_is_one_message(tmp_path, args, message):
+    out = _main(*args, f"--workdir={tmp_path}")
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_run_prints_its_progress_and_no_third_party_info(tmp_path, fashion_mnist_dir):
+    tiny = ["--config.model.depth=1", "--config.decoder.depth=1", "--config.input.batch_size=32",
+            "--config.total_steps=2", "--config.log_steps=1", "--config.evals={}"]
+    out = _main("--config=configs/mae.py:local", f"--workdir={tmp_path}", f"--config.input.data_dir={fashion_mnist_dir}",
+                *tiny, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2/2  loss " in out.stderr and "img/s  ETA " in out.stderr
+    for chatter in ("checkpoint_manager.py", "oneDNN", "libtpu", "dataset_info.py", "logging_writer.py"):
+        assert chatter not in out.stderr, chatter
