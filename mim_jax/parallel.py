@@ -9,19 +9,14 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+# `dcn` (an explicit across-slices axis, see make_mesh) first: each slice gets a contiguous block.
+BATCH_AXES = ("dcn", "data", "fsdp")
+DCN_AXIS = "dcn"
 
 
-def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-    """`mesh_config` is [(axis_name, size), ...]; one size may be -1 (all remaining devices).
-
-    Axis types are passed as Auto explicitly: `jax.make_mesh` defaults to Explicit axes, under
-    which GSPMD-style (logical-constraint) code fails with sharding-type errors.
-    """
+def _resolve_sizes(mesh_config, n: int):
     names = tuple(name for name, _ in mesh_config)
     sizes = [int(size) for _, size in mesh_config]
-    devices = list(devices) if devices is not None else jax.devices()
-    n = len(devices)
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1 or n % fixed:
         raise ValueError(f"Mesh {list(mesh_config)} does not fit {n} devices: sizes must multiply "
@@ -29,13 +24,83 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     sizes = [n // fixed if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n:
         raise ValueError(f"Mesh {dict(zip(names, sizes))} uses {int(np.prod(sizes))} of {n} devices.")
-    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    return names, sizes
+
+
+def num_slices(devices) -> int:
+    """Distinct `slice_index` values of the devices (TPU multislice); 1 where devices carry none."""
+    return len({getattr(d, "slice_index", None) for d in devices})
+
+
+def hybrid_shapes(names, sizes, slices: int):
+    """(ici_shape, dcn_shape) for a multislice mesh of the given global axis sizes.
+
+    With a `dcn` axis in the config, that axis spans the slices (its size must be the slice count)
+    and every other axis lies inside a slice. Without one, the `data` axis is split: slices along
+    its outer part, each slice's devices a contiguous block of it; axis names stay as configured.
+    """
+    ici, dcn = list(sizes), [1] * len(sizes)
+    if DCN_AXIS in names:
+        i = names.index(DCN_AXIS)
+        if sizes[i] != slices:
+            raise ValueError(f"Mesh axis {DCN_AXIS!r} has size {sizes[i]}, but the devices span "
+                             f"{slices} slices (use -1 or {slices}).")
+    elif "data" in names and sizes[names.index("data")] % slices == 0:
+        i = names.index("data")
+    else:
+        raise ValueError(f"Mesh {dict(zip(names, sizes))} over {slices} slices: give a "
+                         f"({DCN_AXIS!r}, {slices}) axis, or a 'data' axis divisible by {slices}.")
+    ici[i], dcn[i] = sizes[i] // slices, slices
+    return tuple(ici), tuple(dcn)
+
+
+def mesh_devices(mesh_config, devices=None):
+    """(axis names, device ndarray) of the mesh: `jax.make_mesh`'s topology-aware order on one
+    slice; across TPU slices (devices with several `slice_index`es) `create_hybrid_device_mesh`,
+    so only the slice-spanning axis crosses the slow data-centre network."""
+    from jax.experimental import mesh_utils
+    devices = list(devices) if devices is not None else jax.devices()
+    names, sizes = _resolve_sizes(mesh_config, len(devices))
+    slices = num_slices(devices)
+    if slices == 1:
+        mesh = jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+        return names, mesh.devices
+    ici, dcn = hybrid_shapes(names, sizes, slices)
+    split = devices[0].device_kind in (getattr(mesh_utils, "_TPU_V5_LITE", None), getattr(mesh_utils, "_TPU_V5E", None))
+    logging.info("Multislice mesh: %d slices, ICI %s, DCN %s over %s", slices, ici, dcn, names)
+    return names, mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=split)
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+    """`mesh_config` is [(axis_name, size), ...]; one size may be -1 (all remaining devices).
+    Sizes are global (over all devices of all slices); see `mesh_devices` for multislice.
+
+    Axis types are passed as Auto explicitly: `jax.make_mesh` defaults to Explicit axes, under
+    which GSPMD-style (logical-constraint) code fails with sharding-type errors.
+    """
+    names, array = mesh_devices(mesh_config, devices)
+    return jax.sharding.Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def rules_for_mesh(rules, mesh):
+    """Logical rules for `mesh`: with a `dcn` axis, whatever maps to `data` maps to (dcn, data)
+    too, so activations stay sharded across slices without separate rules per mesh."""
+    if DCN_AXIS not in mesh.axis_names:
+        return rules
+    adapted = []
+    for name, target in rules:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if "data" in axes and DCN_AXIS not in axes:
+            axes = (DCN_AXIS,) + axes
+            target = axes
+        adapted.append((name, target))
+    return type(rules)(adapted) if isinstance(rules, (list, tuple)) else adapted
 
 
 @contextlib.contextmanager
 def activate(mesh, rules):
     """Mesh + logical rules for tracing: without both, logical constraints are silently no-ops."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
         yield
 
 
@@ -58,7 +123,7 @@ def logical_shardings(abstract_tree, mesh, rules):
     Leaves without logical names (optimizer counters, scalars) are replicated.
     """
     specs = nn.get_partition_spec(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
+    mesh_specs = nn.logical_to_mesh(specs, rules_for_mesh(rules, mesh))
     unboxed = unbox_abstract(abstract_tree)
     return jax.tree.map(
         lambda spec, x: NamedSharding(mesh, _fit_to_shape(spec, x.shape, mesh)),
