@@ -10,7 +10,7 @@ LAYERS = [
     # 0. utilities, data and sharding: no models, no methods
     ("mim_jax.config_lib", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data", "mim_jax.masking",
      "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
-     "mim_jax.storage", "mim_jax.peers"),
+     "mim_jax.storage", "mim_jax.peers", "mim_jax.compile_cache", "mim_jax.console"),
     # 1. Linen models and their weight readers; weight layouts of other codebases (interop reads
     #    the models' param trees, models' CLIP loader reads OpenAI's files through it)
     ("mim_jax.models", "mim_jax.interop"),
@@ -25,7 +25,7 @@ LAYERS = [
     # 6. train state and step; evaluators
     ("mim_jax.state", "mim_jax.evaluators"),
     # 7. entry points
-    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export"),
+    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export", "mim_jax.visualize"),
 ]
 
 

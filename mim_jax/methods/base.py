@@ -172,6 +172,14 @@ class Method(abc.ABC):
         evaluations during training use the trained params, as the official codes do."""
         return params
 
+    # Whether `reconstructions` exists (a pixel decoder: MAE, Beyond Masking, CMAE).
+    reconstructs_pixels: bool = False
+
+    def reconstructions(self, params: PyTree, extras: PyTree, batch: dict, rng: jax.Array, step=0) -> dict:
+        """{'images', 'masked', 'reconstruction', 'pasted'} [B, H, W, C] pixel images in [0, 1] (and
+        'mask' [B, N]) of a batch, for `mim_jax.visualize`; only methods that predict pixels."""
+        raise NotImplementedError(f"{self.config.method.name} predicts no pixels: it has no reconstructions.")
+
     def example_keys(self, rng_seed: jax.Array, batch: dict, purpose: int = 0) -> jax.Array:
         """One key per example from the run seed and the global example index (not the step)."""
         from mim_jax import masking

@@ -162,6 +162,31 @@ class BeyondMasking(MAE):
         weights = masks if self.num_masked else jnp.ones_like(masks)
         return loss_fn(pred, weights)
 
+    # -- reconstructions: the target is the undegraded view on the token grid --------------------
+    def reconstruction_frames(self, batch, rng, step):
+        """(degraded encoder input, normalised; the target image in [0, 1] pixels): the view at
+        the input's resolution (for zoom-in/out the wider/narrower view the tokens predict, for
+        the other degradations the undegraded image)."""
+        view = batch["image"]
+        inputs, _ = self.degrade(view, batch, rng, step)
+        pixels = view * self.std + self.mean
+        size = self.config.input.image_size
+        return inputs, (pixels if pixels.shape[1] == size else image_ops.area_resize(pixels, size))
+
+    def target_pixels(self, target):
+        return target
+
+    def input_pixels(self, inputs):
+        return inputs * self.std + self.mean
+
+    def denormalize_prediction(self, pred, target):
+        """Each patch AND channel gets its target's mean and (unbiased std + 1e-6) back, the
+        inverse of `image_ops.patch_channel_normalize`."""
+        p, c = self.encoder.patch_size, self.channels
+        t = patchify(target.astype(jnp.float32), p).reshape(*pred.shape[:2], p * p, c)
+        mean, std = t.mean(2, keepdims=True), jnp.sqrt(t.var(2, keepdims=True, ddof=1))
+        return (pred.reshape(t.shape) * (std + 1e-6) + mean).reshape(pred.shape)
+
     def init_params(self, rng, batch):
         # Parameter shapes depend only on the encoder's input size, not on the view's.
         size, b = self.config.input.image_size, batch["image"].shape[0]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from mim_jax import flops
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
+from mim_jax import image_ops
 from mim_jax.models.layers import patchify
 
 
@@ -63,6 +64,50 @@ class MAE(MaskedEncoderMethod):
         target = normalized_pixel_targets(images, self.encoder.patch_size, self.config.method.norm_pix_loss)
         loss = masked_mse(pred, target, masks)
         return loss, {"mae_loss": loss}
+
+    # -- reconstructions (mim_jax.visualize): the eval-mode forward on one batch ---------------
+    reconstructs_pixels = True
+
+    def reconstruction_frames(self, batch, rng, step):
+        """(encoder input, target image) of a batch, both in the space the loss builds its targets
+        in: for MAE (and CMAE) the normalised image itself."""
+        return batch["image"], batch["image"]
+
+    def target_pixels(self, target):
+        """A target-space image -> [0, 1] pixels (un-normalised with the data set's mean/std)."""
+        inp = self.config.input
+        return target * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
+
+    def input_pixels(self, inputs):
+        return self.target_pixels(inputs)
+
+    def denormalize_prediction(self, pred, target):
+        """Predicted patches [B, N, p*p*C] -> target space: with per-patch normalised targets
+        (norm_pix_loss) each patch gets the mean and (unbiased, as the loss) variance of its own
+        target patch back, as the official MAE visualisation does."""
+        if not self.config.method.get("norm_pix_loss", False):
+            return pred
+        t = patchify(target.astype(jnp.float32), self.encoder.patch_size)
+        mean, var = t.mean(-1, keepdims=True), t.var(-1, keepdims=True, ddof=1)
+        return pred * jnp.sqrt(var + 1e-6) + mean
+
+    def reconstructions(self, params, extras, batch, rng, step=0):
+        """Eval-mode reconstructions of a batch with the run's masks (keyed by `batch['index']`):
+        dict of [B, S, S, C] [0, 1] pixel images: `images` (the target: the original image),
+        `masked` (the encoder input, masked patches grey), `reconstruction` (every patch
+        predicted), `pasted` (the target on the visible patches, the prediction on the masked
+        ones), and `mask` [B, N] (True: masked)."""
+        p, c, n = self.encoder.patch_size, self.config.input.channels, self.num_patches
+        masks, visible, masked = self.sample_masks(rng, batch)
+        inputs, target = self.reconstruction_frames(batch, rng, step)
+        tokens, _ = self.encoder.apply({"params": params["encoder"]}, inputs, visible)
+        pred = self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
+        pred = self.denormalize_prediction(pred.astype(jnp.float32), target)
+        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
+        original = self.target_pixels(target.astype(jnp.float32))
+        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
+        return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
+                "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
 
     def decoder_flops(self) -> float:
         enc, dec = self.encoder, self.decoder

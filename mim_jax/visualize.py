@@ -1,0 +1,136 @@
+"""Reconstructions of a pre-training run: a PNG grid, one row per evaluation image.
+
+  python -m mim_jax.visualize /tmp/mae_local [--num_images=8] [--out=/tmp/mae_local/reconstructions.png] [--step=N]
+
+Columns: the original (for Beyond Masking its target: the undegraded view the tokens predict),
+the masked encoder input (masked patches grey; for Beyond Masking the degraded input),
+the reconstruction of every patch, and the reconstruction with the target pasted back on the
+visible patches. Masks are the run's own (seeded by config.seed and the image's index); the
+model runs in eval mode. Per-patch normalised predictions (MAE's norm_pix_loss, Beyond Masking's
+per-patch-and-channel targets) get each target patch's mean and variance back, then the data set's
+mean/std. Methods without a pixel decoder (CAE v2, CAPI) have no reconstructions.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from mim_jax import parallel, pretrained
+from mim_jax.data import pipeline
+from mim_jax.errors import UserFacingError
+from mim_jax.evaluators import run as run_lib
+
+COLUMNS = ("images", "masked", "reconstruction", "pasted")
+PAD = 2   # pixels of white between cells and around the grid
+
+
+class NoPixelsError(UserFacingError, ValueError):
+    """The run's method predicts no pixels."""
+
+
+def check_pixels(method) -> None:
+    if not method.reconstructs_pixels:
+        raise NoPixelsError(f"{method.config.method.name} has no pixel decoder (it predicts features, not pixels), "
+                            "so it has no reconstructions to show: mim_jax.visualize takes MAE, Beyond Masking "
+                            "and CMAE runs.")
+
+
+def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
+    """All params (encoder and decoder) of `step` (default: the newest) of a pre-training workdir."""
+    if step is None:
+        return pretrained.load(workdir, mesh)
+    ckpt = pretrained._checkpoints(workdir)
+    if step not in ckpt.all_steps():
+        raise UserFacingError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
+    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    method = pretrained.get_method(config)
+    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    variables = ckpt.restore_parts(step, pretrained.abstract_variables(method, mesh, parts))
+    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    return pretrained.Weights(config=config, method=method, params=params, step=step,
+                              description=f"{workdir} @ step {step}")
+
+
+def eval_batch(method, num_images: int, data_dir: str | None = None) -> dict:
+    """The first `num_images` images of the run's evaluation split at the size its train batches
+    have (Beyond Masking's view), normalised, with their indices (which key the masks)."""
+    inp = method.config.input
+    split = run_lib.split_names({}, inp, ("eval",))["eval"]
+    source = pipeline.open_source(inp.dataset, split, data_dir or inp.data_dir, channels=inp.channels)
+    size = method.batch_spec(1)["image"].shape[1]
+    transform = pipeline.EvalTransform(size, inp.mean, inp.std)
+    examples = [transform(source[i], None) for i in range(min(num_images, len(source)))]
+    return {"image": np.stack([e["image"] for e in examples]).astype(np.float32),
+            "label": np.asarray([e["label"] for e in examples], np.int32),
+            "index": np.arange(len(examples), dtype=np.int32)}
+
+
+def reconstruct(method, params, batch, seed: int) -> dict:
+    """Host arrays of `method.reconstructions` on one device (params fetched to the host)."""
+    check_pixels(method)
+    fn = jax.jit(lambda p, b: method.reconstructions(p, {}, b, jax.random.key(seed)))
+    return jax.device_get(fn(jax.device_get(params), jax.tree.map(jnp.asarray, batch)))
+
+
+def grid(columns: dict, scale: int = 1) -> np.ndarray:
+    """uint8 [rows * cell + pad, 4 * cell + pad, C] image of the COLUMNS (each [B, S, S, C] in
+    [0, 1]), cells enlarged `scale` times (nearest), PAD white pixels between and around them."""
+    cols = [np.clip(np.asarray(columns[k], np.float32), 0.0, 1.0) for k in COLUMNS]
+    b, s, _, c = cols[0].shape
+    cell = s * scale
+    out = np.ones((b * (cell + PAD) + PAD, len(cols) * (cell + PAD) + PAD, c), np.float32)
+    for j, col in enumerate(cols):
+        big = col.repeat(scale, axis=1).repeat(scale, axis=2)
+        for i in range(b):
+            top, left = PAD + i * (cell + PAD), PAD + j * (cell + PAD)
+            out[top:top + cell, left:left + cell] = big[i]
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+def write_png(image: np.ndarray, path) -> pathlib.Path:
+    from PIL import Image
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return path
+
+
+def visualize(workdir, *, num_images: int = 8, out=None, step: int | None = None, scale: int | None = None,
+              data_dir: str | None = None) -> pathlib.Path:
+    config = pretrained.read_config(workdir)
+    method = pretrained.get_method(config)
+    check_pixels(method)              # before restoring anything
+    mesh = parallel.make_mesh(config.mesh)
+    weights = load(workdir, mesh, step)
+    batch = eval_batch(weights.method, num_images, data_dir)
+    columns = reconstruct(weights.method, weights.params, batch, config.seed)
+    size = columns["images"].shape[1]
+    image = grid(columns, scale or max(1, 64 // size))
+    return write_png(image, out or pathlib.Path(workdir) / "reconstructions.png")
+
+
+_NUM = flags.DEFINE_integer("num_images", 8, "Rows: the first N images of the run's evaluation split.")
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/reconstructions.png).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_SCALE = flags.DEFINE_integer("scale", None, "Enlarge each cell this many times (default: to about 64 pixels).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's config.input.data_dir).")
+
+
+def main(argv):
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m mim_jax.visualize WORKDIR [--num_images=8] [--out=PNG] [--step=N]")
+    try:
+        path = visualize(argv[1], num_images=_NUM.value, out=_OUT.value, step=_STEP.value, scale=_SCALE.value,
+                         data_dir=_DATA_DIR.value)
+    except (UserFacingError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
