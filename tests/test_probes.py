@@ -4,8 +4,8 @@ import numpy as np
 from mim_jax.evaluators import probes
 
 
-def separable(n, d=8, classes=3, seed=0):
-    centres = np.random.default_rng(123).normal(size=(classes, d)) * 4   # shared by all splits
+def separable(n, d=8, classes=3, seed=0, spread=4.0):
+    centres = np.random.default_rng(123).normal(size=(classes, d)) * spread   # shared by all splits
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
     return (centres[y] + rng.normal(size=(n, d))).astype(np.float32), y.astype(np.int32)
@@ -40,3 +40,43 @@ def test_standardize_matches_numpy():
     (out,) = probes.standardize(x)
     np.testing.assert_allclose(out.reshape(-1, 6).mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(out.reshape(-1, 6).std(0), 1, atol=1e-3)
+
+
+def _peaked_at(optimum: float):
+    """A stand-in for training: top-1 falls off with the distance from `optimum` in decades."""
+    def train(head, train, eval_, *, learning_rates, **options):
+        return {float(lr): {"top1": float(np.exp(-np.log10(lr / optimum) ** 2)), "top5": 1.0} for lr in learning_rates}
+    return train
+
+
+def test_a_sweep_whose_best_is_at_an_edge_is_extended_until_the_best_is_inside(monkeypatch):
+    monkeypatch.setattr(probes, "train_probes", _peaked_at(7.0))
+    grid = (0.01, 0.03, 0.1, 0.3, 1.0)
+    summary = probes.sweep(None, None, None, learning_rates=grid, extensions=3, prefix="linear")
+    tried = sorted(summary["linear_sweep"])
+    np.testing.assert_allclose(tried[5:], [10 ** 0.5, 10.0, 10 ** 1.5, 100.0], rtol=1e-5)   # the grid's ratio, 6 digits
+    np.testing.assert_allclose(summary["linear_best_lr"], 10.0)
+    assert summary["linear_best_lr_at_edge"] is False
+    # Out of extensions with the best still at the edge: said so.
+    summary = probes.sweep(None, None, None, learning_rates=grid, extensions=1, prefix="linear")
+    assert len(summary["linear_sweep"]) == 7 and summary["linear_best_lr_at_edge"] is True
+    # Downwards too; no extensions for a single rate or an interior best.
+    monkeypatch.setattr(probes, "train_probes", _peaked_at(1e-4))
+    summary = probes.sweep(None, None, None, learning_rates=grid, extensions=3, prefix="linear")
+    assert min(summary["linear_sweep"]) < 1e-4 < summary["linear_best_lr"] * 2 and not summary["linear_best_lr_at_edge"]
+    assert len(probes.sweep(None, None, None, learning_rates=(0.1,), extensions=3, prefix="p")["p_sweep"]) == 1
+    monkeypatch.setattr(probes, "train_probes", _peaked_at(0.1))
+    assert len(probes.sweep(None, None, None, learning_rates=grid, extensions=3, prefix="p")["p_sweep"]) == 5
+
+
+def test_an_extended_rate_scores_as_it_would_in_the_wider_sweep():
+    (x, y), (xe, ye) = separable(512, spread=1.0), separable(512, seed=1, spread=1.0)   # overlapping classes
+    x, xe = probes.standardize(x, xe)
+    options = dict(epochs=2, batch_size=64, seed=0)
+    summary = probes.sweep(probes.LinearHead(3), (x, y), (xe, ye), learning_rates=(1.0, 3.0, 10.0), extensions=2,
+                           prefix="linear", **options)
+    tried = tuple(sorted(summary["linear_sweep"]))
+    assert len(tried) > 3, summary   # extended
+    wide = probes.train_probes(probes.LinearHead(3), (x, y), (xe, ye), learning_rates=tried, **options)
+    np.testing.assert_allclose([summary["linear_sweep"][lr] for lr in tried], [wide[lr]["top1"] for lr in tried],
+                               atol=2 / 512)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from mim_jax.evaluators import probes
 
-DEFAULTS = dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), epochs=10, probe_batch_size=256, weight_decay=0.05,
-                num_heads=4, feature="patch_tokens")
+DEFAULTS = dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), sweep_extensions=3, epochs=10, probe_batch_size=256,
+                weight_decay=0.05, num_heads=4, feature="patch_tokens")
 SPLITS = ("train", "eval")
 
 
 def evaluate(config, feats, num_classes, mesh) -> dict:
     (x, y), (x_eval, y_eval) = feats["train"], feats["eval"]
-    results = probes.train_probes(probes.AttentiveHead(num_classes, config.num_heads), (x, y), (x_eval, y_eval),
-                                  learning_rates=tuple(config.learning_rates), epochs=config.epochs,
-                                  batch_size=config.probe_batch_size, optimizer="adamw",
-                                  weight_decay=config.weight_decay, seed=config.seed)
-    return probes.best(results, "attentive")
+    return probes.sweep(probes.AttentiveHead(num_classes, config.num_heads), (x, y), (x_eval, y_eval),
+                        prefix="attentive", learning_rates=tuple(config.learning_rates),
+                        extensions=config.sweep_extensions, epochs=config.epochs,
+                        batch_size=config.probe_batch_size, optimizer="adamw", weight_decay=config.weight_decay,
+                        seed=config.seed)

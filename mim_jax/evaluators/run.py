@@ -9,7 +9,7 @@ from etils import epath
 
 from mim_jax import metrics, parallel, pretrained
 from mim_jax.data import catalog, pipeline
-from mim_jax.evaluators import encoder as encoder_lib, get as get_evaluator
+from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evaluator
 
 
 def split_names(config, data_config, splits) -> dict:
@@ -59,12 +59,12 @@ def evaluate(config, workdir) -> dict:
     mesh = parallel.make_mesh(config.mesh)
     feats, num_classes, description = features_and_labels(config, mesh, evaluator.SPLITS)
     results = evaluator.evaluate(config, feats, num_classes, mesh)
-    logging.info("%s on %s: %s", config.evaluator, description, results)
+    logging.info("%s on %s: %s", config.evaluator, description, common.scalars(results))
     if jax.process_index() == 0:
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.json").write_text(json.dumps({"encoder": description, **results}, indent=1))
         writer = metrics.create_writer(workdir)
-        writer.write_scalars(0, results)
+        writer.write_scalars(0, common.scalars(results))
         writer.flush()
     return results
