@@ -36,6 +36,9 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
     # Persistent XLA compilation cache (None: WORKDIR/jax_cache; "": off; or a path, local or gs://).
     c.compilation_cache_dir = placeholder(str)
     c.evals = ml_collections.ConfigDict()   # name -> periodic_eval(...), run during pre-training
+    # Pixel methods: this many evaluation images' reconstructions as a TensorBoard image at every
+    # step config.evals runs (0: none).
+    c.reconstruction_images = 8
     c.profile_steps = 0          # >0: trace that many steps (after warm-up) into the workdir
     c.peak_flops = placeholder(float)   # per-device peak for MFU where the device is not known
     # Warm start: a new run (not a resume) takes these params from a pre-training workdir.

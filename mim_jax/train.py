@@ -163,6 +163,9 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             if due:
                 results = evals.run(due, state.params)
                 writer.write_scalars(step, results)
+                images = evals.images(state.params)
+                if images:
+                    writer.write_images(step, images)
                 logging.info("step %d evaluation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
                 throughput.reset()  # evaluation time is not training time
             if step in refresh_at:   # before any checkpoint of this step, so a resume sees it

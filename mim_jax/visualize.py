@@ -14,30 +14,13 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
 
 from mim_jax import parallel, pretrained
-from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
-from mim_jax.evaluators import run as run_lib
-
-COLUMNS = ("images", "masked", "reconstruction", "pasted")
-PAD = 2   # pixels of white between cells and around the grid
-
-
-class NoPixelsError(UserFacingError, ValueError):
-    """The run's method predicts no pixels."""
-
-
-def check_pixels(method) -> None:
-    if not method.reconstructs_pixels:
-        raise NoPixelsError(f"{method.config.method.name} has no pixel decoder (it predicts features, not pixels), "
-                            "so it has no reconstructions to show: mim_jax.visualize takes MAE, Beyond Masking "
-                            "and CMAE runs.")
+from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor
 
 
 def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
@@ -56,42 +39,6 @@ def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
                               description=f"{workdir} @ step {step}")
 
 
-def eval_batch(method, num_images: int, data_dir: str | None = None) -> dict:
-    """The first `num_images` images of the run's evaluation split at the size its train batches
-    have (Beyond Masking's view), normalised, with their indices (which key the masks)."""
-    inp = method.config.input
-    split = run_lib.split_names({}, inp, ("eval",))["eval"]
-    source = pipeline.open_source(inp.dataset, split, data_dir or inp.data_dir, channels=inp.channels)
-    size = method.batch_spec(1)["image"].shape[1]
-    transform = pipeline.EvalTransform(size, inp.mean, inp.std)
-    examples = [transform(source[i], None) for i in range(min(num_images, len(source)))]
-    return {"image": np.stack([e["image"] for e in examples]).astype(np.float32),
-            "label": np.asarray([e["label"] for e in examples], np.int32),
-            "index": np.arange(len(examples), dtype=np.int32)}
-
-
-def reconstruct(method, params, batch, seed: int) -> dict:
-    """Host arrays of `method.reconstructions` on one device (params fetched to the host)."""
-    check_pixels(method)
-    fn = jax.jit(lambda p, b: method.reconstructions(p, {}, b, jax.random.key(seed)))
-    return jax.device_get(fn(jax.device_get(params), jax.tree.map(jnp.asarray, batch)))
-
-
-def grid(columns: dict, scale: int = 1) -> np.ndarray:
-    """uint8 [rows * cell + pad, 4 * cell + pad, C] image of the COLUMNS (each [B, S, S, C] in
-    [0, 1]), cells enlarged `scale` times (nearest), PAD white pixels between and around them."""
-    cols = [np.clip(np.asarray(columns[k], np.float32), 0.0, 1.0) for k in COLUMNS]
-    b, s, _, c = cols[0].shape
-    cell = s * scale
-    out = np.ones((b * (cell + PAD) + PAD, len(cols) * (cell + PAD) + PAD, c), np.float32)
-    for j, col in enumerate(cols):
-        big = col.repeat(scale, axis=1).repeat(scale, axis=2)
-        for i in range(b):
-            top, left = PAD + i * (cell + PAD), PAD + j * (cell + PAD)
-            out[top:top + cell, left:left + cell] = big[i]
-    return np.round(out * 255.0).astype(np.uint8)
-
-
 def write_png(image: np.ndarray, path) -> pathlib.Path:
     from PIL import Image
     path = pathlib.Path(path)
@@ -108,9 +55,8 @@ def visualize(workdir, *, num_images: int = 8, out=None, step: int | None = None
     mesh = parallel.make_mesh(config.mesh)
     weights = load(workdir, mesh, step)
     batch = eval_batch(weights.method, num_images, data_dir)
-    columns = reconstruct(weights.method, weights.params, batch, config.seed)
-    size = columns["images"].shape[1]
-    image = grid(columns, scale or max(1, 64 // size))
+    columns = reconstructor(weights.method, mesh, config.seed)(weights.params, batch)
+    image = grid(columns, scale or default_scale(columns["images"].shape[1]))
     return write_png(image, out or pathlib.Path(workdir) / "reconstructions.png")
 
 

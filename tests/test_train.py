@@ -102,3 +102,34 @@ def test_scanned_encoder_trains_sharded_like_single_device():
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     kernel = sharded.params["encoder"]["encoder"]["blocks"]["block"]["mlp"]["fc1"]["kernel"]
     assert kernel.shape == (2, 32, 64) and kernel.sharding.spec[:2] == (None, "fsdp")
+
+
+def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_path, synthetic_data):
+    """At each step config.evals runs, a pixel method's reconstructions of the first evaluation
+    images go to TensorBoard: at the last step, the grid of the returned (sharded) params, computed
+    here on the host."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from configs.common import periodic_eval
+    from mim_jax.evaluators import reconstructions
+    config = tiny_mae_config(reconstruction_images=3)
+    config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3, max_train_examples=64,
+                                         max_eval_examples=32, k=2)}
+    state = train.train_and_evaluate(config, str(tmp_path))
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    # clu's TF2 summaries: an image is a tensor of [width, height, png] strings.
+    stored = {e.step: e.tensor_proto.string_val[2] for e in events.Tensors("reconstructions")}
+    assert sorted(stored) == [3, 6]
+    method = get_method(config)
+    batch = reconstructions.eval_batch(method, 3)
+    host = jax.device_get(method.reconstructions(jax.device_get(state.params), {}, batch,
+                                                 jax.random.key(config.seed)))
+    want = reconstructions.grid(host, reconstructions.default_scale(16))
+    got = np.asarray(Image.open(io.BytesIO(stored[6])))
+    assert got.shape[:2] == want.shape[:2] == (3 * (64 + 2) + 2, 4 * (64 + 2) + 2)
+    np.testing.assert_allclose(got.reshape(want.shape).astype(int), want.astype(int), atol=1)
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(stored[3]))).reshape(want.shape), want)

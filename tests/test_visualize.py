@@ -13,6 +13,7 @@ from conftest import synthetic_batches, tiny_mae_config
 
 from configs import beyond_masking as bm_config, cae_v2 as cae_config, capi as capi_config
 from mim_jax import visualize
+from mim_jax.evaluators import reconstructions
 from mim_jax.methods import get_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +95,8 @@ def test_beyond_masking_predictions_get_their_patch_and_channel_statistics_back(
 
 
 def test_grid_layout():
-    cols = {k: np.full((3, 5, 5, 1), v) for k, v in zip(visualize.COLUMNS, (0.0, 0.25, 0.5, 1.0))}
-    image = visualize.grid(cols, scale=2)
+    cols = {k: np.full((3, 5, 5, 1), v) for k, v in zip(reconstructions.COLUMNS, (0.0, 0.25, 0.5, 1.0))}
+    image = reconstructions.grid(cols, scale=2)
     assert image.shape == (3 * 12 + 2, 4 * 12 + 2, 1) and image.dtype == np.uint8
     assert image[2, 2, 0] == 0 and image[2, 2 + 12, 0] == 64 and image[2, 2 + 24, 0] == 128
     assert image[0, 0, 0] == 255
@@ -105,8 +106,8 @@ def test_grid_layout():
                                          ("cae_v2", lambda: cae_config.get_config("variant=Ti"))])
 def test_methods_without_pixels_are_a_clear_error(name, config):
     method = get_method(config())
-    with pytest.raises(visualize.NoPixelsError, match=f"{name} has no pixel decoder"):
-        visualize.check_pixels(method)
+    with pytest.raises(reconstructions.NoPixelsError, match=f"{name} has no pixel decoder"):
+        reconstructions.check_pixels(method)
 
 
 @pytest.mark.slow

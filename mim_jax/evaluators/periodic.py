@@ -3,7 +3,9 @@
   config.evals.knn = dict(type="knn", every_epochs=1.0, max_train_examples=10_000, ...)
 
 Each entry takes the options of its evaluation config (configs/knn.py, linear_probe.py, ...) plus a
-unit-free interval (`every_steps` or `every_epochs`). Results are logged as `eval/<name>/<metric>`.
+unit-free interval (`every_steps` or `every_epochs`). Results are logged as `eval/<name>/<metric>`;
+pixel methods add their reconstructions of `config.reconstruction_images` evaluation images as
+the image `reconstructions` at the same steps.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import jax
 
 from mim_jax import config_lib
 from mim_jax.data import pipeline
-from mim_jax.evaluators import encoder as encoder_lib, get as get_evaluator, run
+from mim_jax.evaluators import common, encoder as encoder_lib, reconstructions, get as get_evaluator, run
 
 
 class PeriodicEvals:
@@ -26,6 +28,7 @@ class PeriodicEvals:
             self.evals[name] = (cfg, every, get_evaluator(cfg.type))
         self._encode = {}
         self._open = {}
+        self._reconstruct = None
 
     def due(self, step: int, last: bool) -> list[str]:
         return [name for name, (_, every, _) in self.evals.items() if step % every == 0 or last]
@@ -51,5 +54,18 @@ class PeriodicEvals:
                                                 max_examples=cfg.get(f"max_{split}_examples"))
                      for split, source in self._sources(evaluator.SPLITS).items()}
             results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.mesh)
-            scalars.update({f"eval/{name}/{k}": v for k, v in results.items()})
+            scalars.update({f"eval/{name}/{k}": v for k, v in common.scalars(results).items()})
         return scalars
+
+    def images(self, params) -> dict:
+        """{'reconstructions': [1, H, W, C] uint8 grid} for a pixel method, else {}."""
+        count = self.config.get("reconstruction_images", 0)
+        if not (count and self.method.reconstructs_pixels):
+            return {}
+        if self._reconstruct is None:   # the same images and masks at every step: progress shows
+            self._reconstruct = (reconstructions.reconstructor(self.method, self.mesh, self.config.seed),
+                                 reconstructions.eval_batch(self.method, count))
+        reconstruct, batch = self._reconstruct
+        columns = reconstruct(params, batch)
+        scale = reconstructions.default_scale(columns["images"].shape[1])
+        return {"reconstructions": reconstructions.grid(columns, scale)[None]}
