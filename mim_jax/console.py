@@ -1,4 +1,4 @@
-"""What `python -m mim_jax.main` prints: this project's INFO lines and everyone's warnings and errors,
+"""What `python -m mim_jax.main` (and visualize, export) prints: this project's INFO lines and everyone's warnings and errors,
 not the INFO chatter of orbax, TFDS, clu and JAX (`--verbosity=0` or higher brings it back); a
 command line that cannot be parsed as one message with its fix instead of a traceback."""
 from __future__ import annotations
@@ -9,11 +9,27 @@ import os
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+# Warnings orbax gives for every read of a finished run's checkpoints (evaluation, export), which
+# opens them read-only and restores items one at a time: expected, and nothing to act on.
+_EXPECTED_WARNINGS = ("Given directory is read only", "Metadata file does not exist: ")
+
+
 class _OwnInfoOnly(logging.Filter):
     """Passes warnings and errors, and INFO only from this package's files."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.pathname.startswith(PACKAGE_DIR)
+        if record.pathname.startswith(PACKAGE_DIR):
+            return True
+        if record.levelno == logging.WARNING and str(record.msg).startswith(_EXPECTED_WARNINGS):
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def quiet_unless_verbose():
+    """`quiet_third_party_info` unless the command line gave --verbosity (absl's flag)."""
+    from absl import flags
+    if not flags.FLAGS["verbosity"].present:
+        quiet_third_party_info()
 
 
 def quiet_third_party_info():

@@ -24,6 +24,7 @@ import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print at every start
 
 from absl import app, flags  # noqa: E402
 
@@ -171,6 +172,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required.")
+    from mim_jax import console
+    console.quiet_unless_verbose()
     try:
         export(FLAGS.workdir, FLAGS.format, FLAGS.out)
     except (ValueError, FileNotFoundError) as e:   # expected errors: one readable message

@@ -69,9 +69,8 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        from mim_jax import console
-        console.quiet_third_party_info()
+    from mim_jax import console
+    console.quiet_unless_verbose()
     import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
     watch = initialize_distributed(FLAGS.config.get("peer_timeout_s", 60.0))

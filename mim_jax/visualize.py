@@ -12,15 +12,19 @@ mean/std. Methods without a pixel decoder (CAE v2, CAPI) have no reconstructions
 """
 from __future__ import annotations
 
+import os
 import pathlib
 
-import ml_collections
-import numpy as np
-from absl import app, flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print at every start
 
-from mim_jax import parallel, pretrained
-from mim_jax.errors import UserFacingError
-from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mim_jax import console, parallel, pretrained  # noqa: E402
+from mim_jax.errors import UserFacingError  # noqa: E402
+from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor  # noqa: E402
 
 
 def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
@@ -70,6 +74,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the r
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m mim_jax.visualize WORKDIR [--num_images=8] [--out=PNG] [--step=N]")
+    console.quiet_unless_verbose()
     try:
         path = visualize(argv[1], num_images=_NUM.value, out=_OUT.value, step=_STEP.value, scale=_SCALE.value,
                          data_dir=_DATA_DIR.value)
