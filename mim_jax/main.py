@@ -92,6 +92,8 @@ def main(argv):
         logging.error("%s", e)
         sys.exit(1)
     finally:
+        from mim_jax.data import pipeline
+        pipeline.release_shared_memory()   # no "leaked shared_memory" report at exit
         if watch is not None:     # the others may take longer to finish their last save
             watch.stop()
 

@@ -384,6 +384,21 @@ class _StepIterator(grain.DatasetIterator):
         super().close()
 
 
+def release_shared_memory():
+    """Unlinks the worker batches still in shared memory (the last ones trained on, those
+    prefetched and dropped) now rather than at interpreter exit, where multiprocessing's resource
+    tracker would report them as leaked. Call it once the training loop has returned: its batches
+    are collected here, and Grain unlinks them on its one deletion thread, drained by a no-op
+    queued after them."""
+    import gc
+
+    from grain.python import SharedMemoryArray
+    gc.collect()
+    deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)   # None: deletions are synchronous
+    if deleter is not None:
+        deleter.apply_async(lambda: None).wait(timeout=10)
+
+
 def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int, process_count: int,
                    transform: Callable, start_step: int = 0, num_workers: int = 0, prefetch_buffer: int = 2):
     """Infinite iterator of this process's batches {'image', 'label', 'index'} of the global stream.
