@@ -23,12 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Config file, as for mim_jax.main.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
-flags.DEFINE_bool("input", False, "Time the input pipeline instead of the train step.")
-flags.DEFINE_string("profile_dir", None, "Write a TensorBoard profiler trace of the timed steps here.")
-flags.DEFINE_integer("input_batches", 20, "Timed batches of the input benchmark (after 2 warm-up batches).")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -159,5 +153,17 @@ def main(argv):
         print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
 
 
+def define_flags():
+    """Only when run as a command: importing this module (for its functions) adds no flags, so it
+    imports beside mim_jax.main, whose --config it shares."""
+    config_flags.DEFINE_config_file("config", None, "Config file, as for mim_jax.main.", lock_config=True)
+    flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
+    flags.DEFINE_bool("input", False, "Time the input pipeline instead of the train step.")
+    flags.DEFINE_string("profile_dir", None, "Write a TensorBoard profiler trace of the timed steps here.")
+    flags.DEFINE_integer("input_batches", 20, "Timed batches of the input benchmark (after 2 warm-up batches).")
+    flags.mark_flags_as_required(["config"])
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -28,9 +28,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print a
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("workdir", None, "Pre-training workdir (its newest checkpoint is exported).")
-flags.DEFINE_enum(name="format", default="timm", enum_values=["timm", "official", "hf"], help="Output layout.")
-flags.DEFINE_string("out", None, "Output folder (created).")
 FLAGS = flags.FLAGS
 
 TIMM_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -181,5 +178,13 @@ def main(argv):
         sys.exit(1)
 
 
+def define_flags():
+    """Only when run as a command, so the module imports beside the other entry points."""
+    flags.DEFINE_string("workdir", None, "Pre-training workdir (its newest checkpoint is exported).")
+    flags.DEFINE_enum(name="format", default="timm", enum_values=["timm", "official", "hf"], help="Output layout.")
+    flags.DEFINE_string("out", None, "Output folder (created).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -26,6 +26,8 @@ from mim_jax import console, parallel, pretrained  # noqa: E402
 from mim_jax.errors import UserFacingError  # noqa: E402
 from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor  # noqa: E402
 
+FLAGS = flags.FLAGS
+
 
 def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
     """All params (encoder and decoder) of `step` (default: the newest) of a pre-training workdir."""
@@ -64,24 +66,27 @@ def visualize(workdir, *, num_images: int = 8, out=None, step: int | None = None
     return write_png(image, out or pathlib.Path(workdir) / "reconstructions.png")
 
 
-_NUM = flags.DEFINE_integer("num_images", 8, "Rows: the first N images of the run's evaluation split.")
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/reconstructions.png).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_SCALE = flags.DEFINE_integer("scale", None, "Enlarge each cell this many times (default: to about 64 pixels).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's config.input.data_dir).")
-
-
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m mim_jax.visualize WORKDIR [--num_images=8] [--out=PNG] [--step=N]")
     console.quiet_unless_verbose()
     try:
-        path = visualize(argv[1], num_images=_NUM.value, out=_OUT.value, step=_STEP.value, scale=_SCALE.value,
-                         data_dir=_DATA_DIR.value)
+        path = visualize(argv[1], num_images=FLAGS.num_images, out=FLAGS.out, step=FLAGS.step, scale=FLAGS.scale,
+                         data_dir=FLAGS.data_dir)
     except (UserFacingError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"Wrote {path}")
 
 
+def define_flags():
+    """Only when run as a command, so the module imports beside the other entry points."""
+    flags.DEFINE_integer("num_images", 8, "Rows: the first N images of the run's evaluation split.")
+    flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/reconstructions.png).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("scale", None, "Enlarge each cell this many times (default: to about 64 pixels).")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's config.input.data_dir).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -108,3 +108,15 @@ def test_constructors_with_more_than_three_fields_are_called_by_keyword():
                 if callee[:1].isupper() and len(node.args) > 3:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {callee}({len(node.args)} positional)")
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_module_imports_beside_every_other():
+    """Entry points define their absl flags only when run as commands: two that both defined
+    --config or --out at import time could not be imported by one program (or one test session)."""
+    import subprocess
+    import sys
+    names = [name for name, _ in modules()]
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    out = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
