@@ -38,17 +38,22 @@ def unpatchify(patches, patch: int, channels: int):
     return x.reshape(b, side * patch, side * patch, channels)
 
 
+def patch_channel_statistics(images, patch: int):
+    """(pixels [B, N, p*p, C] in `patchify` order, their means and unbiased stds [B, N, 1, C]) of
+    each patch and channel of [B, H, W, C] images."""
+    b, h, w, c = images.shape
+    x = images.astype(jnp.float32).reshape(b, h // patch, patch, w // patch, patch, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch, c)
+    return x, x.mean(axis=2, keepdims=True), jnp.sqrt(x.var(axis=2, keepdims=True, ddof=1))
+
+
 def patch_channel_normalize(images, patch: int):
     """Beyond Masking's target: each patch and each channel separately shifted to mean 0 and
     divided by (unbiased std + 1e-6) over the patch's p*p pixels. [B, H, W, C] -> [B, N, p*p*C]
     in `patchify` order (row in patch, column in patch, channel). MAE instead normalises all
     p*p*C values of a patch together."""
-    b, h, w, c = images.shape
-    x = images.astype(jnp.float32).reshape(b, h // patch, patch, w // patch, patch, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch, c)
-    mean = x.mean(axis=2, keepdims=True)
-    std = jnp.sqrt(x.var(axis=2, keepdims=True, ddof=1))
-    return ((x - mean) / (std + 1e-6)).reshape(b, -1, patch * patch * c)
+    x, mean, std = patch_channel_statistics(images, patch)
+    return ((x - mean) / (std + 1e-6)).reshape(*x.shape[:2], -1)
 
 
 def symmetric_place(images, size: int, top, left):

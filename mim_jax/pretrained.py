@@ -127,15 +127,18 @@ def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 
 
-def load(workdir, mesh, keys=None) -> Weights:
-    """The newest checkpoint of a pre-training workdir, restored onto `mesh` whatever mesh it was
-    written on; `keys` (e.g. ('encoder',)) restores only those params (not a decoder or heads).
-    A checkpoint whose tree does not match its own config is an error that lists the missing,
-    unexpected and mis-shaped entries."""
+def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
+    """The newest checkpoint (or `step`) of a pre-training workdir, restored onto `mesh` whatever
+    mesh it was written on; `keys` (e.g. ('encoder',)) restores only those params (not a decoder
+    or heads). A checkpoint whose tree does not match its own config is an error that lists the
+    missing, unexpected and mis-shaped entries."""
     if interop.is_weights(str(workdir)):
         return load_file(str(workdir), mesh, keys)
     ckpt = _checkpoints(workdir)
-    step = ckpt.latest_step()
+    if step is None:
+        step = ckpt.latest_step()
+    elif step not in ckpt.all_steps():
+        raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
     method = get_method(config)
     parts = ("params", "extras") if method.eval_uses_extras else ("params",)

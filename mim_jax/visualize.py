@@ -18,7 +18,6 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print at every start
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -27,22 +26,6 @@ from mim_jax.errors import UserFacingError  # noqa: E402
 from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-
-def load(workdir, mesh, step: int | None = None) -> pretrained.Weights:
-    """All params (encoder and decoder) of `step` (default: the newest) of a pre-training workdir."""
-    if step is None:
-        return pretrained.load(workdir, mesh)
-    ckpt = pretrained._checkpoints(workdir)
-    if step not in ckpt.all_steps():
-        raise UserFacingError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    method = pretrained.get_method(config)
-    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
-    variables = ckpt.restore_parts(step, pretrained.abstract_variables(method, mesh, parts))
-    params = method.eval_params(variables["params"], variables.get("extras", {}))
-    return pretrained.Weights(config=config, method=method, params=params, step=step,
-                              description=f"{workdir} @ step {step}")
 
 
 def write_png(image: np.ndarray, path) -> pathlib.Path:
@@ -59,7 +42,7 @@ def visualize(workdir, *, num_images: int = 8, out=None, step: int | None = None
     method = pretrained.get_method(config)
     check_pixels(method)              # before restoring anything
     mesh = parallel.make_mesh(config.mesh)
-    weights = load(workdir, mesh, step)
+    weights = pretrained.load(workdir, mesh, step=step)   # encoder and decoder
     batch = eval_batch(weights.method, num_images, data_dir)
     columns = reconstructor(weights.method, mesh, config.seed)(weights.params, batch)
     image = grid(columns, scale or default_scale(columns["images"].shape[1]))

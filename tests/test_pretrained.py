@@ -137,3 +137,13 @@ def test_loading_only_the_encoder_reads_only_the_encoder(run):
     jax.tree.map(np.testing.assert_array_equal, encoder.params["encoder"], everything.params["encoder"])
     with pytest.raises(ValueError, match=r"has no params \['regressor'\]"):
         pretrained.load(FIXTURES / run, mesh, keys=("regressor",))
+
+
+def test_a_chosen_step_restores_and_a_missing_one_names_the_steps_there():
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+    newest = pretrained.load(FIXTURES / "mae", mesh)
+    chosen = pretrained.load(FIXTURES / "mae", mesh, step=2)
+    assert chosen.step == 2
+    jax.tree.map(np.testing.assert_array_equal, chosen.params, newest.params)
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 5 in .*: it has steps \[2\]"):
+        pretrained.load(FIXTURES / "mae", mesh, step=5)

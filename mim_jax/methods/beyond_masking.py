@@ -182,9 +182,7 @@ class BeyondMasking(MAE):
     def denormalize_prediction(self, pred, target):
         """Each patch AND channel gets its target's mean and (unbiased std + 1e-6) back, the
         inverse of `image_ops.patch_channel_normalize`."""
-        p, c = self.encoder.patch_size, self.channels
-        t = patchify(target.astype(jnp.float32), p).reshape(*pred.shape[:2], p * p, c)
-        mean, std = t.mean(2, keepdims=True), jnp.sqrt(t.var(2, keepdims=True, ddof=1))
+        t, mean, std = image_ops.patch_channel_statistics(target, self.encoder.patch_size)
         return (pred.reshape(t.shape) * (std + 1e-6) + mean).reshape(pred.shape)
 
     def init_params(self, rng, batch):

@@ -5,21 +5,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops
+from mim_jax import flops, image_ops
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
-from mim_jax import image_ops
 from mim_jax.models.layers import patchify
 
 
-def normalized_pixel_targets(images, patch_size: int, normalize: bool):
-    """Per-patch normalised pixels [B, N, p*p*C]. The official code uses torch's unbiased variance
-    (`target.var(dim=-1)`), kept here so losses are comparable to the paper's curves."""
+def patch_statistics(images, patch_size: int):
+    """(patches [B, N, p*p*C], their means, their unbiased variances [B, N, 1]). The official code
+    uses torch's unbiased variance (`target.var(dim=-1)`), kept here so losses are comparable to
+    the paper's curves."""
     target = patchify(images.astype(jnp.float32), patch_size)
+    return target, target.mean(-1, keepdims=True), target.var(-1, keepdims=True, ddof=1)
+
+
+def normalized_pixel_targets(images, patch_size: int, normalize: bool):
+    """Per-patch normalised pixels [B, N, p*p*C]."""
     if not normalize:
-        return target
-    mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True, ddof=1)
+        return patchify(images.astype(jnp.float32), patch_size)
+    target, mean, var = patch_statistics(images, patch_size)
     return (target - mean) / jnp.sqrt(var + 1e-6)
 
 
@@ -87,8 +91,7 @@ class MAE(MaskedEncoderMethod):
         target patch back, as the official MAE visualisation does."""
         if not self.config.method.get("norm_pix_loss", False):
             return pred
-        t = patchify(target.astype(jnp.float32), self.encoder.patch_size)
-        mean, var = t.mean(-1, keepdims=True), t.var(-1, keepdims=True, ddof=1)
+        _, mean, var = patch_statistics(target, self.encoder.patch_size)
         return pred * jnp.sqrt(var + 1e-6) + mean
 
     def reconstructions(self, params, extras, batch, rng, step=0):
