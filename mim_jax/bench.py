@@ -166,4 +166,5 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from mim_jax import console
+    app.run(main, flags_parser=console.parse_flags)

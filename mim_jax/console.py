@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -41,6 +42,65 @@ def quiet_third_party_info():
         handler.addFilter(_OwnInfoOnly())
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing for the commands that take --config (main, bench), with a missing config
+    file, a bad config argument or an unknown --config.* key as one line, not the traceback
+    config_flags and ml_collections print."""
+    from absl import flags
+    missing = missing_config_file(argv)
+    if missing:
+        sys.stderr.write(f"FATAL: {missing}\n")
+        sys.exit(1)
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        sys.stderr.write(f"FATAL: {flag_error_message(error, argv)}\n")
+        sys.exit(1)
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """One line for a --config file that does not exist, listing the configs there are; None when
+    it exists (or no --config is given). config_flags itself defers that error to the config's first
+    use, where it surfaces as a long traceback."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return None
+    path = spec.partition(":")[0]
+    if os.path.isfile(path):
+        return None
+    folder = os.path.dirname(path)
+    if os.path.isdir(folder or "."):
+        available = [os.path.join(folder, name) for name in _config_files(folder or ".")]
+    else:   # e.g. run from outside the repository: the repository's own configs
+        folder = os.path.join(os.path.dirname(PACKAGE_DIR.rstrip(os.sep)), "configs")
+        available = [os.path.join(folder, name) for name in _config_files(folder)]
+    listing = f"available configs: {', '.join(available)}" if available else f"no configs in {folder or '.'}"
+    return f"--config={spec}: there is no file {path}; {listing}."
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of --config (`--config=X` or `--config X`), the last one given."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
+def _config_files(folder: str) -> list[str]:
+    """The config files of a folder: Python files that define get_config."""
+    names = []
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if name.endswith(".py") and os.path.isfile(full):
+            with open(full, encoding="utf-8", errors="replace") as f:
+                if "def get_config(" in f.read():
+                    names.append(name)
+    return names
+
+
 def flag_error_message(error: BaseException, argv: list[str]) -> str:
     """One paragraph for a command line that does not parse: the config file's own error (its last
     line, not the traceback config_flags embeds), or the --config.* key that does not exist."""
@@ -58,7 +118,7 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
 
 def _unknown_override(argv: list[str]) -> str | None:
     import importlib.util
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    spec = _config_spec(argv)
     if spec is None:
         return None
     try:   # the config file as config_flags loads it: a path, then get_config(arg)

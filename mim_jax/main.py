@@ -55,17 +55,6 @@ def initialize_distributed(peer_timeout_s: float):
     return peers.watch(timeout_s=peer_timeout_s)
 
 
-def parse_flags(argv):
-    """absl's parsing, with a bad config file or an unknown --config.* key as one line, not the
-    traceback config_flags and ml_collections print."""
-    from mim_jax import console
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        sys.stderr.write(f"FATAL: {console.flag_error_message(error, argv)}\n")
-        sys.exit(1)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -99,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from mim_jax import console
+    app.run(main, flags_parser=console.parse_flags)

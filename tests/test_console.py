@@ -35,9 +35,9 @@ def test_only_this_packages_info_reaches_the_console():
     assert not own_info.filter(expected)
 
 
-def _main(*args, timeout=120):
+def _main(*args, timeout=120, module="mim_jax.main"):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -51,6 +51,23 @@ def test_a_bad_command_line_is_one_message(tmp_path, args, message):
     out = _main(*args, f"--workdir={tmp_path}")
     assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("module", ["mim_jax.main", "mim_jax.bench"])
+def test_a_misspelled_config_file_is_one_line_listing_the_configs(tmp_path, module):
+    out = _main("--config=configs/mea.py:local", f"--workdir={tmp_path}", module=module)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr[-2000:]
+    assert "--config=configs/mea.py:local: there is no file configs/mea.py; available configs: " in out.stderr
+    assert "configs/mae.py" in out.stderr and "configs/cmae.py" in out.stderr and "common.py" not in out.stderr
+
+
+def test_a_missing_config_outside_the_repository_lists_the_repositorys_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = console.missing_config_file(["main", "--config", "configs/mae.py", "--workdir=x"])
+    assert message.startswith("--config=configs/mae.py: there is no file configs/mae.py; available configs: ")
+    assert str(ROOT / "configs" / "mae.py") in message
+    assert console.missing_config_file(["main", f"--config={ROOT / 'configs' / 'mae.py'}:local"]) is None
 
 
 @pytest.mark.slow
