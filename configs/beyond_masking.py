@@ -17,10 +17,10 @@ exempt), lr 1.5e-4 x batch/256 (2048 -> 1.2e-3), 20 warm-up epochs, cosine to 1e
 
 Arguments: variant=B/16,L/16; degradation=zoom_in (default),zoom_out,distort,blur,decolorize,none;
 mask=<ratio> (default 0.75 for zoom_in and none, 0 for the other four, as the author ran them);
-dataset=<TFDS name>; res=<image size>; batch=; local.
+dataset=<TFDS name>; res=<image size>; batch=; local (dataset=, variant=, res=, batch= given with it win).
 """
 from configs import common
-from mim_jax.config_lib import parse_arg
+from mim_jax.config_lib import given_args, parse_arg
 
 # Decoder per encoder size (`pretrain_mae_{base,large}_patch16_224` of the zoomed-in folder).
 DECODERS = {"B/16": dict(width=384, depth=4, num_heads=6, mlp_dim=1536),
@@ -29,6 +29,7 @@ MASKED_BY_DEFAULT = ("zoom_in", "none")
 
 
 def get_config(arg=None):
+    given = given_args(arg)
     arg = parse_arg(arg, variant="B/16", degradation="zoom_in", mask=-1.0, dataset="imagenet2012", res=224,
                     batch=2048, local=False)
     if arg.variant not in DECODERS:
@@ -54,7 +55,7 @@ def get_config(arg=None):
     c.optax.update(min_lr=1e-5, warmup_epochs=20.0)
 
     if arg.local:
-        common.local_preset(c)
+        common.local_preset(c, given)
         c.decoder.update(width=128, depth=2, num_heads=4, mlp_dim=512)
         c.optax.update(min_lr=0.0)
     return c

@@ -12,11 +12,12 @@ teacher: frozen CLIP ViT-B/16 (all 197 tokens after ln_post and proj, 512-d), bf
   python -m mim_jax.main --config=configs/cae_v2.py:local --workdir=/tmp/caev2_local   # CPU, teacher run:/tmp/mae_local
 
 Arguments: variant=Ti,S,B,L; teacher=<HF repo id | folder | .safetensors | run:DIR>; dataset=<TFDS name>;
-batch=<global batch>; local (Fashion-MNIST, teacher = a `mae.py:local` run, by default run:/tmp/mae_local).
+res=<image size>; batch=<global batch>; local (Fashion-MNIST, teacher = a `mae.py:local` run, by default
+run:/tmp/mae_local; dataset=, variant=, res=, batch= given with it win).
 """
 from configs import common
 from mim_jax import teachers
-from mim_jax.config_lib import parse_arg
+from mim_jax.config_lib import given_args, parse_arg
 
 # Per size (official scripts; Large is not released, see below):
 #   heads: Tiny and Small use 12 heads (head dim 16 / 32), not DeiT's 3 / 6.
@@ -37,6 +38,7 @@ CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14
 
 
 def get_config(arg=None):
+    given = given_args(arg)
     arg = parse_arg(arg, variant="B", teacher="", dataset="imagenet2012", res=224, batch=2048, local=False)
     if arg.variant not in SIZES:
         raise ValueError(f"configs/cae_v2.py: variant={arg.variant!r}; use one of {sorted(SIZES)}.")
@@ -65,10 +67,10 @@ def get_config(arg=None):
                    decay_rule="not_1d", clip_norm=3.0, warmup_epochs=10.0)
 
     if arg.local:
-        common.local_preset(c)
-        # 7x7 patches: ~30% masked in blocks of at least 4 cells (CAE's generator default;
-        # 16-cell blocks would be a third of the grid). Regressor as Tiny's.
-        c.method.mask.update(num_masked=15, min_block=4)
+        common.local_preset(c, given)
+        # 7x7 patches: 15 (~30%) masked in blocks of at least 4 cells (CAE's generator default;
+        # 16-cell blocks would be a third of the grid); the same share of another grid (variant=/res=).
+        c.method.mask.update(num_masked=max(round(common.grid_cells(c) * 15 / 49), 1), min_block=4)
         c.regressor.update(depth=1, width=96, num_heads=12)
         c.optax.update(base_lr=1.5e-3, warmup_epochs=0.5)
     return c

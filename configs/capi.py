@@ -15,10 +15,10 @@ weight decay 0.01; EMA momentum 1 - lr; drop path 0.2 in every block; random-res
   python -m mim_jax.main --config=configs/capi.py:local --workdir=/tmp/capi_local    # CPU, Fashion-MNIST
 
 Arguments: variant=S/14,B/14,L/14; rope=capi|axial; dataset=<TFDS name>; batch=<global batch>;
-steps=<total steps>; local.
+steps=<total steps>; local (dataset=, variant=, res=, batch=, steps= given with it win).
 """
 from configs import common
-from mim_jax.config_lib import parse_arg
+from mim_jax.config_lib import given_args, parse_arg
 
 # Paper Table 8: predictor depth, peak lr (the EMA momentum base is 1 - lr). Heads give head dim
 # 64 (S and B heads are not stated; RoPE needs head_dim % 4 == 0).
@@ -28,6 +28,7 @@ SIZES = {"S": dict(num_heads=6, predictor_depth=6, lr=2e-3),
 
 
 def get_config(arg=None):
+    given = given_args(arg)
     arg = parse_arg(arg, variant="L/14", rope="capi", dataset="imagenet2012", res=224, batch=16384,
                     steps=500_000, local=False)
     size_name = arg.variant.split("/")[0]
@@ -66,11 +67,13 @@ def get_config(arg=None):
                             (".*norm.*/scale", "norms"))   # the norm weights (RMSNorm scales)
 
     if arg.local:
-        common.local_preset(c)
-        c.total_steps = None
+        common.local_preset(c, given)
+        c.total_steps = arg.steps if "steps" in given else None
         c.input.crop_scale = (0.6, 1.0)
-        # head dim 64; the naive drop path, with which the README's Fashion-MNIST rows were measured
-        c.model.update(variant="Ti/4", depth=4, num_heads=3, num_registers=4, drop_path=0.1, drop_path_form="naive")
+        if "variant" not in given:   # head dim 64
+            c.model.update(num_heads=3)
+        # the naive drop path, with which the README's Fashion-MNIST rows were measured
+        c.model.update(num_registers=4, drop_path=0.1, drop_path_form="naive")
         c.predictor.update(depth=2, drop_path=0.1)
         # 7x7 patches: 31 masked, 7 of them predicted; 1024 prototypes keep the CPU step short; the
         # teacher follows 10x faster (momentum 1 - 10 lr) so it moves within 2 epochs.

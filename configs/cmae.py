@@ -14,17 +14,18 @@ batch/256, 40 warm-up epochs then a half-cosine over the remaining 260 (300 in t
   python -m mim_jax.main --config=configs/cmae.py:local --workdir=/tmp/cmae_local    # CPU, Fashion-MNIST
 
 Arguments: variant=Ti/16,S/16,B/16,L/16; dataset=<TFDS name>; res=<image size>; batch=<global
-batch>; local.
+batch>; local (dataset=, variant=, res=, batch= given with it win).
 """
 from configs import common
-from mim_jax.config_lib import parse_arg
+from mim_jax.config_lib import given_args, parse_arg
 
 VARIANTS = ("Ti/16", "S/16", "B/16", "L/16")
 
 
 def get_config(arg=None):
+    given = given_args(arg)
     arg = parse_arg(arg, variant="B/16", dataset="imagenet2012", res=224, batch=4096, local=False)
-    if arg.variant not in VARIANTS and not arg.local:
+    if arg.variant not in VARIANTS:
         raise ValueError(f"configs/cmae.py: variant={arg.variant!r}; use one of {VARIANTS}.")
     c = common.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
     c.total_epochs = 300.0
@@ -51,7 +52,7 @@ def get_config(arg=None):
     c.optax.param_groups = (("encoder/embedding/.*", "frozen"),)
 
     if arg.local:
-        common.local_preset(c)
+        common.local_preset(c, given)
         c.input.flip = False
         # 7x7 patches of 16 values: the decoder's outputs are projected to the encoder's 192
         # before the contrastive blocks; narrower MLPs keep the CPU step short.

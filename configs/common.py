@@ -6,6 +6,7 @@ from ml_collections.config_dict import placeholder
 
 from mim_jax import config_lib, evaluators
 from mim_jax.data.catalog import DATASETS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES  # noqa: F401
+from mim_jax.models.vit import decode_variant
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
 # `fsdp`, the batch over both axes, everything else replicated. Model code only names axes.
@@ -87,12 +88,27 @@ def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(model)
 
 
-def local_preset(c: ml_collections.ConfigDict) -> None:
-    """Shrinks a recipe to a CPU-sized run on the embedded Fashion-MNIST data set (minutes)."""
-    split, channels, mean, std = DATASETS["fashion_mnist"]
-    c.input.update(dataset="fashion_mnist", split=split, channels=channels, mean=mean, std=std,
-                   image_size=28, batch_size=128, num_workers=2, crop_scale=(0.35, 1.0))
-    c.model.update(variant="Ti/4", depth=4, dtype="float32")
+# The config arguments `local` replaces, and with what; an argument given explicitly keeps its value.
+LOCAL_DATA, LOCAL_VARIANT, LOCAL_RES, LOCAL_BATCH = "fashion_mnist", "Ti/4", 28, 128
+
+
+def local_preset(c: ml_collections.ConfigDict, given: frozenset[str] = frozenset()) -> None:
+    """Shrinks a recipe to a CPU-sized run (minutes): a 4-block ViT-Ti/4 on the embedded
+    Fashion-MNIST at 28x28, batch 128, for 2 epochs with periodic probes. The config arguments in
+    `given` (`config_lib.given_args`: dataset=, variant=, res=, batch=) were set explicitly and win
+    over the preset's choice for them; the schedule, float32 and the probes stay the preset's."""
+    if "dataset" not in given:
+        split, channels, mean, std = DATASETS[LOCAL_DATA]
+        c.input.update(dataset=LOCAL_DATA, split=split, channels=channels, mean=mean, std=std)
+    if "res" not in given:
+        c.input.image_size = LOCAL_RES
+    if "batch" not in given:
+        c.input.batch_size = LOCAL_BATCH
+    if "variant" not in given:   # an explicit variant keeps its own size (depth included)
+        c.model.update(variant=LOCAL_VARIANT, depth=4)
+    _check_patches_tile(c, given)
+    c.input.update(num_workers=2, crop_scale=(0.35, 1.0))
+    c.model.dtype = "float32"
     c.total_epochs = 2.0
     c.log_steps = 20
     c.ckpt_epochs = 1.0
@@ -102,9 +118,33 @@ def local_preset(c: ml_collections.ConfigDict) -> None:
     c.evals.linear = periodic_eval("linear_probe", every_epochs=0.5, max_train_examples=10_000, epochs=30)
 
 
-def pretrain_config(name_and_arg: str) -> ml_collections.ConfigDict:
+def _check_patches_tile(c: ml_collections.ConfigDict, given: frozenset[str]) -> None:
+    """An explicit variant or res that the preset's other choice does not fit is refused with the
+    fix, rather than failing later in the model's patch embedding."""
+    patch, size = decode_variant(c.model.variant)["patch_size"], c.input.image_size
+    if size % patch == 0:
+        return
+    fix = f"give res=<a multiple of {patch}>" + (" too" if "res" not in given else "")
+    if "variant" in given and "res" in given:
+        fix += f", or a variant whose patch size divides {size}"
+    raise ValueError(f"local with variant {c.model.variant} at res {size}: {size}x{size} images do not split "
+                     f"into {patch}x{patch} patches; {fix}.")
+
+
+def grid_cells(c: ml_collections.ConfigDict) -> int:
+    """Patches per image (the local preset's 28x28 images at patch 4: 49)."""
+    return (c.input.image_size // decode_variant(c.model.variant)["patch_size"]) ** 2
+
+
+def pretrain_config(name_and_arg: str, dataset: str = "") -> ml_collections.ConfigDict:
     """'mae:local' -> configs/mae.py's get_config('local'): the architecture and data of an
-    untrained or pixel baseline (evaluations with init=random|pixels, fine-tuning from random)."""
+    untrained or pixel baseline (evaluations with init=random|pixels, fine-tuning from random).
+    `dataset`: the data set given to the evaluation or fine-tuning, passed on as the pre-training
+    config's own dataset= argument (so it wins over a `local` preset, with its channels and
+    normalisation)."""
+    if dataset:
+        name, _, arg = name_and_arg.partition(":")
+        name_and_arg = f"{name}:{arg},dataset={dataset}" if arg else f"{name}:dataset={dataset}"
     return config_lib.load_config(name_and_arg)
 
 
@@ -127,7 +167,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     c.evaluator = evaluator
     c.init = arg.init
     c.pretrain = arg.pretrain       # config (file:arg) giving architecture and data for random/pixels
-    c.pretrain_config = (pretrain_config(arg.pretrain) if arg.init in ("random", "pixels")
+    c.pretrain_config = (pretrain_config(arg.pretrain, arg.get("dataset", "")) if arg.init in ("random", "pixels")
                          else ml_collections.ConfigDict())
     c.seed = 0
     c.batch_size = 256

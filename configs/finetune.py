@@ -10,7 +10,7 @@ RandAugment (2 ops, magnitude 9, std 0.5) and random erasing 0.25.
 Arguments: init=<pre-training workdir> (architecture and data come from its config),
 init=<layout>:<weight file> (a released checkpoint: architecture from the file, ImageNet data) or
 init=random,pretrain=<config>:<arg>; dataset=<TFDS name> (another data set, with the encoder's
-input normalisation); local (1 epoch, small batch, CPU-sized).
+input normalisation; from random, the `pretrain=` config's dataset=); local (1 epoch, small batch, CPU-sized).
 """
 import ml_collections
 
@@ -26,7 +26,9 @@ def get_config(arg=None):
     arg = parse_arg(arg, init="", pretrain="mae:local", dataset="", local=False)
     if not arg.init:
         raise ValueError("configs/finetune.py needs init=<pre-training workdir> (or init=random,pretrain=...).")
-    pre = common.pretrain_config(arg.pretrain) if arg.init == "random" else pretrained.read_config(arg.init)
+    # From random: the architecture of `pretrain`, built for `dataset` where one is given (its channels).
+    pre = (common.pretrain_config(arg.pretrain, arg.dataset) if arg.init == "random"
+           else pretrained.read_config(arg.init))
     variant = pre.model.variant
     depth = pre.model.depth or decode_variant(variant)["depth"]
     if pre.model.get("scan"):

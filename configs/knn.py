@@ -6,7 +6,8 @@
 
 Arguments: init=<pre-training workdir>|<layout>:<weight file>|random|pixels; pretrain=<config>:<arg> (the architecture and
 data for random/pixels); feature=cls|patch_mean|cls+patch_mean; dataset=<TFDS name> (default: the
-pre-training data; the encoder's own normalisation is kept).
+pre-training data; the encoder's own normalisation is kept; with init=random|pixels it is passed to
+the `pretrain=` config as its dataset=, so the baseline is built for its channels).
 """
 from configs import common
 from mim_jax.config_lib import parse_arg

@@ -35,6 +35,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(parsed)
 
 
+def given_args(arg: str | None) -> frozenset[str]:
+    """The argument names written in 'variant=B/16,local' ({'variant', 'local'}): what a preset
+    such as `local` must leave as the user set it."""
+    return frozenset(item.partition("=")[0].strip() for item in filter(None, (arg or "").split(",")))
+
+
 def steps(config, prefix: str, *, steps_per_epoch: float, total_steps: int | None = None,
           default: int | None = None) -> int | None:
     """Reads `{prefix}_steps`, `{prefix}_epochs` or `{prefix}_percent` (of total_steps): the first

@@ -6,6 +6,7 @@ import pytest
 
 from configs import mae
 from mim_jax import config_lib, optim
+from mim_jax.data.catalog import DATASETS
 from mim_jax.models.vit import vit_from_config
 
 
@@ -33,6 +34,61 @@ def test_paper_recipe_and_local_preset():
     assert c.method.mask.ratio == 0.75 and (c.decoder.depth, c.decoder.width) == (8, 512)
     local = mae.get_config("local")
     assert local.input.dataset == "fashion_mnist" and local.input.channels == 1
+
+
+LOCAL_PRESETS = ("mae", "cae_v2", "capi", "beyond_masking", "cmae")
+
+
+def _pretraining_config(name: str, arg: str):
+    teacher = ",teacher=openai/clip-vit-base-patch16" if name == "cae_v2" else ""   # no /tmp/mae_local needed
+    return config_lib.load_config(f"{name}:{arg}{teacher}")
+
+
+@pytest.mark.parametrize("name", LOCAL_PRESETS)
+def test_data_arguments_given_with_local_win_over_the_preset(name):
+    c = _pretraining_config(name, "local,dataset=cifar10,res=32,batch=64")
+    assert (c.input.dataset, c.input.channels, c.input.image_size, c.input.batch_size) == ("cifar10", 3, 32, 64)
+    assert tuple(c.input.mean) == DATASETS["cifar10"][2] and tuple(c.input.std) == DATASETS["cifar10"][3]
+    # What was not given is still the preset's: the 4-block Ti/4, 2 epochs, float32.
+    assert (c.model.variant, c.model.depth, c.total_epochs, c.model.dtype) == ("Ti/4", 4, 2.0, "float32")
+    # A misspelled name is kept, so training stops at the data set (pipeline.open_source), not on Fashion-MNIST.
+    assert _pretraining_config(name, "local,dataset=fashionmnist").input.dataset == "fashionmnist"
+    assert _pretraining_config(name, "local").input.dataset == "fashion_mnist"
+
+
+@pytest.mark.parametrize("name, arg, variant", [
+    ("mae", "variant=S/4", "S/4"), ("cae_v2", "variant=S,res=32", "S/16"), ("capi", "variant=S/14", "S/14"),
+    ("beyond_masking", "variant=L/16,res=32", "L/16"), ("cmae", "variant=S/16,res=32", "S/16")])
+def test_a_variant_given_with_local_keeps_its_size(name, arg, variant):
+    c = _pretraining_config(name, f"local,{arg}")
+    assert c.model.variant == variant and c.model.depth is None     # the variant's own depth
+    assert c.input.dataset == "fashion_mnist" and c.total_epochs == 2.0
+    vit_from_config(c.model)
+
+
+@pytest.mark.parametrize("arg, fix", [("variant=B/16", "give res=<a multiple of 16> too"),
+                                      ("res=30", "give res=<a multiple of 4>."),
+                                      ("variant=B/16,res=40", "or a variant whose patch size divides 40")])
+def test_local_refuses_a_variant_and_res_whose_patches_do_not_tile(arg, fix):
+    with pytest.raises(ValueError, match="do not split into") as error:
+        mae.get_config(f"local,{arg}")
+    assert fix in str(error.value)
+
+
+def test_capis_steps_given_with_local_win():
+    assert _pretraining_config("capi", "local").total_steps is None        # the preset's 2 epochs
+    assert _pretraining_config("capi", "local,steps=300").total_steps == 300
+
+
+@pytest.mark.parametrize("name", ["knn", "linear_probe", "attentive_probe", "finetune"])
+def test_the_dataset_of_a_random_or_pixel_baseline_reaches_its_pretrain_config(name):
+    """init=random|pixels builds the `pretrain=` architecture for the data set given (its channels), not for
+    the pre-training config's own (Fashion-MNIST under `local`)."""
+    c = config_lib.load_config(f"{name}:init=random,pretrain=mae:local,dataset=cifar10")
+    built = c.input if name == "finetune" else c.pretrain_config.input
+    assert (built.dataset, built.channels, built.image_size) == ("cifar10", 3, 28)
+    default = config_lib.load_config(f"{name}:init=random,pretrain=mae:local")
+    assert (default.input if name == "finetune" else default.pretrain_config.input).dataset == "fashion_mnist"
 
 
 def test_unit_free_durations():
