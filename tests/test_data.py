@@ -229,6 +229,18 @@ def test_missing_dataset_error_says_how_to_prepare(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 
+def test_a_misspelled_dataset_is_one_paragraph_naming_the_likely_one(tmp_path):
+    """TFDS's own error lists its ~460 data sets, as a traceback."""
+    with pytest.raises(pipeline.DataNotFoundError) as error:
+        pipeline.open_source("fashionmnist", "train", str(tmp_path), channels=1)
+    message = str(error.value)
+    assert message.startswith(f"TFDS data set 'fashionmnist' is not prepared in {tmp_path}, and TFDS has no")
+    assert f"Did you mean 'fashion_mnist'? Prepare that with: python -m mim_jax.data.fashion_mnist --data_dir={tmp_path}" in message
+    assert len(message.splitlines()) == 1 and "mnist\n" not in message
+    with pytest.raises(pipeline.DataNotFoundError, match="Check the spelling"):
+        pipeline.open_source("qqqqzzzz", "train", str(tmp_path))
+
+
 def _read_idx(name, offset, shape):
     with gzip.open(os.path.join(FASHION_MNIST_FILES, name)) as f:
         return np.frombuffer(f.read(), np.uint8, offset=offset).reshape(shape)

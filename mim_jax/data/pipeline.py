@@ -42,6 +42,21 @@ def _how_to_prepare(name: str, data_dir: str | None) -> str:
     return f"`tfds build {name} --file_format=array_record{flag}`"
 
 
+def _unknown_dataset(name: str, data_dir: str | None, where: str) -> str:
+    """Neither prepared in `where` nor a data set TFDS can build: most likely a misspelled name."""
+    import difflib
+
+    import tensorflow_datasets as tfds
+    root = os.path.expanduser(where)
+    prepared = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+    close = difflib.get_close_matches(name, [*prepared, *tfds.list_builders()], n=1, cutoff=0.6)
+    hint = (f" Did you mean {close[0]!r}? Prepare that with: {_how_to_prepare(close[0], data_dir)}." if close
+            else " Check the spelling (`tfds.list_builders()` lists TFDS's data sets).")
+    return (f"TFDS data set {name!r} is not prepared in {where}, and TFDS has no data set of that name.{hint} "
+            f"A folder of your own images becomes a data set with `python -m mim_jax.data.prepare_folder "
+            f"--src=DIR --name={name}`.")
+
+
 class DataMismatchError(UserFacingError, ValueError):
     pass
 
@@ -60,8 +75,11 @@ def open_source(name: str, split: str, data_dir: str | None = None, *, channels:
     the config's `input.channels`, checked against the data set's images. A record that cannot be
     read raises CorruptDataError naming its file and how to prepare the data set again."""
     import tensorflow_datasets as tfds
-    builder = tfds.builder(name, data_dir=data_dir)  # reads metadata only
     where = data_dir or tfds.core.constants.DATA_DIR
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)  # reads metadata only
+    except tfds.core.DatasetNotFoundError:   # its message lists every TFDS data set (~460 lines)
+        raise DataNotFoundError(_unknown_dataset(name, data_dir, where)) from None
     if not builder.is_prepared():
         raise DataNotFoundError(f"TFDS data set {name!r} is not prepared in {where}. Prepare it with: "
                                 f"{_how_to_prepare(name, data_dir)}")
