@@ -20,7 +20,7 @@ def plot(workdir, output=None) -> pathlib.Path:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("Plotting needs matplotlib, an optional extra: pip install matplotlib") from None
+        raise SystemExit("Plotting needs matplotlib (in requirements.txt): pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -48,4 +48,7 @@ def plot(workdir, output=None) -> pathlib.Path:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m mim_jax.plot WORKDIR")
-    print(plot(sys.argv[1]))
+    try:
+        print(plot(sys.argv[1]))
+    except FileNotFoundError as e:   # no metrics.jsonl: the message says which workdir to pass
+        sys.exit(str(e))
