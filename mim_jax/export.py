@@ -30,16 +30,47 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-TIMM_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
-# Registered timm entry points; model_args override every field, so other sizes use the generic one.
-TIMM_ARCHS = {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
-              "vit_base_patch32_224", "vit_huge_patch14_224", "vit_large_patch14_224", "vit_tiny_patch16_384",
-              "vit_small_patch16_384", "vit_base_patch16_384", "vit_large_patch16_384"}
+# timm's plain-ViT sizes by width, with their standard depth and heads (an exact match is that model).
+TIMM_SIZES = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16),
+              1280: ("huge", 32, 16)}
+# timm's registered plain-ViT entry points (timm 1.0: vit_<size>_patch<P>_<res>). model_args override
+# every field they set, so a model of another depth, patch or resolution is built from the nearest.
+TIMM_ARCHS = {"vit_tiny_patch16_224", "vit_tiny_patch16_384",
+              "vit_small_patch8_224", "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
+              "vit_small_patch32_384",
+              "vit_base_patch8_224", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
+              "vit_base_patch32_384",
+              "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
+              "vit_large_patch32_384",
+              "vit_huge_patch14_224"}
+_SHORT_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+# For a width timm has no name for: a registered name to build from (model_args set every field).
+TIMM_GENERIC = "vit_base_patch16_224"
 
 
 def timm_architecture(encoder, image_size: int) -> str:
-    name = f"vit_{TIMM_NAMES.get(encoder.width, '?')}_patch{encoder.patch_size}_{image_size}"
-    return name if name in TIMM_ARCHS else "vit_base_patch16_224"
+    """timm's name for the model where it has one (vit_base_patch16_224 for a ViT-B/16 at 224), else
+    the registered name nearest to it (same width, then same patch size) that timm builds it from:
+    timm.create_model needs a registered name, model_args carry the rest (`timm_description`)."""
+    size = TIMM_SIZES.get(encoder.width, ("",))[0]
+    candidates = [f"vit_{size}_patch{encoder.patch_size}_{image_size}", f"vit_{size}_patch{encoder.patch_size}_224",
+                  f"vit_{size}_patch16_224", f"vit_{size}_patch14_224"]
+    return next((name for name in candidates if name in TIMM_ARCHS), TIMM_GENERIC)
+
+
+def timm_description(encoder, image_size: int, channels: int) -> str:
+    """What the export holds, which `architecture` alone may not say: 'ViT-Ti/4, 4 blocks (timm's tiny
+    has 12), 28x28 pixels, 1 channel; built as vit_tiny_patch16_224 with model_args'."""
+    architecture = timm_architecture(encoder, image_size)
+    size, depth, heads = TIMM_SIZES.get(encoder.width, (None, None, None))
+    parts = [f"ViT-{_SHORT_NAMES[size]}/{encoder.patch_size}" if size
+             else f"ViT of width {encoder.width}, patch {encoder.patch_size}"]
+    if encoder.depth != depth:
+        parts.append(f"{encoder.depth} blocks" + (f" (timm's {size} has {depth})" if size else ""))
+    if size and encoder.num_heads != heads:
+        parts.append(f"{encoder.num_heads} heads (timm's {size} has {heads})")
+    parts.append(f"{image_size}x{image_size} pixels, {channels} channel{'s' if channels > 1 else ''}")
+    return ", ".join(parts) + f"; built as {architecture} with model_args"
 
 
 def provenance(weights) -> dict:
@@ -82,7 +113,8 @@ def export_timm(weights, out: pathlib.Path) -> dict:
         "model_args": timm_model_args(encoder, inp.image_size, inp.channels),
         "pretrained_cfg": {"input_size": [inp.channels, inp.image_size, inp.image_size], "mean": list(inp.mean),
                            "std": list(inp.std), "num_classes": 0, "interpolation": "bicubic",
-                           "crop_pct": 0.875, "license": "see the run's data and recipe"},
+                           "crop_pct": 0.875, "license": "see the run's data and recipe",
+                           "description": timm_description(encoder, inp.image_size, inp.channels)},
         "mim_jax": meta,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))

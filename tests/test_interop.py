@@ -275,6 +275,33 @@ def test_export_to_timm_loads_strictly_and_gives_the_same_features(tmp_path, nam
     jax.tree.map(np.testing.assert_array_equal, back.params["encoder"], original)
 
 
+def test_the_timm_export_names_the_models_size_and_loads_strictly(tmp_path):
+    """The local preset's 4-block ViT-Ti/4 at 28x28 is timm's tiny (not vit_base_patch16_224), with
+    what the name does not say in the description."""
+    from configs import common
+    from mim_jax import export
+    weights = _perturbed(pretrained.random_init(common.pretrain_config("mae:local"), _mesh()))
+    config = export.export_timm(weights, tmp_path)
+    description = ("ViT-Ti/4, 4 blocks (timm's tiny has 12), 28x28 pixels, 1 channel; built as "
+                   "vit_tiny_patch16_224 with model_args")
+    assert (config["architecture"], config["pretrained_cfg"]["description"]) == ("vit_tiny_patch16_224", description)
+    model = _timm_from_export(tmp_path)
+    assert model.pretrained_cfg["description"] == description
+    assert (len(model.blocks), model.embed_dim, model.patch_embed.patch_size) == (4, 192, (4, 4))
+
+
+@pytest.mark.parametrize("width, patch, size, name", [
+    (768, 16, 224, "vit_base_patch16_224"), (384, 8, 224, "vit_small_patch8_224"),
+    (1024, 16, 384, "vit_large_patch16_384"), (1024, 14, 196, "vit_large_patch14_224"),
+    (192, 4, 28, "vit_tiny_patch16_224"), (32, 4, 16, "vit_base_patch16_224")])
+def test_timm_architecture_is_timms_own_name_or_the_nearest_registered(width, patch, size, name):
+    from types import SimpleNamespace
+
+    from mim_jax import export
+    assert export.timm_architecture(SimpleNamespace(width=width, patch_size=patch), size) == name
+    assert all(timm.is_model(arch) for arch in export.TIMM_ARCHS)
+
+
 @pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking"])
 def test_official_export_imports_back_exactly(tmp_path, name):
     from mim_jax import export
