@@ -109,6 +109,10 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     resume_step = _resume_step(ckpt, config)
     if resume_step is not None or ckpt.latest_step() is not None:
         start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
+        if start >= steps["total"]:   # nothing to train: say so rather than just "Resumed"
+            logging.info("%s", _complete_message(workdir, start, steps["total"]))
+            ckpt.close()
+            return state
         logging.info("Resumed from step %d.", start)
         ckpt.enforce_retention()
     else:
@@ -189,6 +193,15 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             stop.restore()
             data.close()  # stops the data workers and frees their shared-memory batches
     return state
+
+
+def _complete_message(workdir: epath.Path, step: int, total: int) -> str:
+    """The same command run again on a finished run: where its outputs are and how to go on."""
+    done = f"step {step} of {total}" if step == total else f"step {step}, past its {total} total steps"
+    return (f"The run in {workdir} is already complete ({done}): nothing to train. Its checkpoints are in "
+            f"{workdir / 'checkpoints'}, its metrics in {workdir / 'metrics.jsonl'} (and TensorBoard: "
+            f"tensorboard --logdir {workdir}). To train it longer, run the same command with "
+            f"--config.total_steps=N (N > {step}); to start anew, give another --workdir.")
 
 
 def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:

@@ -65,6 +65,23 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synthetic_data
     assert (tmp_path / "resumed" / "metrics.jsonl").read_text().count('"loss"') >= 3
 
 
+def test_a_finished_run_run_again_says_it_is_complete(tmp_path, synthetic_data, monkeypatch, caplog):
+    config = tiny_mae_config()
+    finished = train.train_and_evaluate(config, str(tmp_path))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a finished run starts no data pipeline")
+    monkeypatch.setattr(pipeline, "train_iterator", no_data)
+    with caplog.at_level("INFO"):
+        again = train.train_and_evaluate(config, str(tmp_path))
+    assert int(again.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, again.params, finished.params)
+    assert (f"The run in {tmp_path} is already complete (step 6 of 6): nothing to train. Its checkpoints are in "
+            f"{tmp_path / 'checkpoints'}") in caplog.text
+    assert "--config.total_steps=N (N > 6); to start anew, give another --workdir." in caplog.text
+    assert "Resumed from step" not in caplog.text
+
+
 def test_checkpoint_written_on_8_devices_restores_on_2(tmp_path):
     config = tiny_mae_config()
     method = get_method(config)
