@@ -27,10 +27,22 @@ class _OwnInfoOnly(logging.Filter):
 
 
 def quiet_unless_verbose():
-    """`quiet_third_party_info` unless the command line gave --verbosity (absl's flag)."""
+    """`quiet_third_party_info` and `plain_info_lines` unless the command line gave --verbosity
+    (absl's flag): then everything shows, in absl's format."""
     from absl import flags
     if not flags.FLAGS["verbosity"].present:
         quiet_third_party_info()
+        plain_info_lines()
+
+
+def plain_info_lines():
+    """INFO lines on the console as their bare message (`step 120/938  loss 0.81 ...`), without absl's
+    `I1203 22:31:39.123456 12345 train.py:123] ` prefix (absl's --showprefixforinfo=false, unless
+    given). Warnings and errors keep the prefix, and so does a log file (absl's --log_dir), where
+    absl adds it whatever the flag says."""
+    from absl import flags
+    if not flags.FLAGS["showprefixforinfo"].present:
+        flags.FLAGS.showprefixforinfo = False
 
 
 def quiet_third_party_info():

@@ -35,6 +35,29 @@ def test_only_this_packages_info_reaches_the_console():
     assert not own_info.filter(expected)
 
 
+_LOG_ONE_INFO_LINE = """
+from absl import app
+from mim_jax import compile_cache, console
+def main(argv):
+    console.quiet_unless_verbose()
+    compile_cache.enable({workdir!r}, None)   # logs one INFO line from this package
+app.run(main)
+"""
+
+
+@pytest.mark.parametrize("flag, prefixed", [(None, False), ("--verbosity=0", True), ("--showprefixforinfo", True)])
+def test_info_lines_are_bare_messages_on_the_console(tmp_path, flag, prefixed):
+    """absl's `I1203 22:31:39.123456 12345 compile_cache.py:37] ` prefix stays off the console's INFO
+    lines unless --verbosity (or --showprefixforinfo) asks for absl's format."""
+    code = _LOG_ONE_INFO_LINE.format(workdir=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code, *([flag] if flag else [])], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stderr.splitlines() if "Persistent compilation cache" in line)
+    assert line.startswith("Persistent compilation cache: ") != prefixed, line
+    assert line.startswith("I") and "compile_cache.py:" in line if prefixed else True
+
+
 def _main(*args, timeout=120, module="mim_jax.main"):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
@@ -78,6 +101,7 @@ def test_a_run_prints_its_progress_and_no_third_party_info(tmp_path, fashion_mni
                 *tiny, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2/2  loss " in out.stderr and "img/s  ETA " in out.stderr
+    assert any(line.startswith("step 2/2  loss ") for line in out.stderr.splitlines())   # no absl prefix
     # ... nor multiprocessing's report of the data workers' batches left in shared memory.
     for chatter in ("checkpoint_manager.py", "oneDNN", "libtpu", "dataset_info.py", "logging_writer.py",
                     "leaked shared_memory"):
