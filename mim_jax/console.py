@@ -63,11 +63,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     if missing:
         sys.stderr.write(f"FATAL: {missing}\n")
         sys.exit(1)
+    # Building the config can read another run's checkpoints (a CAE v2 teacher run:DIR, finetune's
+    # init=DIR), and orbax logs while it does: filtered from the start, its expected read-only
+    # warnings stay off the console, and with them absl's "Logging before flag parsing" notice.
+    if not _asks_for_verbosity(argv):
+        quiet_third_party_info()
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
         sys.stderr.write(f"FATAL: {flag_error_message(error, argv)}\n")
         sys.exit(1)
+
+
+def _asks_for_verbosity(argv: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] in ("--verbosity", "-v", "--v") for arg in argv[1:])
 
 
 def missing_config_file(argv: list[str]) -> str | None:

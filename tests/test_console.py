@@ -58,8 +58,8 @@ def test_info_lines_are_bare_messages_on_the_console(tmp_path, flag, prefixed):
     assert line.startswith("I") and "compile_cache.py:" in line if prefixed else True
 
 
-def _main(*args, timeout=120, module="mim_jax.main"):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _main(*args, timeout=120, module="mim_jax.main", platforms="cpu"):
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -93,6 +93,17 @@ def test_a_missing_config_outside_the_repository_lists_the_repositorys_configs(t
     assert console.missing_config_file(["main", f"--config={ROOT / 'configs' / 'mae.py'}:local"]) is None
 
 
+@pytest.mark.parametrize("config", ["configs/cae_v2.py:local,teacher=run:tests/fixtures/checkpoints_9ddba71/mae",
+                                    "configs/finetune.py:init=tests/fixtures/checkpoints_9ddba71/mae,local"])
+def test_configs_that_read_another_run_parse_without_orbax_warnings(tmp_path, config):
+    """Building these configs reads a run's checkpoints: orbax's read-only warnings (and absl's
+    "Logging before flag parsing" notice they caused) stay off the console; an unknown key stops the
+    command right after the config is built."""
+    out = _main(f"--config={config}", "--config.nonexistent=1", f"--workdir={tmp_path}")
+    assert out.returncode == 1 and out.stderr.startswith("FATAL: --config.nonexistent: "), out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_run_prints_its_progress_and_no_third_party_info(tmp_path, fashion_mnist_dir):
     tiny = ["--config.model.depth=1", "--config.decoder.depth=1", "--config.input.batch_size=32",
@@ -106,3 +117,13 @@ def test_a_run_prints_its_progress_and_no_third_party_info(tmp_path, fashion_mni
     for chatter in ("checkpoint_manager.py", "oneDNN", "libtpu", "dataset_info.py", "logging_writer.py",
                     "leaked shared_memory"):
         assert chatter not in out.stderr, chatter
+
+
+@pytest.mark.slow
+def test_bench_prints_its_report_without_third_party_info():
+    out = _main("--config=configs/mae.py:local", "--config.model.depth=1", "--config.decoder.depth=1",
+                "--config.input.batch_size=8", "--steps=1", module="mim_jax.bench", timeout=300,
+                platforms="")   # JAX probes every backend, as on a machine where nothing is set
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "images_per_s" in out.stdout
+    assert "Unable to initialize backend" not in out.stderr and "xla_bridge.py" not in out.stderr, out.stderr
