@@ -114,6 +114,45 @@ def test_data_workers_exit_when_the_trainer_is_killed():
             trainer.kill()
 
 
+def test_a_sigterm_to_the_whole_process_group_leaks_no_shared_memory():
+    """SLURM, Kubernetes and `kill -TERM -PGID` signal the data workers too. The trainer acts on the
+    notice (saves, closes its stream); the workers must not die of it with their batches still in
+    shared memory, which multiprocessing's resource tracker reports as leaked at exit."""
+    script = textwrap.dedent("""
+        import signal, sys, time
+        from absl import flags
+        from mim_jax.data import pipeline
+        flags.FLAGS.mark_as_parsed()
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))    # the trainer's _StopSignal
+        transform = pipeline.pretrain_transform(image_size=16, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.333),
+                                                flip=True, mean=(0.5,), std=(0.5,))
+        stream = pipeline.train_iterator(pipeline.SyntheticSource(512, image_shape=(16, 16, 1)),
+                                         global_batch_size=16, seed=0, process_index=0, process_count=1,
+                                         transform=transform, num_workers=2)
+        next(stream)
+        print("ready", flush=True)
+        while not stop:
+            next(stream)
+            time.sleep(0.05)
+        stream.close()
+        pipeline.release_shared_memory()
+        print("stopped", flush=True)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        time.sleep(1.0)                                  # the workers' prefetched batches are in flight
+        os.killpg(trainer.pid, signal.SIGTERM)
+        out, err = trainer.communicate(timeout=60)
+        assert trainer.returncode == 0 and out.strip() == "stopped", err[-2000:]
+        assert "leaked shared_memory" not in err, err[-2000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
 def test_training_on_data_with_other_channels_stops_before_it_starts(fashion_mnist_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(

@@ -12,6 +12,7 @@ Everything except `to_global_batch` runs in Grain worker processes too: no jax c
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -324,19 +325,30 @@ def _iterate(dataset, local_batch, num_workers, prefetch_buffer):
                                                          prefetch_buffer_size=max(prefetch_buffer, threads)))
     if num_workers:
         iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                        worker_init_fn=_ExitWithParent(os.getpid()))
+                                        worker_init_fn=_WorkerSetup(os.getpid()))
     return iter(iterator)
 
 
-class _ExitWithParent:
-    """Runs in each Grain worker: the worker exits within a second of the trainer's death. A
-    SIGKILLed trainer cannot stop its workers, and they (and multiprocessing's resource tracker,
-    which waits for them) would otherwise run on for minutes with parent 1."""
+class _WorkerSetup:
+    """Runs in each Grain worker.
+
+    - The worker exits within a second of the trainer's death. A SIGKILLed trainer cannot stop its
+      workers, and they (and multiprocessing's resource tracker, which waits for them) would
+      otherwise run on for minutes with parent 1.
+    - SIGTERM and SIGINT are the trainer's to act on. A scheduler's preemption notice (SLURM,
+      Kubernetes, `kill -TERM -PGID`) or a terminal's Ctrl-C reaches the whole process group; a
+      worker killed by it leaves the batches it had made in shared memory (reported as leaked at
+      exit). Ignoring them, the workers live until the trainer closes its stream after its last
+      save: Grain then stops them with an event (SIGKILL after a timeout) and unlinks their batches.
+    """
 
     def __init__(self, parent_pid: int, poll_s: float = 0.5):
         self.parent_pid, self.poll_s = parent_pid, poll_s
 
     def __call__(self, worker_index: int, worker_count: int):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         def watch():
             while _alive(self.parent_pid):
                 time.sleep(self.poll_s)
