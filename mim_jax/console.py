@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from typing import Callable
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -24,6 +26,44 @@ class _OwnInfoOnly(logging.Filter):
         if record.levelno == logging.WARNING and str(record.msg).startswith(_EXPECTED_WARNINGS):
             return False
         return record.levelno >= logging.WARNING
+
+
+def duration(seconds: float) -> str:
+    """12m05s, or 2h46m past an hour."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+    """Progress lines for a long task (a pass over a data set, a probe's epochs):
+    `<what>: 12,288/60,000 images (20%), 1m05s left`.
+
+    The first line comes after `every_s` seconds (30), the next ones once `every_s` and a tenth of
+    the task have passed since the previous line, or after `quiet_s` (300) in any case: a task
+    shorter than `every_s` prints nothing, a long one about ten lines.
+    """
+
+    def __init__(self, what: str, total: int, unit: str = "", *, every_s: float = 30.0, quiet_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.unit = what, total, f" {unit}" if unit else ""
+        self.every_s, self.quiet_s, self.clock = every_s, quiet_s, clock
+        self.start = self.last = clock()
+        self.last_done = 0
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        since = now - self.last
+        if not 0 < done < self.total or since < self.every_s:
+            return
+        first = self.last == self.start
+        if not first and done - self.last_done < self.total / 10 and since < self.quiet_s:
+            return
+        self.last, self.last_done = now, done
+        left = (now - self.start) * (self.total - done) / done
+        logging.info("%s: %s/%s%s (%d%%), %s left", self.what, f"{done:,}", f"{self.total:,}", self.unit,
+                     100 * done // self.total, duration(left))
 
 
 def quiet_unless_verbose():

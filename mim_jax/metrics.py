@@ -10,6 +10,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
+from mim_jax.console import duration
+
 
 class JsonlWriter(metric_writers.MetricWriter):
     """One JSON object per write: {"step": s, name: value, ...}, easy to load into pandas.
@@ -88,15 +90,8 @@ def progress_line(step: int, total: int, scalars: dict) -> str:
     if "mfu" in scalars:
         parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
     if "step_time_s" in scalars:
-        parts.append(f"ETA {_duration(scalars['step_time_s'] * max(total - step, 0))}")
+        parts.append(f"ETA {duration(scalars['step_time_s'] * max(total - step, 0))}")
     return "  ".join(p for p in parts if p)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def to_host_scalars(metric_list) -> dict:

@@ -20,6 +20,23 @@ def test_progress_line_has_the_loss_terms_throughput_and_eta():
     assert metrics.progress_line(1, 10_001, {"loss": 2.0, "step_time_s": 1.0}) == "step 1/10001  loss 2  ETA 2h46m"
 
 
+def test_progress_lines_come_every_tenth_after_thirty_seconds(caplog):
+    clock = [0.0]
+    progress = console.Progress("train features", 60_000, "images", clock=lambda: clock[0])
+    with caplog.at_level(logging.INFO):
+        for done, now in [(3_000, 10.0), (4_000, 40.0), (12_000, 60.0), (13_000, 95.0), (14_000, 130.0),
+                          (17_000, 396.0), (60_000, 500.0)]:
+            clock[0] = now
+            progress.update(done)
+    assert caplog.messages == ["train features: 4,000/60,000 images (6%), 9m20s left",     # the first after 30 s
+                               "train features: 13,000/60,000 images (21%), 5m43s left",   # a tenth more, 30 s on
+                               "train features: 17,000/60,000 images (28%), 16m42s left"]  # 300 s, less than a tenth
+    quick = console.Progress("eval features", 100, clock=lambda: 0.0)
+    with caplog.at_level(logging.INFO):
+        quick.update(50)
+    assert len(caplog.messages) == 3                      # a task under 30 s prints nothing
+
+
 def _record(path: str, level: int) -> logging.LogRecord:
     return logging.LogRecord("absl", level, path, 1, "message", None, None)
 

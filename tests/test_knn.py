@@ -1,8 +1,11 @@
 """kNN evaluator: known answers, NumPy reference, sharded == single device."""
+import functools
+import logging
+
 import jax
 import numpy as np
 
-from mim_jax import parallel
+from mim_jax import console, parallel
 from mim_jax.evaluators import knn
 
 
@@ -35,7 +38,7 @@ def test_bank_containing_the_queries_returns_their_labels():
     assert knn.topk_accuracy(classifier.predict(bank), labels)["top1"] == 1.0
 
 
-def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tmp_path, monkeypatch):
+def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tmp_path, monkeypatch, caplog):
     from conftest import tiny_mae_config
 
     from mim_jax import train
@@ -54,5 +57,25 @@ def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tm
     out = jax.jit(get_method(config).encode)(state.params, images)  # same compiled maths
     expected = np.concatenate([out["cls"], out["patch_mean"]], axis=-1)
     np.testing.assert_allclose(np.asarray(encoder.features(images)), expected, rtol=1e-6, atol=1e-6)
-    feats, labels = encoder_lib.extract(encoder, source, mesh, batch_size=16, image_size=16, mean=(0.5,), std=(0.25,))
+    monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
+    with caplog.at_level(logging.INFO):
+        feats, labels = encoder_lib.extract(encoder, source, mesh, batch_size=16, image_size=16, mean=(0.5,),
+                                            std=(0.25,), what="train features")
     assert feats.shape == (64, 64) and labels.shape == (64,)
+    assert [m.split(",")[0] for m in caplog.messages if m.startswith("train features")] == [
+        "train features: 16/64 images (25%)", "train features: 32/64 images (50%)", "train features: 48/64 images (75%)"]
+
+
+def test_a_standalone_evaluation_says_what_it_extracts(tmp_path, monkeypatch, caplog):
+    """Between loading the weights and the result, the console says which features of how many images."""
+    from configs import knn as knn_config
+    from mim_jax.data import pipeline
+    from mim_jax.evaluators import run
+    monkeypatch.setattr(pipeline, "open_source",
+                        lambda *a, **k: pipeline.SyntheticSource(48, image_shape=(28, 28, 1), seed=0))
+    config = knn_config.get_config("init=tests/fixtures/checkpoints_9ddba71/mae")
+    config.update(k=2, batch_size=16, max_train_examples=32)
+    with caplog.at_level(logging.INFO):
+        run.evaluate(config, tmp_path)
+    assert "Extracting cls features of 32 images of fashion_mnist/train." in caplog.messages
+    assert "Extracting cls features of 48 images of fashion_mnist/test." in caplog.messages

@@ -1,6 +1,10 @@
 """Probes on synthetic features where the answer is known."""
+import functools
+import logging
+
 import numpy as np
 
+from mim_jax import console
 from mim_jax.evaluators import probes
 
 
@@ -80,3 +84,21 @@ def test_an_extended_rate_scores_as_it_would_in_the_wider_sweep():
     wide = probes.train_probes(probes.LinearHead(3), (x, y), (xe, ye), learning_rates=tried, **options)
     np.testing.assert_allclose([summary["linear_sweep"][lr] for lr in tried], [wide[lr]["top1"] for lr in tried],
                                atol=2 / 512)
+
+
+def test_probe_training_says_what_it_trains_and_its_progress(monkeypatch, caplog):
+    monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
+    (x, y), (xe, ye) = separable(256), separable(64, seed=1)
+    with caplog.at_level(logging.INFO):
+        probes.train_probes(probes.LinearHead(3), (x, y), (xe, ye), learning_rates=(1e-4, 1e-3), epochs=3,
+                            batch_size=64, what="linear probe")
+    assert [m.split(",")[0] for m in caplog.messages] == [
+        "linear probe: training 2 heads (lr 0.0001", "linear probe: 1/3 epochs (33%)", "linear probe: 2/3 epochs (66%)"]
+    assert caplog.messages[0].endswith(" 0.001) for 3 epochs on 256 examples.")
+
+
+def test_a_sweep_says_when_it_extends(monkeypatch, caplog):
+    monkeypatch.setattr(probes, "train_probes", _peaked_at(7.0))
+    with caplog.at_level(logging.INFO):
+        probes.sweep(None, None, None, learning_rates=(0.1, 1.0), extensions=1, prefix="linear")
+    assert caplog.messages == ["linear probe: the best rate, 1, is the largest tried; two more beyond it."]

@@ -10,7 +10,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from mim_jax import parallel, pretrained
+from mim_jax import console, parallel, pretrained
 from mim_jax.data import pipeline
 from mim_jax.models import layers, vit
 
@@ -51,15 +51,18 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
 
 
 def extract(encoder: Encoder, source, mesh, *, batch_size: int, image_size: int, mean, std,
-            max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a whole split (centre view), gathered on the host in order."""
+            max_examples: int | None = None, what: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a whole split (centre view), gathered on the host in order; a long
+    pass logs its progress as `what: n/N images`."""
     if max_examples:
         source = _Head(source, max_examples)
     it = pipeline.eval_iterator(source, global_batch_size=batch_size, process_index=jax.process_index(),
                                 process_count=jax.process_count(),
                                 transform=pipeline.EvalTransform(image_size, mean, std))
+    progress = console.Progress(what, len(source), "images")
     feats, labels = [], []
     for local in it:
+        progress.update(sum(len(f) for f in feats))
         batch = parallel.host_batch_to_global(local, mesh)
         out = multihost_utils.process_allgather(encoder.features(batch["image"]), tiled=True)
         keep = multihost_utils.process_allgather(local["_mask"], tiled=True)

@@ -51,7 +51,8 @@ class PeriodicEvals:
                                           self.config, "live encoder")
             feats = {split: encoder_lib.extract(encoder, source, self.mesh, batch_size=cfg.batch_size,
                                                 image_size=inp.image_size, mean=inp.mean, std=inp.std,
-                                                max_examples=cfg.get(f"max_{split}_examples"))
+                                                max_examples=cfg.get(f"max_{split}_examples"),
+                                                what=f"{name}: {split} features")
                      for split, source in self._sources(evaluator.SPLITS).items()}
             results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.mesh)
             scalars.update({f"eval/{name}/{k}": v for k, v in common.scalars(results).items()})

@@ -12,12 +12,15 @@ CAPI report the best of their sweeps).
 """
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mim_jax import console
 from mim_jax.evaluators.common import topk_accuracy
 
 
@@ -54,8 +57,9 @@ def standardize(train: np.ndarray, *others: np.ndarray):
 
 
 def train_probes(head: nn.Module, train, eval_, *, learning_rates, epochs: int, batch_size: int,
-                 optimizer: str = "sgd", weight_decay: float = 0.0, seed: int = 0) -> dict:
-    """Trains one head per learning rate; returns {lr: {'top1':..,'top5':..}} on `eval_`."""
+                 optimizer: str = "sgd", weight_decay: float = 0.0, seed: int = 0, what: str = "probe") -> dict:
+    """Trains one head per learning rate; returns {lr: {'top1':..,'top5':..}} on `eval_`. Says
+    what it trains, and a long run its progress in epochs."""
     (x, y), (x_eval, y_eval) = train, eval_
     lrs = jnp.asarray(learning_rates, jnp.float32)
     steps_per_epoch = max(len(x) // batch_size, 1)
@@ -85,11 +89,16 @@ def train_probes(head: nn.Module, train, eval_, *, learning_rates, epochs: int, 
 
     predict = jax.jit(jax.vmap(head.apply, in_axes=(0, None)))
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    rates = ", ".join(f"{lr:g}" for lr in learning_rates)
+    logging.info("%s: training %d head%s (lr %s) for %d epochs on %s examples.", what, len(learning_rates),
+                 "s" if len(learning_rates) > 1 else "", rates, epochs, f"{len(x):,}")
+    progress = console.Progress(what, epochs, "epochs")
+    for epoch in range(epochs):
         order = rng.permutation(len(x))
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
             params, opt_state = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+        progress.update(epoch + 1)
     logits = np.concatenate([np.asarray(predict(params, jnp.asarray(x_eval[i:i + 1024])))
                              for i in range(0, len(x_eval), 1024)], axis=1)
     return {float(lr): topk_accuracy(logits[h], y_eval) for h, lr in enumerate(learning_rates)}
@@ -102,7 +111,8 @@ def sweep(head: nn.Module, train, eval_, *, learning_rates, extensions: int, pre
     Every head sees the same batches (one seed), so an extended rate scores as it would have in the
     wider sweep. Returns `best`'s summary plus `<prefix>_best_lr_at_edge` (True when the extensions
     ran out with the best still at an edge) and `<prefix>_sweep` ({lr: top1}, for results.json)."""
-    results = train_probes(head, train, eval_, learning_rates=learning_rates, **options)
+    what = f"{prefix} probe"
+    results = train_probes(head, train, eval_, learning_rates=learning_rates, what=what, **options)
     for _ in range(extensions if len(results) > 1 else 0):
         side = _edge(results)
         if side == 0:
@@ -110,8 +120,10 @@ def sweep(head: nn.Module, train, eval_, *, learning_rates, extensions: int, pre
         tried = sorted(results)
         ratio = (tried[-1] / tried[0]) ** (1 / (len(tried) - 1))
         edge = tried[-1] if side > 0 else tried[0]
+        logging.info("%s: the best rate, %g, is the %s tried; two more beyond it.", what, edge,
+                     "largest" if side > 0 else "smallest")
         results.update(train_probes(head, train, eval_, learning_rates=tuple(
-            float(f"{edge * ratio ** (side * i):.6g}") for i in (1, 2)), **options))
+            float(f"{edge * ratio ** (side * i):.6g}") for i in (1, 2)), what=what, **options))
     summary = best(results, prefix)
     return {**summary, f"{prefix}_best_lr_at_edge": len(results) > 1 and _edge(results) != 0,
             f"{prefix}_sweep": {lr: acc["top1"] for lr, acc in sorted(results.items())}}

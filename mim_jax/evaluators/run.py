@@ -48,9 +48,11 @@ def features_and_labels(config, mesh, splits):
     out = {}
     for name, split in split_names(config, inp, splits).items():
         source = pipeline.open_source(inp.dataset, split, inp.data_dir, channels=inp.channels)
+        count = min(len(source), config.get(f"max_{name}_examples") or len(source))
+        logging.info("Extracting %s features of %s images of %s/%s.", config.feature, f"{count:,}", inp.dataset, split)
         out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
                                         image_size=inp.image_size, mean=inp.mean, std=inp.std,
-                                        max_examples=config.get(f"max_{name}_examples"))
+                                        max_examples=config.get(f"max_{name}_examples"), what=f"{split} features")
     return out, num_classes_of(inp, out), encoder.description
 
 
