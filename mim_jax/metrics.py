@@ -77,9 +77,11 @@ def create_writer(workdir, *, resumed_at: int | None = None) -> metric_writers.M
     return metric_writers.MultiWriter([events, JsonlWriter(epath.Path(workdir) / "metrics.jsonl", resumed_at)])
 
 
-def progress_line(step: int, total: int, scalars: dict) -> str:
+def progress_line(step: int, total: int, scalars: dict, eval_s: float = 0.0, evals_untimed: int = 0) -> str:
     """`step 120/938  loss 0.8123 (mae_loss 0.8123)  1,234 img/s  MFU 31.5%  ETA 12m05s`: the
-    loss terms, throughput and the time left at this interval's pace."""
+    loss terms, throughput and the time left: the steps left at this interval's pace plus
+    `eval_s`, what the evaluations still to run will take; `evals_untimed` more evaluations whose
+    cost is not known yet (none has run) are named instead (`ETA 12m05s + 4 evaluations`)."""
     terms = [k for k in scalars if k.endswith("_loss")]
     loss = f"loss {scalars['loss']:.4g}" if "loss" in scalars else ""
     if terms and terms != ["loss"]:
@@ -90,7 +92,10 @@ def progress_line(step: int, total: int, scalars: dict) -> str:
     if "mfu" in scalars:
         parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
     if "step_time_s" in scalars:
-        parts.append(f"ETA {duration(scalars['step_time_s'] * max(total - step, 0))}")
+        eta = f"ETA {duration(scalars['step_time_s'] * max(total - step, 0) + eval_s)}"
+        if evals_untimed:
+            eta += f" + {evals_untimed} evaluation{'s' if evals_untimed > 1 else ''}"
+        parts.append(eta)
     return "  ".join(p for p in parts if p)
 
 

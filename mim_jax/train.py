@@ -13,7 +13,7 @@ import numpy as np
 from clu import periodic_actions
 from etils import epath
 
-from mim_jax import checkpoint, config_lib, flops, metrics, parallel, state as state_lib, storage
+from mim_jax import checkpoint, config_lib, console, flops, metrics, parallel, state as state_lib, storage
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
@@ -162,9 +162,11 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                 scalars.update(throughput.report())
                 writer.write_scalars(step, scalars)
                 if jax.process_index() == 0:
-                    logging.info("%s", metrics.progress_line(step, steps["total"], scalars))
+                    logging.info("%s", metrics.progress_line(step, steps["total"], scalars,
+                                                             *evals.remaining(step, steps["total"])))
             due = evals.due(step, last=step == steps["total"])
             if due:
+                _announce_evaluations(step, due, evals.estimate(due))
                 results = evals.run(due, state.params)
                 writer.write_scalars(step, results)
                 images = evals.images(state.params)
@@ -202,6 +204,12 @@ def _complete_message(workdir: epath.Path, step: int, total: int) -> str:
             f"{workdir / 'checkpoints'}, its metrics in {workdir / 'metrics.jsonl'} (and TensorBoard: "
             f"tensorboard --logdir {workdir}). To train it longer, run the same command with "
             f"--config.total_steps=N (N > {step}); to start anew, give another --workdir.")
+
+
+def _announce_evaluations(step: int, names: list[str], seconds: float | None):
+    """Evaluations can take minutes on a CPU: say they start (and how long the last ones took)."""
+    took = f" (about {console.duration(seconds)}, as the last time)" if seconds is not None else ""
+    logging.info("step %d: evaluating %s%s.", step, ", ".join(names), took)
 
 
 def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:

@@ -20,6 +20,29 @@ def test_progress_line_has_the_loss_terms_throughput_and_eta():
     assert metrics.progress_line(1, 10_001, {"loss": 2.0, "step_time_s": 1.0}) == "step 1/10001  loss 2  ETA 2h46m"
 
 
+def test_the_eta_includes_the_evaluations_still_to_run():
+    scalars = {"loss": 2.0, "step_time_s": 1.0}
+    assert metrics.progress_line(40, 100, scalars, eval_s=150.0) == "step 40/100  loss 2  ETA 3m30s"
+    assert metrics.progress_line(40, 100, scalars, 0.0, 4) == "step 40/100  loss 2  ETA 1m00s + 4 evaluations"
+    assert metrics.progress_line(40, 100, scalars, 0.0, 1) == "step 40/100  loss 2  ETA 1m00s + 1 evaluation"
+
+
+def test_periodic_evaluations_know_what_is_left_of_them():
+    from conftest import tiny_mae_config
+
+    from configs.common import periodic_eval
+    from mim_jax.evaluators.periodic import PeriodicEvals
+    config = tiny_mae_config()
+    config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3),
+                    "linear": periodic_eval("linear_probe", every_epochs=0.0, every_steps=5)}
+    evals = PeriodicEvals(config, method=None, mesh=None, steps_per_epoch=10)
+    assert evals.remaining(1, 10) == (0.0, 6)      # knn at 3, 6, 9, 10; linear at 5, 10; none has run
+    assert evals.estimate(["knn"]) is None
+    evals._seconds.update(knn=2.0, linear=10.0)    # as run() records them
+    assert evals.remaining(4, 10) == (3 * 2.0 + 2 * 10.0, 0)    # knn 6, 9, 10; linear 5, 10
+    assert evals.remaining(10, 10) == (12.0, 0) and evals.estimate(["knn", "linear"]) == 12.0
+
+
 def test_progress_lines_come_every_tenth_after_thirty_seconds(caplog):
     clock = [0.0]
     progress = console.Progress("train features", 60_000, "images", clock=lambda: clock[0])

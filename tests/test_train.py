@@ -121,7 +121,7 @@ def test_scanned_encoder_trains_sharded_like_single_device():
     assert kernel.shape == (2, 32, 64) and kernel.sharding.spec[:2] == (None, "fsdp")
 
 
-def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_path, synthetic_data):
+def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_path, synthetic_data, caplog):
     """At each step config.evals runs, a pixel method's reconstructions of the first evaluation
     images go to TensorBoard: at the last step, the grid of the returned (sharded) params, computed
     here on the host."""
@@ -135,7 +135,14 @@ def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_p
     config = tiny_mae_config(reconstruction_images=3)
     config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3, max_train_examples=64,
                                          max_eval_examples=32, k=2)}
-    state = train.train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level("INFO"):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    # The console says when evaluations run; the ETA counts them (by their count until one has run).
+    lines = [m for m in caplog.messages if m.startswith(("step 2/6", "step 3:", "step 4/6", "step 6:"))]
+    assert lines[0].startswith("step 2/6  loss ") and lines[0].endswith(" + 2 evaluations")
+    assert lines[1] == "step 3: evaluating knn."
+    assert "evaluation" not in lines[2].split("ETA ")[1]
+    assert lines[3].startswith("step 6: evaluating knn (about ") and lines[3].endswith(", as the last time).")
     events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     # clu's TF2 summaries: an image is a tensor of [width, height, png] strings.

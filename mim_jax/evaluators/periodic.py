@@ -9,6 +9,8 @@ the image `reconstructions` at the same steps.
 """
 from __future__ import annotations
 
+import time
+
 import jax
 
 from mim_jax import config_lib
@@ -29,9 +31,29 @@ class PeriodicEvals:
         self._encode = {}
         self._open = {}
         self._reconstruct = None
+        self._seconds = {}   # name -> how long its last run took
 
     def due(self, step: int, last: bool) -> list[str]:
         return [name for name, (_, every, _) in self.evals.items() if step % every == 0 or last]
+
+    def estimate(self, names: list[str]) -> float | None:
+        """Seconds these evaluations should take, as long as their last runs; None before each ran."""
+        if not all(name in self._seconds for name in names):
+            return None
+        return sum(self._seconds[name] for name in names)
+
+    def remaining(self, step: int, total: int) -> tuple[float, int]:
+        """What the evaluations due at `step` (not run yet) and later, up to `total` (where every
+        one runs), will cost: (seconds, as long as each one's last run took; how many runs of
+        evaluations that have not run yet, so have no cost to go by)."""
+        seconds, untimed = 0.0, 0
+        for name, (_, every, _) in self.evals.items():
+            runs = total // every - (step - 1) // every + (total % every != 0) if step <= total else 0
+            if name in self._seconds:
+                seconds += runs * self._seconds[name]
+            else:
+                untimed += runs
+        return seconds, untimed
 
     def _sources(self, splits) -> dict:
         inp = self.config.input
@@ -43,6 +65,7 @@ class PeriodicEvals:
     def run(self, names: list[str], params) -> dict:
         inp, scalars = self.config.input, {}
         for name in names:
+            start = time.perf_counter()
             cfg, _, evaluator = self.evals[name]
             if cfg.feature not in self._encode:
                 self._encode[cfg.feature] = jax.jit(
@@ -56,6 +79,7 @@ class PeriodicEvals:
                      for split, source in self._sources(evaluator.SPLITS).items()}
             results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.mesh)
             scalars.update({f"eval/{name}/{k}": v for k, v in common.scalars(results).items()})
+            self._seconds[name] = time.perf_counter() - start
         return scalars
 
     def images(self, params) -> dict:
