@@ -116,6 +116,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         logging.info("Resumed from step %d.", start)
         ckpt.enforce_retention()
     else:
+        logging.info("Initialising the model (compiling its initialisation).")
         start, state = 0, setup.create(jax.random.key(config.seed))
     data = data_iterator(start, state)
     refresh_at = set(method.refresh_steps(steps["total"]))
@@ -139,6 +140,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     stop = _StopSignal()
     pending = []
     step = start
+    compiling = _CompileNotice()
     try:
         while step < steps["total"]:
             t0 = time.perf_counter()
@@ -146,6 +148,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             throughput.add_step(time.perf_counter() - t0)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = setup.train_step(state, setup.frozen, batch)
+            compiling.first_step_done(step_metrics)
             pending.append(step_metrics)
             step += 1
             for hook in hooks:
@@ -195,6 +198,25 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             stop.restore()
             data.close()  # stops the data workers and frees their shared-memory batches
     return state
+
+
+class _CompileNotice:
+    """The first step compiles the train step, which can take minutes (CAPI, CMAE on a CPU)
+    before any progress line: said when it starts, and how long it took."""
+
+    def __init__(self):
+        cache = jax.config.jax_compilation_cache_dir   # compile_cache.enable's, where main enabled it
+        reuse = f"; restarts take it from the compilation cache in {cache}" if cache else ""
+        logging.info("Compiling the train step: the first step waits for it%s.", reuse)
+        self.start = time.perf_counter()
+
+    def first_step_done(self, step_metrics):
+        if self.start is None:
+            return
+        jax.block_until_ready(step_metrics)   # the step is dispatched before it is compiled and run
+        logging.info("First step done in %s (compilation included).",
+                     console.duration(time.perf_counter() - self.start))
+        self.start = None
 
 
 def _complete_message(workdir: epath.Path, step: int, total: int) -> str:

@@ -67,7 +67,16 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synthetic_data
 
 def test_a_finished_run_run_again_says_it_is_complete(tmp_path, synthetic_data, monkeypatch, caplog):
     config = tiny_mae_config()
-    finished = train.train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level("INFO"):
+        finished = train.train_and_evaluate(config, str(tmp_path))
+    # A fresh run says what it compiles before its first progress line.
+    first = [m for m in caplog.messages if m.startswith(("Initialising the model", "Compiling the train step",
+                                                         "First step done in", "step 2/6"))]
+    assert first[0] == "Initialising the model (compiling its initialisation)."
+    assert first[1] == "Compiling the train step: the first step waits for it."   # no compilation cache here
+    assert first[2].startswith("First step done in ") and first[2].endswith(" (compilation included).")
+    assert first[3].startswith("step 2/6  loss ")
+    caplog.clear()
 
     def no_data(*args, **kwargs):
         raise AssertionError("a finished run starts no data pipeline")
