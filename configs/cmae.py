@@ -7,8 +7,10 @@ pixels of both views, a contrastive branch on the decoder's [CLS] output (2 bloc
 with BatchNorm, predictor, momentum head EMA 0.999; symmetrised InfoNCE, T = 1, x2T, weight 0.1,
 global-batch negatives), token-position prediction (MSE against one-hot) on the visible tokens of
 both views; ContrastiveCrop boxes from the last block's [CLS] attention after 20 % of training and
-every 20 % (k = 0.3, Beta(0.6, 0.6)); AdamW (0.9, 0.95), wd 0.05 (not on 1-D params), lr 1e-3 x
-batch/256, 40 warm-up epochs then a half-cosine over the remaining 260 (300 in total).
+every 20 % (k = 0.3, Beta(0.6, 0.6); each refresh is a pass over the whole training set, so a run
+shorter than one epoch, e.g. --config.total_steps=5, has none); AdamW (0.9, 0.95), wd 0.05 (not on
+1-D params), lr 1e-3 x batch/256, 40 warm-up epochs then a half-cosine over the remaining 260 (300
+in total).
 
   python -m mim_jax.main --config=configs/cmae.py --workdir=/tmp/cmae_b16
   python -m mim_jax.main --config=configs/cmae.py:local --workdir=/tmp/cmae_local    # CPU, Fashion-MNIST

@@ -194,6 +194,19 @@ def test_refresh_schedule_is_the_warm_up_then_every_interval():
     assert off.refresh_steps(1000) == ()
 
 
+def test_runs_of_an_epoch_or_more_refresh_as_before_and_shorter_ones_not_at_all():
+    """Each refresh is a pass over the whole training set: a run that trains on fewer images than
+    that (a 5-step local run: 640 of 60,000) has none."""
+    recipe = get_method(cmae_config.get_config(""), 1_281_167)       # ImageNet, batch 4096, 300 epochs
+    total = 300 * 1_281_167 // 4096
+    assert recipe.refresh_steps(total) == tuple(range(int(round(0.2 * total)), total, int(round(0.2 * total))))
+    local = get_method(cmae_config.get_config("local"), 60_000)      # 938 steps of 128: 2 epochs
+    assert local.refresh_steps(938) == (188, 376, 564, 752)
+    assert local.refresh_steps(469) == (94, 188, 282, 376)            # one epoch (60,032 images)
+    assert local.refresh_steps(468) == () and local.refresh_steps(5) == ()
+    assert get_method(cmae_config.get_config("local")).refresh_steps(5) == (1, 2, 3, 4)   # no data attached
+
+
 def _train(config, workdir, monkeypatch):
     monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: _source())
     return train.train_and_evaluate(config, str(workdir))

@@ -14,7 +14,8 @@ One step, for two views of each image that share ONE mask:
    L = rec(v1) + rec(v2) + pos(v1) + pos(v2) + 0.1 (l(q1, k2) + l(q2, k1)).
 ContrastiveCrop: after 20 % of training and then every 20 %, a full-token pass of the current
 encoder over the training set turns its last block's [CLS] attention into one box per image
-(`refresh_extras`); the host pipeline then confines both views' crop centres to that box.
+(`refresh_extras`); the host pipeline then confines both views' crop centres to that box. A run
+shorter than one epoch does not refresh (`refresh_steps`).
 """
 from __future__ import annotations
 
@@ -166,13 +167,22 @@ class CMAE(MAE):
     # -- ContrastiveCrop ---------------------------------------------------------------------------
     def refresh_steps(self, total_steps):
         """End of the warm-up (20 %) and then every interval (20 %), never at the last step
-        (ContrastiveCrop updates at epochs W, 2W, ... of 5W)."""
+        (ContrastiveCrop updates at epochs W, 2W, ... of 5W), as fractions of the run.
+
+        None in a run shorter than one epoch (total_steps x batch < training set): each refresh
+        encodes the whole training set, more images than such a run trains on, and most of the
+        boxes would never be drawn from (a 5-step run would pass over 60k images four times to
+        train on 640). Runs of an epoch or more, the recipe's and the local preset's (938 steps,
+        2 epochs: steps 188, 376, 564, 752) refresh as the schedule says."""
         cc = self.config.method.ccrop
-        if not cc.enabled:
+        if not cc.enabled or self._shorter_than_an_epoch(total_steps):
             return ()
         first = max(int(round(cc.warmup_percent * total_steps)), 1)
         every = max(int(round(cc.interval_percent * total_steps)), 1)
         return tuple(range(first, total_steps, every))
+
+    def _shorter_than_an_epoch(self, total_steps: int) -> bool:
+        return self.num_examples is not None and total_steps * self.config.input.batch_size < self.num_examples
 
     def heat_maps(self, encoder_params, images):
         """[B, grid_h, grid_w] per-image maps of the full-token encoder in eval mode: the last
