@@ -1,6 +1,8 @@
 """CMAE: frozen patch embedding, the momentum head's EMA, BatchNorm state, sharding invariance,
 ContrastiveCrop's box updates (schedule, values, resume) and the two-view host transform."""
+import functools
 import json
+import logging
 import os
 import signal
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import cmae as cmae_config
-from mim_jax import checkpoint, contrastive, flops, parallel, state as state_lib, train
+from mim_jax import checkpoint, console, contrastive, flops, parallel, state as state_lib, train
 from mim_jax.data import pipeline
 from mim_jax.methods import cmae, get_method
 
@@ -155,14 +157,20 @@ def optax_norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
 
 
-def test_refresh_computes_one_box_per_example_from_the_heat_maps():
+def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, caplog):
     """The sharded, padded pass over the source equals the heat-map boxes of each image alone."""
     config = tiny_config()
     config.method.ccrop.update(batch_size=32, threshold=0.5)    # 48 examples: the last batch is padded
     method = get_method(config, NUM_EXAMPLES)
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
     state = _setup(config, mesh).create(jax.random.key(0))
-    extras, logs = method.refresh_extras(state.params, state.extras, _source(), mesh)
+    monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
+    with caplog.at_level(logging.INFO):
+        extras, logs = method.refresh_extras(state.params, state.extras, _source(), mesh)
+    # The pass says what it does and how far it is (it takes minutes on a CPU).
+    assert caplog.messages[0] == ("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for 48 "
+                                  "training images.")
+    assert caplog.messages[1].startswith("ContrastiveCrop boxes: 32/48 images (66%), ")
     assert extras["boxes"].shape == (NUM_EXAMPLES, 4) and int(extras["box_updates"]) == 1
     view = pipeline.ResizeTransform(16, config.input.mean, config.input.std)
     images = np.stack([view(_source()[i], None)["image"] for i in range(NUM_EXAMPLES)])

@@ -19,13 +19,15 @@ shorter than one epoch does not refresh (`refresh_steps`).
 """
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import contrastive, flops, parallel
+from mim_jax import console, contrastive, flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.methods.mae import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
@@ -210,13 +212,19 @@ class CMAE(MAE):
         it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
                                     process_count=jax.process_count(),
                                     transform=pipeline.ResizeTransform(inp.image_size, inp.mean, inp.std))
-        boxes = []
+        # A pass over the whole training set: minutes on a CPU, worth saying.
+        logging.info("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for %s training "
+                     "images.", f"{len(source):,}")
+        progress = console.Progress("ContrastiveCrop boxes", len(source), "images")
+        boxes, done = [], 0
         with parallel.activate(mesh, tuple(tuple(r) for r in self.config.sharding_rules)):
             for local in it:
                 batch = parallel.host_batch_to_global(local, mesh)
                 found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
                 keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
                 boxes.append(np.asarray(found)[np.asarray(keep)])
+                done += len(boxes[-1])
+                progress.update(done)
         boxes = np.concatenate(boxes)
         areas = box_areas(boxes)
         # The largest box is (0, 0, (S-1)/S, (S-1)/S) (ContrastiveCrop does not add 1 to the last
