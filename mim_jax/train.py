@@ -18,6 +18,7 @@ from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method
+from mim_jax.methods.base import RefreshInterrupted
 
 
 class DivergenceError(UserFacingError, FloatingPointError):
@@ -142,7 +143,17 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     step = start
     compiling = _CompileNotice()
     try:
-        while step < steps["total"]:
+        stopped = False
+        if _refresh_missing(method, state.extras, refresh_at, start):   # a preemption stopped it
+            logging.info("Step %d's refresh was stopped by a preemption before its checkpoint: doing it now.", start)
+            state, refreshed = _refresh(method, state, setup, source, mesh, writer, start, stop)
+            if refreshed:
+                data.close()
+                data = data_iterator(start, state)
+            else:
+                stopped = True
+                logging.warning("Stopped at step %d after a preemption notice; its checkpoint is unchanged.", start)
+        while not stopped and step < steps["total"]:
             t0 = time.perf_counter()
             batch = parallel.host_batch_to_global(next(data), mesh)
             throughput.add_step(time.perf_counter() - t0)
@@ -153,6 +164,11 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             step += 1
             for hook in hooks:
                 hook(step)
+            if step in refresh_at:   # before this step's checkpoint, so a resume sees the new extras
+                state, refreshed = _refresh(method, state, setup, source, mesh, writer, step, stop)
+                if refreshed:
+                    data.close()
+                    data = data_iterator(step, state)
 
             preempted = stop.received or ckpt.reached_preemption(step)
             saving = preempted or step == steps["total"] or step % steps["ckpt"] == 0
@@ -177,12 +193,6 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                     writer.write_images(step, images)
                 logging.info("step %d evaluation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
                 throughput.reset()  # evaluation time is not training time
-            if step in refresh_at:   # before any checkpoint of this step, so a resume sees it
-                extras, logs = method.refresh_extras(state.params, state.extras, source, mesh)
-                state = state.replace(extras=parallel.place(extras, setup.shardings.extras))
-                _write_logs(writer, step, logs)
-                data.close()
-                data = data_iterator(step, state)
             if saving:
                 divergence.check(latest, step, ckpt)  # never checkpoint a diverged state
                 writer.flush()  # the metrics up to a checkpoint are on disk before it is
@@ -311,6 +321,33 @@ class _DivergenceCheck:
         where = " (where this run started)" if known[0] == self.start else ""
         return (f"The newest checkpoint known to be sane is step {known[0]}{where}: {fix} and rerun with "
                 f"--config.resume_step={known[0]}, which restores it and deletes the later checkpoints.")
+
+
+def _refresh(method, state, setup, source, mesh, writer, step: int, stop: _StopSignal):
+    """The method's refresh after `step` (a pass over the training set, minutes on a CPU), its
+    extras placed on their shardings: (state, True); or (state unchanged, False) when a SIGTERM
+    stopped it, so the step is saved without it and a resume redoes it (`_refresh_missing`).
+    Multi-process runs leave SIGTERM to JAX's preemption sync manager: their refresh finishes
+    before the preemption is acted on."""
+    try:
+        extras, logs = method.refresh_extras(state.params, state.extras, source, mesh,
+                                             should_stop=lambda: stop.received)
+    except RefreshInterrupted as interrupted:
+        logging.warning("The refresh after step %d stopped at %d of %d examples for the preemption notice: step %d "
+                        "is saved without it, and resuming redoes it.", step, interrupted.done, interrupted.total,
+                        step)
+        return state, False
+    _write_logs(writer, step, logs)
+    return state.replace(extras=parallel.place(extras, setup.shardings.extras)), True
+
+
+def _refresh_missing(method, extras, refresh_at: set[int], start: int) -> bool:
+    """Whether the checkpoint a run resumes from is a refresh step saved without its refresh (a
+    preemption stopped it): its extras hold fewer refreshes than the schedule has up to it."""
+    if start not in refresh_at:
+        return False
+    applied = method.refreshes_applied(extras)
+    return applied is not None and applied < sum(1 for s in refresh_at if s <= start)
 
 
 def _write_logs(writer, step: int, logs: dict):

@@ -252,6 +252,41 @@ def test_a_run_killed_after_a_box_update_resumes_bit_identically(tmp_path, monke
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.extras), jax.device_get(reference.extras))
 
 
+def test_a_sigterm_during_a_refresh_stops_it_and_the_resume_redoes_it(tmp_path, monkeypatch, caplog):
+    """Compressed schedule: boxes after steps 2 and 4 of 6, each a pass of 3 batches over 48 examples.
+    SIGTERM after the first batch of step 2's pass: the pass stops, step 2 is saved without it and
+    the run exits; the resumed run redoes it and ends bit-identical to an uninterrupted one."""
+    config = tiny_config(**{"method.ccrop.warmup_percent": 1 / 3, "method.ccrop.interval_percent": 1 / 3})
+    reference = _train(config, tmp_path / "uninterrupted", monkeypatch)
+
+    original, sent = console.Progress.update, []
+
+    def preempt_in_the_first_refresh(self, done):
+        if self.what == "ContrastiveCrop boxes" and not sent:
+            sent.append(done)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, done)
+
+    monkeypatch.setattr(console.Progress, "update", preempt_in_the_first_refresh)
+    with caplog.at_level(logging.INFO):
+        interrupted = _train(config, tmp_path / "resumed", monkeypatch)
+    assert int(interrupted.step) == 2 and int(interrupted.extras["box_updates"]) == 0
+    assert ("The refresh after step 2 stopped at 16 of 48 examples for the preemption notice: step 2 is saved "
+            "without it, and resuming redoes it.") in caplog.messages
+    assert checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints").all_steps() == [2]
+    assert not [r for r in _rows(tmp_path / "resumed") if "refresh/box_area_mean" in r]
+
+    monkeypatch.setattr(console.Progress, "update", original)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = _train(config, tmp_path / "resumed", monkeypatch)
+    assert "Step 2's refresh was stopped by a preemption before its checkpoint: doing it now." in caplog.messages
+    assert int(resumed.step) == 6 and int(resumed.extras["box_updates"]) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(reference.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.extras), jax.device_get(reference.extras))
+    assert [r["step"] for r in _rows(tmp_path / "resumed") if "refresh/box_area_mean" in r] == [2, 4]
+
+
 def test_boxes_restore_onto_another_device_count(tmp_path):
     config = tiny_config()
     method = get_method(config, NUM_EXAMPLES)

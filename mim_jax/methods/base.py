@@ -44,6 +44,15 @@ PyTree = Any
 ACCUMULATION = ("exact", "changes_method")
 
 
+class RefreshInterrupted(Exception):
+    """`refresh_extras` stopped early because `should_stop()` said so (a preemption notice): the
+    extras are unchanged and the refresh has to be done again."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"refresh stopped after {done} of {total} examples")
+        self.done, self.total = done, total
+
+
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
@@ -118,12 +127,19 @@ class Method(abc.ABC):
         """Steps after which the trainer calls `refresh_extras` (none by default)."""
         return ()
 
-    def refresh_extras(self, params: PyTree, extras: PyTree, source, mesh) -> tuple[PyTree, dict]:
+    def refresh_extras(self, params: PyTree, extras: PyTree, source, mesh,
+                       should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]:
         """Recomputes extras from a pass over the training `source` (random access, indexed by the
         stable example index) with the current params: (new extras, host arrays to log: scalars,
         and 1-D arrays written as histograms). Leaves may be host arrays: the trainer places them
-        on the extras' shardings."""
+        on the extras' shardings. `should_stop()` is asked between batches; when it says True the
+        pass raises RefreshInterrupted (a long pass must not hold up a preemption)."""
         return extras, {}
+
+    def refreshes_applied(self, extras: PyTree) -> int | None:
+        """How many refreshes these extras hold (None: the method has none). The trainer compares it
+        with the schedule on resume, to redo a refresh that a preemption stopped."""
+        return None
 
     def refresh_flops(self) -> float:
         """Analytic FLOPs of one refresh per training example (amortised into MFU by the trainer)."""

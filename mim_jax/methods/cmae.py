@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import console, contrastive, flops, parallel
 from mim_jax.data import pipeline
+from mim_jax.methods.base import RefreshInterrupted
 from mim_jax.methods.mae import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
 from mim_jax.models.cmae import ContrastiveHead, MlpHead, PositionHead
@@ -203,7 +204,7 @@ class CMAE(MAE):
         grid_h, grid_w = images.shape[1] // self.encoder.patch_size, images.shape[2] // self.encoder.patch_size
         return heat.reshape(images.shape[0], grid_h, grid_w)
 
-    def refresh_extras(self, params, extras, source, mesh):
+    def refresh_extras(self, params, extras, source, mesh, should_stop=None):
         """New boxes for every training example from the current encoder (ContrastiveCrop's
         semantic-aware localisation), keyed by the stable source index."""
         inp, cc = self.config.input, self.config.method.ccrop
@@ -219,6 +220,9 @@ class CMAE(MAE):
         boxes, done = [], 0
         with parallel.activate(mesh, tuple(tuple(r) for r in self.config.sharding_rules)):
             for local in it:
+                if should_stop is not None and should_stop():
+                    it.close()
+                    raise RefreshInterrupted(done, len(source))
                 batch = parallel.host_batch_to_global(local, mesh)
                 found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
                 keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
@@ -233,6 +237,9 @@ class CMAE(MAE):
         logs = {"box_area_mean": float(areas.mean()), "box_whole_image_fraction": float(np.mean(areas >= whole - 1e-6)),
                 "box_area": areas}
         return dict(extras, boxes=boxes, box_updates=extras["box_updates"] + 1), logs
+
+    def refreshes_applied(self, extras):
+        return int(jax.device_get(extras["box_updates"]))
 
     def refresh_flops(self):
         return self.encoder_flops(self.num_patches)
