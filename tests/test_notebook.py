@@ -3,8 +3,10 @@ with a few steps instead of a few hundred: pre-training, reconstructions, linear
 import json
 import os
 import pathlib
+import subprocess
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,3 +30,21 @@ def test_the_quickstart_notebook_runs_from_top_to_bottom(tmp_path, fashion_mnist
     assert "timm VisionTransformer" in text and "features (1, 50, 192)" in text
     assert (tmp_path / "mae" / "reconstructions.png").stat().st_size > 0
     assert "Given directory is read only" not in text   # orbax's expected warnings stay off the console
+
+
+def test_the_notebooks_text_agrees_with_the_local_preset():
+    from configs import mae
+    local = mae.get_config("local")
+    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    text = "\n".join(cell.source for cell in notebook.cells)
+    assert f"# pre-training steps (batch {local.input.batch_size})" in text
+    text = " ".join(text.split())    # markdown line breaks are spaces
+    assert f"steps of {local.input.batch_size} images" in text and f"One progress line per {local.log_steps} steps" in text
+
+
+@pytest.mark.parametrize("folder", ["notebooks/quickstart_run", "quickstart_run"])   # Jupyter started there or at the root
+def test_the_notebooks_work_folder_is_ignored_by_git(folder):
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/mae/metrics.jsonl"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{folder} is not git-ignored"
