@@ -1,5 +1,6 @@
-"""What `python -m mim_jax.main` (and visualize, export) prints: this project's INFO lines and everyone's warnings and errors,
-not the INFO chatter of orbax, TFDS, clu and JAX (`--verbosity=0` or higher brings it back); a
+"""What `python -m mim_jax.main` (and bench, visualize, export) prints: this project's INFO lines,
+as bare messages, and everyone's warnings and errors, not the INFO chatter of orbax, TFDS, clu and
+JAX (`--verbosity=0` or higher brings both back); progress lines for long tasks (`Progress`); a
 command line that cannot be parsed as one message with its fix instead of a traceback."""
 from __future__ import annotations
 
