@@ -1,6 +1,6 @@
 """Beyond Masking (Tian et al., arXiv 2203.14313): masking plus spatial misalignment, and the
 paper's five other degradations as options. Follows the official code (sunsmarterjie/beyond_masking,
-`zoomed-in/` for the default; beyond_masking.md).
+`zoomed-in/` for the default; docs/methods/beyond_masking.md).
 
 Recipe (`run_mae_pretraining.py` + `startup_2nodes.py`): ViT-B/16 without [CLS], q/v biases,
 fixed 1-D sin-cos positions, no LayerScale, drop path 0; decoder 384-d, 4 blocks, 6 heads, 1-D

@@ -1,4 +1,4 @@
-"""CAE v2 pre-training (official recipe, Atten4Vis/CAE project/CAEv2/scripts; cae_v2.md §4).
+"""CAE v2 pre-training (official recipe, Atten4Vis/CAE project/CAEv2/scripts; docs/methods/cae_v2.md §4).
 
 ImageNet-1k, 300 epochs, batch 2048, AdamW(0.9, 0.999) lr 1.5e-3 (absolute, not batch-scaled)
 to min 1e-5 by cosine after 10 warm-up epochs, wd 0.05 on all but 1-D params (CLS and mask tokens

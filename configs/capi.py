@@ -1,5 +1,5 @@
 """CAPI pre-training (official recipe: facebookresearch/capi `default_pretrain_config.yaml`, paper
-Tables 6 and 8; capi.md §4).
+Tables 6 and 8; docs/methods/capi.md §4).
 
 ViT-L/14 at 224 (16x16 patches): RMSNorm (eps 1e-5), no biases, no LayerScale, 16 registers, no
 [CLS], 2-D RoPE in [0, 1] coordinates; a 12-block cross-attention predictor; K = 16384
