@@ -23,7 +23,7 @@ from mim_jax.config_lib import parse_arg
 #   num_masked of 196: 30 / 49 / 98 ("We use 30/49/98 for Tiny/Small/Base").
 #   regressor: depth / width / heads; Tiny projects 192 -> 96 (Linear + LN) first.
 # Large: the paper states the optimal ratio grows with size but its scripts stop at Base. We keep
-# Base's 98/196 (50%, the least that fits the trend), the README's LayerScale 1e-5, a 4-block
+# Base's 98/196 (50%, the least that fits the trend), the official README's LayerScale 1e-5, a 4-block
 # regressor at the encoder width with 16 heads (12 do not divide 1024), and CLIP ViT-L/14
 # (768-d) as the teacher, fed 196x196 pixels so its 14x14 grid matches the student's.
 SIZES = {

@@ -69,7 +69,7 @@ def get_config(arg=None):
         common.local_preset(c)
         c.total_steps = None
         c.input.crop_scale = (0.6, 1.0)
-        # head dim 64; the naive drop path, with which the README's Fashion-MNIST rows were measured
+        # head dim 64; the naive drop path, with which docs/evaluation.md's Fashion-MNIST rows were measured
         c.model.update(variant="Ti/4", depth=4, num_heads=3, num_registers=4, drop_path=0.1, drop_path_form="naive")
         c.predictor.update(depth=2, drop_path=0.1)
         # 7x7 patches: 31 masked, 7 of them predicted; 1024 prototypes keep the CPU step short; the
