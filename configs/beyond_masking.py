@@ -1,6 +1,6 @@
 """Beyond Masking (Tian et al., arXiv 2203.14313): masking plus spatial misalignment, and the
 paper's five other degradations as options. Follows the official code (sunsmarterjie/beyond_masking,
-`zoomed-in/` for the default; beyond_masking.md).
+`zoomed-in/` for the default; docs/methods/beyond_masking.md).
 
 Recipe (`run_mae_pretraining.py` + `startup_2nodes.py`): ViT-B/16 without [CLS], q/v biases,
 fixed 1-D sin-cos positions, no LayerScale, drop path 0; decoder 384-d, 4 blocks, 6 heads, 1-D
@@ -8,7 +8,7 @@ sin-cos positions, a bias-free input Linear; every Linear trunc-normal(0.02, +-1
 embedding at PyTorch's default; targets = pixels of the undegraded frame normalised per patch and
 per channel; AdamW (0.9, 0.95) wd 0.05 (kernels only: 1-D params, biases and the mask token are
 exempt), lr 1.5e-4 x batch/256 (2048 -> 1.2e-3), 20 warm-up epochs, cosine to 1e-5, 300 epochs
-(the README's results; the zoomed-in launcher says 200), no clipping; random-resized crop
+(the official README's results; the zoomed-in launcher says 200), no clipping; random-resized crop
 (0.2, 1) bicubic + flip.
 
   python -m mim_jax.main --config=configs/beyond_masking.py --workdir=/tmp/bm_b16        # mask + zoom-in

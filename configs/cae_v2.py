@@ -1,4 +1,4 @@
-"""CAE v2 pre-training (official recipe, Atten4Vis/CAE project/CAEv2/scripts; cae_v2.md §4).
+"""CAE v2 pre-training (official recipe, Atten4Vis/CAE project/CAEv2/scripts; docs/methods/cae_v2.md §4).
 
 ImageNet-1k, 300 epochs, batch 2048, AdamW(0.9, 0.999) lr 1.5e-3 (absolute, not batch-scaled)
 to min 1e-5 by cosine after 10 warm-up epochs, wd 0.05 on all but 1-D params (CLS and mask tokens
@@ -24,7 +24,7 @@ from mim_jax.config_lib import given_args, parse_arg
 #   num_masked of 196: 30 / 49 / 98 ("We use 30/49/98 for Tiny/Small/Base").
 #   regressor: depth / width / heads; Tiny projects 192 -> 96 (Linear + LN) first.
 # Large: the paper states the optimal ratio grows with size but its scripts stop at Base. We keep
-# Base's 98/196 (50%, the least that fits the trend), the README's LayerScale 1e-5, a 4-block
+# Base's 98/196 (50%, the least that fits the trend), the official README's LayerScale 1e-5, a 4-block
 # regressor at the encoder width with 16 heads (12 do not divide 1024), and CLIP ViT-L/14
 # (768-d) as the teacher, fed 196x196 pixels so its 14x14 grid matches the student's.
 SIZES = {

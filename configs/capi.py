@@ -1,5 +1,5 @@
 """CAPI pre-training (official recipe: facebookresearch/capi `default_pretrain_config.yaml`, paper
-Tables 6 and 8; capi.md §4).
+Tables 6 and 8; docs/methods/capi.md §4).
 
 ViT-L/14 at 224 (16x16 patches): RMSNorm (eps 1e-5), no biases, no LayerScale, 16 registers, no
 [CLS], 2-D RoPE in [0, 1] coordinates; a 12-block cross-attention predictor; K = 16384
@@ -72,7 +72,7 @@ def get_config(arg=None):
         c.input.crop_scale = (0.6, 1.0)
         if "variant" not in given:   # head dim 64
             c.model.update(num_heads=3)
-        # the naive drop path, with which the README's Fashion-MNIST rows were measured
+        # the naive drop path, with which docs/evaluation.md's Fashion-MNIST rows were measured
         c.model.update(num_registers=4, drop_path=0.1, drop_path_form="naive")
         c.predictor.update(depth=2, drop_path=0.1)
         # 7x7 patches: 31 masked, 7 of them predicted; 1024 prototypes keep the CPU step short; the

@@ -153,15 +153,19 @@ def main(argv):
         print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
     """Only when run as a command: importing this module (for its functions) adds no flags, so it
-    imports beside mim_jax.main, whose --config it shares."""
-    config_flags.DEFINE_config_file("config", None, "Config file, as for mim_jax.main.", lock_config=True)
-    flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
-    flags.DEFINE_bool("input", False, "Time the input pipeline instead of the train step.")
-    flags.DEFINE_string("profile_dir", None, "Write a TensorBoard profiler trace of the timed steps here.")
-    flags.DEFINE_integer("input_batches", 20, "Timed batches of the input benchmark (after 2 warm-up batches).")
-    flags.mark_flags_as_required(["config"])
+    imports beside mim_jax.main, whose --config it shares. tests/test_docs.py defines them on a
+    fresh FlagValues to parse the documented commands."""
+    config_flags.DEFINE_config_file("config", None, "Config file, as for mim_jax.main.", flag_values=flag_values,
+                                    lock_config=True)
+    flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).", flag_values=flag_values)
+    flags.DEFINE_bool("input", False, "Time the input pipeline instead of the train step.", flag_values=flag_values)
+    flags.DEFINE_string("profile_dir", None, "Write a TensorBoard profiler trace of the timed steps here.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("input_batches", 20, "Timed batches of the input benchmark (after 2 warm-up batches).",
+                         flag_values=flag_values)
+    flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 if __name__ == "__main__":

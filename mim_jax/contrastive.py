@@ -1,4 +1,4 @@
-"""CMAE's contrastive and position losses, and ContrastiveCrop's heat-map boxes (cmae.md §1.3,
+"""CMAE's contrastive and position losses, and ContrastiveCrop's heat-map boxes (docs/methods/cmae.md §1.3,
 §1.4, §2.1, §6).
 
 References: Talented-Q/SDMAE `models_sdmae.py` (`ctr_loss`, `loc_loss`) for the losses,

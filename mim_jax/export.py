@@ -210,11 +210,14 @@ def main(argv):
         sys.exit(1)
 
 
-def define_flags():
-    """Only when run as a command, so the module imports beside the other entry points."""
-    flags.DEFINE_string("workdir", None, "Pre-training workdir (its newest checkpoint is exported).")
-    flags.DEFINE_enum(name="format", default="timm", enum_values=["timm", "official", "hf"], help="Output layout.")
-    flags.DEFINE_string("out", None, "Output folder (created).")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    """Only when run as a command, so the module imports beside the other entry points (and on a
+    fresh FlagValues in tests/test_docs.py)."""
+    flags.DEFINE_string("workdir", None, "Pre-training workdir (its newest checkpoint is exported).",
+                        flag_values=flag_values)
+    flags.DEFINE_enum(name="format", default="timm", enum_values=["timm", "official", "hf"], help="Output layout.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output folder (created).", flag_values=flag_values)
 
 
 if __name__ == "__main__":

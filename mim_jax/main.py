@@ -18,12 +18,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:variant=B/16.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -87,6 +81,22 @@ def main(argv):
             watch.stop()
 
 
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    """The command's flags, on `flag_values`: absl's global FLAGS when run as a command (only then,
+    so the module imports beside the other entry points), a fresh FlagValues where the documented
+    commands are checked (tests/test_docs.py)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:variant=B/16.",
+                                    flag_values=flag_values, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.", flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
 if __name__ == "__main__":
     from mim_jax import console
+    define_flags()
     app.run(main, flags_parser=console.parse_flags)

@@ -141,7 +141,7 @@ def _block_mask(key, grid_hw, num_masked: int, min_block: float = 16, max_block:
 
 def block_mask(key, grid_hw, num_masked: int, min_block: float = 16, max_block: int | None = None,
                aspect=(0.3, 1 / 0.3), max_attempts: int = 2048, candidates: int = 8) -> jax.Array:
-    """BEiT/CAE block-wise masking with an exact count (cae_v2.md §3).
+    """BEiT/CAE block-wise masking with an exact count (docs/methods/cae_v2.md §3).
 
     Until exactly `num_masked` cells are masked, with cap = min(remaining, max_block) (max_block
     defaults to num_masked, as in CAE): draw area ~ U(min_block, cap) (bounds swapped when
@@ -207,7 +207,7 @@ def inverse_block_from_params(grid_hw, num_masked: int, h, w, top, left, shift_y
 
 
 def inverse_block_mask(key, grid_hw, num_masked: int, aspect=(0.5, 2.0), roll: bool = True):
-    """CAPI (capi.md §2): a visible block of exactly N - num_masked cells, rolled, then inverted.
+    """CAPI (docs/methods/capi.md §2): a visible block of exactly N - num_masked cells, rolled, then inverted.
 
     The roll (uniform in {0..H-1} x {0..W-1}, with wrap-around) makes every position equally likely
     to be masked; without it the centre is favoured. The visible region may wrap around the edges.

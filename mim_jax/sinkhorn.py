@@ -1,5 +1,5 @@
 """CAPI's targets: positionwise Sinkhorn-Knopp over the global batch and the clustering loss
-(facebookresearch/capi `model.py` `sinkhorn_knopp`, `OnlineClustering`; capi.md §3.1, §3.3).
+(facebookresearch/capi `model.py` `sinkhorn_knopp`, `OnlineClustering`; docs/methods/capi.md §3.1, §3.3).
 
 Everything is plain jnp over the global batch axis: under jit with the batch sharded over the
 mesh, XLA turns the batch max and the column sums into all-reduces (`pmax`, `psum`), exactly the

@@ -44,7 +44,7 @@ def renormalize(images, src_mean, src_std, dst_mean, dst_std, size: int | None =
 
 class ClipTeacher:
     """OpenAI CLIP vision tower (Hugging Face weights): all tokens after ln_post and the visual
-    projection, the CAE v2 target (cae_v2.md §2)."""
+    projection, the CAE v2 target (docs/methods/cae_v2.md §2)."""
 
     def __init__(self, source: str, *, grid: tuple[int, int], student_mean, student_std, dtype="bfloat16",
                  out_dim: int | None = None):

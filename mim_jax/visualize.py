@@ -61,13 +61,17 @@ def main(argv):
     print(f"Wrote {path}")
 
 
-def define_flags():
-    """Only when run as a command, so the module imports beside the other entry points."""
-    flags.DEFINE_integer("num_images", 8, "Rows: the first N images of the run's evaluation split.")
-    flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/reconstructions.png).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("scale", None, "Enlarge each cell this many times (default: to about 64 pixels).")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's config.input.data_dir).")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    """Only when run as a command, so the module imports beside the other entry points (and on a
+    fresh FlagValues in tests/test_docs.py)."""
+    flags.DEFINE_integer("num_images", 8, "Rows: the first N images of the run's evaluation split.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/reconstructions.png).", flag_values=flag_values)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=flag_values)
+    flags.DEFINE_integer("scale", None, "Enlarge each cell this many times (default: to about 64 pixels).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's config.input.data_dir).",
+                        flag_values=flag_values)
 
 
 if __name__ == "__main__":

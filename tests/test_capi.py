@@ -122,8 +122,9 @@ def test_clustering_gradient_equals_autodiff_and_numpy_and_costs_two_matmuls():
 # ---- RoPE and coordinates --------------------------------------------------------------------
 
 def test_rope_official_formula_against_numpy():
-    """Spec §1.2: f = 7 * 1e4^linspace(0, -1, d/4) * 2pi tiled; channels < d/2 turn with the row
-    coordinate, the rest with the column; out = x cos(a) + rotate_half(x) sin(a) over the head."""
+    """docs/methods/capi.md §1.2: f = 7 * 1e4^linspace(0, -1, d/4) * 2pi tiled; channels < d/2
+    turn with the row coordinate, the rest with the column; out = x cos(a) + rotate_half(x) sin(a)
+    over the head."""
     d = 16
     x = np.random.default_rng(0).normal(size=(2, 5, 3, d))
     coords = np.random.default_rng(1).uniform(size=(2, 5, 2))

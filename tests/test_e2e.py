@@ -55,7 +55,7 @@ def test_readme_main_job_runs_resumes_and_survives_a_corrupt_checkpoint(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "could not be restored" in out.stderr and "Resumed from step 2" in out.stderr
 
-    # Fine-tune the pre-trained encoder (README evaluation section) for a few steps.
+    # Fine-tune the pre-trained encoder (docs/evaluation.md) for a few steps.
     finetune = subprocess.run(
         [sys.executable, "-m", "mim_jax.main", f"--config=configs/finetune.py:init={tmp_path},local",
          f"--workdir={tmp_path / 'finetune'}", "--config.total_steps=2", "--config.log_steps=1",

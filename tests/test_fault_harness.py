@@ -1,4 +1,4 @@
-"""Fault harness (README "## Training", Faults): random SIGKILL/SIGTERM trials against `mim_jax.main`.
+"""Fault harness (docs/training.md, Faults): random SIGKILL/SIGTERM trials against `mim_jax.main`.
 
 One uninterrupted reference run, then N trials. Each trial draws its own plan from its seed: 1-3
 interruptions, each a SIGKILL or a SIGTERM sent at a random moment (during start-up and restore, a

@@ -1,4 +1,4 @@
-"""What survives which fault (README "## Training"): a corrupt newest checkpoint, a SIGKILL, a deleted
+"""What survives which fault (docs/training.md, Faults): a corrupt newest checkpoint, a SIGKILL, a deleted
 metrics file, an unwritable or full disk, a diverged run.
 
 In-process runs train the tiny MAE on synthetic data; the subprocess ones run `mim_jax.main` on

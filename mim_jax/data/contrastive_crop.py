@@ -1,4 +1,4 @@
-"""ContrastiveCrop's center-suppressed crops and CMAE's second-view colour augmentations (cmae.md
+"""ContrastiveCrop's center-suppressed crops and CMAE's second-view colour augmentations (docs/methods/cmae.md
 §2.3, §1.5), in NumPy/OpenCV. They run in Grain worker processes: never import jax here.
 
 Images are HWC uint8 with C = 1 or 3, as in `transforms`. Randomness comes only from the numpy

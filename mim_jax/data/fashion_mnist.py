@@ -92,9 +92,18 @@ def main(argv):
     print(prepare_fashion_mnist(flags.FLAGS.data_dir, flags.FLAGS.source_dir))
 
 
+def define_flags(flag_values=None):
+    """Called only when run as a command, so importing this module never adds absl flags
+    (flag_values: absl's global FLAGS by default; tests/test_docs.py passes a fresh one)."""
+    from absl import flags
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("source_dir", DEFAULT_SOURCE_DIR, "Folder with the four *-ubyte.gz files.",
+                        flag_values=flag_values)
+
+
 if __name__ == "__main__":
-    # Flags are defined here only, so importing this module never adds absl flags.
-    from absl import app, flags
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-    flags.DEFINE_string("source_dir", DEFAULT_SOURCE_DIR, "Folder with the four *-ubyte.gz files.")
+    from absl import app
+    define_flags()
     app.run(main)

@@ -342,14 +342,26 @@ def main(argv):
     print(summary(prepared))
 
 
+def define_flags(flag_values=None):
+    """Called only when run as a command, so importing this module never adds absl flags
+    (flag_values: absl's global FLAGS by default; tests/test_docs.py passes a fresh one)."""
+    from absl import flags
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string("src", None, "Folder of images, with or without class subfolders.", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("name", None, "Name of the TFDS data set (config.input.dataset).", required=True,
+                        flag_values=fv)
+    flags.DEFINE_float("val_fraction", 0.1, f"Fraction of each class held out as the {HELD_OUT_SPLIT!r} split.",
+                       flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+                        flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the held-out split's selection.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Build again if the data set exists already.", flag_values=fv)
+    flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "Processes that inspect the images.",
+                         flag_values=fv)
+
+
 if __name__ == "__main__":
-    # Flags are defined here only, so importing this module never adds absl flags.
-    from absl import app, flags
-    flags.DEFINE_string("src", None, "Folder of images, with or without class subfolders.", required=True)
-    flags.DEFINE_string("name", None, "Name of the TFDS data set (config.input.dataset).", required=True)
-    flags.DEFINE_float("val_fraction", 0.1, f"Fraction of each class held out as the {HELD_OUT_SPLIT!r} split.")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-    flags.DEFINE_integer("seed", 0, "Seed of the held-out split's selection.")
-    flags.DEFINE_bool("overwrite", False, "Build again if the data set exists already.")
-    flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "Processes that inspect the images.")
+    from absl import app
+    define_flags()
     app.run(main)

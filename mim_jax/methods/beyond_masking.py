@@ -1,6 +1,6 @@
 """Beyond Masking (Tian et al., "Beyond Masking: Demystifying Token-Based Pre-Training for Vision
 Transformers", arXiv 2203.14313), following the official code (sunsmarterjie/beyond_masking;
-beyond_masking.md).
+docs/methods/beyond_masking.md).
 
 MAE's encoder/decoder, fed a degraded image and asked for the pixels of the undegraded one,
 normalised per patch AND per channel. The paper's best practice, and the default here, is masking
@@ -139,8 +139,9 @@ class BeyondMasking(MAE):
             grids = jax.vmap(lambda c, m: image_ops.fisheye_grid(size, c, m))(centers, mags)
             return jax.vmap(image_ops.grid_sample)(view, grids), target
         if self.degradation == "blur":
-            # beyond_masking.md §3: the released line is a broken 1x1 3->7 conv; its evident intent
-            # is a 7x7 kernel with weights ~ N(1/49, 0.02), redrawn per image, mixing channels.
+            # docs/methods/beyond_masking.md §3: the released line is a broken 1x1 3->7 conv; its
+            # evident intent is a 7x7 kernel with weights ~ N(1/49, 0.02), redrawn per image, mixing
+            # channels.
             k = cfg.blur_kernel
             kernels = jax.vmap(lambda key: 1.0 / k ** 2 + cfg.blur_std * jax.random.normal(
                 key, (k, k, self.channels, self.channels)))(per_example)

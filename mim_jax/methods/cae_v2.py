@@ -1,5 +1,5 @@
 """CAE v2 (Zhang et al., arXiv 2211.09799; TMLR 2023 "Context Autoencoder with CLIP Latent
-Alignment"), following the official code (Atten4Vis/CAE, `--model_type caev2`; cae_v2.md).
+Alignment"), following the official code (Atten4Vis/CAE, `--model_type caev2`; docs/methods/cae_v2.md).
 
 Student: a BEiT-style ViT (q/v biases, LayerScale, fixed row-first sin-cos positions) sees [CLS]
 and the visible patches of a block-wise mask with an exact, size-dependent count. A latent

@@ -1,5 +1,5 @@
 """CAPI (Darcet et al., "Cluster and Predict Latent Patches for Improved Masked Image Modeling",
-arXiv 2502.08769), following the official code (facebookresearch/capi; capi.md).
+arXiv 2502.08769), following the official code (facebookresearch/capi; docs/methods/capi.md).
 
 One step (`train_capi.py`):
 1. teacher = EMA of the student encoder, on the whole image (no drop path); its patch tokens

@@ -1,4 +1,4 @@
-"""CAPI's predictor and heads (facebookresearch/capi `model.py`; capi.md §1.3-1.4).
+"""CAPI's predictor and heads (facebookresearch/capi `model.py`; docs/methods/capi.md §1.3-1.4).
 
 - `Predictor`: one shared mask token per predicted position; blocks of cross-attention only
   (queries never attend to each other, so every prediction is independent), RoPE on queries (at

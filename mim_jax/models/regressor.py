@@ -1,6 +1,6 @@
 """CAE's latent contextual regressor: cross-attention blocks that predict the latents of masked
 patches from the (fixed) latents of visible patches (Atten4Vis/CAE `models/modeling_cae_helper.py`,
-`LatentRegresser`/`RegressorBlock`; cae_v2.md §1.2).
+`LatentRegresser`/`RegressorBlock`; docs/methods/cae_v2.md §1.2).
 
 One learned mask token is the query at every masked position. Keys and values are the visible
 latents followed by the current queries, so the queries also attend to each other; the visible

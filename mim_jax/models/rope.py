@@ -1,5 +1,5 @@
 """2-D rotary position embeddings on [0, 1] coordinates, as CAPI uses them (facebookresearch/capi
-`model.py` `Rope`; capi.md §1.2).
+`model.py` `Rope`; docs/methods/capi.md §1.2).
 
 Coordinates are (row, col) in [0, 1]: a grid is `linspace(0, 1, H) x linspace(0, 1, W)` in raster
 order, so a higher resolution only makes the grid denser. Frequencies: head_dim/4 values
