@@ -13,17 +13,21 @@ MIN_COMPILE_TIME_SECS = 1.0
 
 def enable(workdir, configured: str | None = None, *, min_compile_time_secs: float = MIN_COMPILE_TIME_SECS
            ) -> str | None:
-    """Points JAX's persistent compilation cache at `configured`, or WORKDIR/jax_cache when that is
-    None; "" turns the cache off. Returns the cache path in use (None when off).
+    """Points JAX's persistent compilation cache at `configured`; when that is None, at
+    $JAX_COMPILATION_CACHE_DIR if set (one cache shared by every run on a machine), else at
+    WORKDIR/jax_cache; "" turns the cache off. Returns the cache path in use (None when off).
 
     Call it before the first compilation. The path may be local or remote (gs://...), like the
     workdir; every process of a multi-host job may share it (JAX writes entries atomically, keyed
     by program, devices and compiler version, so a changed setup simply misses).
     """
-    if configured == "" or (configured is None and not workdir):
+    if configured is None:
+        configured = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
+            os.path.join(str(workdir), "jax_cache") if workdir else "")
+    if configured == "":
         logging.info("Persistent compilation cache off.")
         return None
-    path = str(configured) if configured is not None else os.path.join(str(workdir), "jax_cache")
+    path = str(configured)
     if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
         try:

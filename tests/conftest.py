@@ -1,9 +1,19 @@
 """Test setup: 8 virtual CPU devices (set before jax is imported) and parsed absl flags."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole session, shared by pytest-xdist's workers and the
+# runs the tests start as subprocesses (mim_jax.compile_cache honours the variable): many tests
+# build the same small programs, and compiling dominates their time. Every program is cached.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mim_jax_tests_xla_cache_")
+    _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import sys  # noqa: E402
 
@@ -21,6 +31,11 @@ flags.FLAGS.mark_as_parsed()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (run alone with -m slow)")
+
+
+def pytest_unconfigure(config):
+    if "_SESSION_CACHE" in globals():   # only the process that made it (the controller under xdist)
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def tiny_mae_config(**overrides):

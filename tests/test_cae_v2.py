@@ -277,6 +277,7 @@ def test_block_mask_exact_for_the_local_grid():
     np.testing.assert_array_equal(np.asarray(masks).sum(1), 15)
 
 
+@pytest.mark.slow   # the same check for MAE (tests/test_mae.py) is in the default tier
 def test_analytic_flops_match_xla_cost_analysis(mae_teacher_dir):
     from mim_jax import bench
     config = _tiny_config(f"run:{mae_teacher_dir}")

@@ -281,6 +281,7 @@ def test_each_loss_reaches_only_its_own_parameters():
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(clustering_grads["clustering"]))
 
 
+@pytest.mark.slow   # the same check for MAE (tests/test_mae.py) is in the default tier
 def test_analytic_flops_match_xla_cost_analysis():
     from mim_jax import bench
     config = _tiny_config()

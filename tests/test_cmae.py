@@ -224,6 +224,7 @@ def _rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow   # end-to-end: three runs of the trainer
 def test_a_run_killed_after_a_box_update_resumes_bit_identically(tmp_path, monkeypatch):
     """Compressed schedule: boxes at steps 2 and 4 of 6. SIGTERM during step 3 (after the first
     update, before the second) saves there; the resumed run ends bit-identical, boxes included."""
@@ -252,6 +253,7 @@ def test_a_run_killed_after_a_box_update_resumes_bit_identically(tmp_path, monke
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.extras), jax.device_get(reference.extras))
 
 
+@pytest.mark.slow   # end-to-end: three runs of the trainer
 def test_a_sigterm_during_a_refresh_stops_it_and_the_resume_redoes_it(tmp_path, monkeypatch, caplog):
     """Compressed schedule: boxes after steps 2 and 4 of 6, each a pass of 3 batches over 48 examples.
     SIGTERM after the first batch of step 2's pass: the pass stops, step 2 is saved without it and
@@ -324,6 +326,7 @@ def test_views_are_drawn_from_each_examples_own_box():
     assert min(means) < 0.3 and max(means) > 0.7
 
 
+@pytest.mark.slow   # the same check for MAE (tests/test_mae.py) is in the default tier
 def test_analytic_flops_match_xla_cost_analysis():
     from mim_jax import bench
     config = tiny_config()

@@ -76,6 +76,7 @@ def test_mae_accumulated_update_equals_the_global_batch():
     _assert_same_update(_exact_optimizer(tiny_mae_config()), metric_keys=("mae_loss",))
 
 
+@pytest.mark.slow   # the same check for MAE is in the default tier
 def test_beyond_masking_accumulated_update_equals_the_global_batch():
     c = bm_config.get_config("local")        # zoom-in + 75% masking: per-example keys only
     c.input.update(num_workers=0)
@@ -98,6 +99,7 @@ def _fake_run_teacher(monkeypatch):
     monkeypatch.setattr(teachers.RunTeacher, "load", load)
 
 
+@pytest.mark.slow   # the same check for MAE is in the default tier
 def test_cae_v2_accumulated_update_equals_the_global_batch(monkeypatch):
     _fake_run_teacher(monkeypatch)
     from configs import cae_v2 as cae_v2_config
@@ -111,6 +113,7 @@ def test_cae_v2_accumulated_update_equals_the_global_batch(monkeypatch):
     _assert_same_update(_exact_optimizer(c), metric_keys=("align_loss", "cos_masked"))
 
 
+@pytest.mark.slow   # the same check for MAE is in the default tier
 def test_finetune_accumulated_update_equals_the_global_batch():
     """Mixup/CutMix pair each example with the reversed batch under one lambda per step: with
     accumulation they pair within each micro-batch (as timm pairs within each GPU's batch), so they

@@ -255,8 +255,13 @@ def _timm_from_export(out):
     return model.eval()
 
 
-@pytest.mark.parametrize("name,extra", [("mae", {}), ("cae_v2", {}), ("beyond_masking", {}), ("cmae", {}),
-                                        ("mae", {"scan": True})])
+_SLOW = pytest.mark.slow   # the other methods' exports: the MAE export is in the default tier
+
+
+@pytest.mark.parametrize("name,extra", [("mae", {}), pytest.param("cae_v2", {}, marks=_SLOW),
+                                        pytest.param("beyond_masking", {}, marks=_SLOW),
+                                        pytest.param("cmae", {}, marks=_SLOW),
+                                        pytest.param("mae", {"scan": True}, marks=_SLOW)])
 def test_export_to_timm_loads_strictly_and_gives_the_same_features(tmp_path, name, extra):
     from mim_jax import export
     weights = _random_weights(name, **extra)
@@ -355,6 +360,7 @@ def test_a_warm_start_continues_mae_pretraining_from_the_official_full_layout(tm
     jax.tree.map(np.testing.assert_array_equal, state.params, weights.params)
 
 
+@pytest.mark.slow   # tests/test_interop_capi.py checks the export against the official model
 def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
     """The released CAPI layout (tested against a PyTorch reference in test_interop_capi.py) also
     goes through `pretrained.load`: the architecture is read from the file, the backbone restored."""

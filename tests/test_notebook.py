@@ -12,6 +12,7 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow   # runs the whole notebook (about 3 min)
 def test_the_quickstart_notebook_runs_from_top_to_bottom(tmp_path, fashion_mnist_dir, monkeypatch):
     for name, value in dict(QUICKSTART_STEPS="4", QUICKSTART_PROBE_EPOCHS="2", QUICKSTART_PROBE_EXAMPLES="1000",
                             QUICKSTART_INSTALL="0", QUICKSTART_DATA_DIR=fashion_mnist_dir,

@@ -34,6 +34,7 @@ _CACHE_RUN = textwrap.dedent("""
 
 def _cache_run(workdir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the test session's own cache (conftest.py)
     out = subprocess.run([sys.executable, "-c", _CACHE_RUN, str(workdir)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
     counts = dict(line.split() for line in out[1:] if line)
@@ -51,12 +52,18 @@ def test_compilation_cache_persists_across_processes(tmp_path):
     assert sorted(os.listdir(path)) == entries
 
 
-def test_compilation_cache_paths(tmp_path):
+def test_compilation_cache_paths(tmp_path, monkeypatch):
     before = jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     try:
         assert compile_cache.enable(tmp_path, "") is None           # "" turns it off
         assert compile_cache.enable(None, None) is None             # no workdir, nothing configured
         assert jax.config.jax_compilation_cache_dir == before
+        assert compile_cache.enable(tmp_path, None) == str(tmp_path / "jax_cache")
+        shared = tmp_path / "machine_cache"    # one cache for every run on the machine
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(shared))
+        assert compile_cache.enable(tmp_path, None) == str(shared) and shared.is_dir()
+        assert compile_cache.enable(tmp_path, "") is None           # the config still wins
         custom = tmp_path / "elsewhere"
         assert compile_cache.enable(tmp_path, str(custom)) == str(custom) and custom.is_dir()
         assert jax.config.jax_compilation_cache_dir == str(custom)

@@ -67,7 +67,7 @@ def _same_command_config(run):
     return c
 
 
-@pytest.mark.parametrize("run", ("mae", "capi"))
+@pytest.mark.parametrize("run", ("mae", pytest.param("capi", marks=pytest.mark.slow)))   # CAPI's takes 25 s
 def test_rerunning_the_same_command_resumes_an_older_run(run, tmp_path, monkeypatch):
     """Same train state tree, optimizer state included: the resumed run continues from step 2."""
     workdir = tmp_path / run

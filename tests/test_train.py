@@ -73,7 +73,9 @@ def test_a_finished_run_run_again_says_it_is_complete(tmp_path, synthetic_data, 
     first = [m for m in caplog.messages if m.startswith(("Initialising the model", "Compiling the train step",
                                                          "First step done in", "step 2/6"))]
     assert first[0] == "Initialising the model (compiling its initialisation)."
-    assert first[1] == "Compiling the train step: the first step waits for it."   # no compilation cache here
+    cache = jax.config.jax_compilation_cache_dir   # the test session's (conftest.py)
+    assert first[1] == "Compiling the train step: the first step waits for it" + (
+        f"; restarts take it from the compilation cache in {cache}." if cache else ".")
     assert first[2].startswith("First step done in ") and first[2].endswith(" (compilation included).")
     assert first[3].startswith("step 2/6  loss ")
     caplog.clear()
