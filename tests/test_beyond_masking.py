@@ -275,6 +275,7 @@ def test_init_decay_and_architecture_follow_mae_pytorch():
 
 # ---- the step ----------------------------------------------------------------------------------
 
+@pytest.mark.slow   # the same property for MAE (tests/test_train.py) is in the default tier
 def test_sharded_step_equals_single_device():
     config = bm_config.get_config("local")
     config.input.update(batch_size=16, num_workers=0)
@@ -289,6 +290,7 @@ def test_sharded_step_equals_single_device():
         np.testing.assert_allclose([m[key] for m in sharded], [m[key] for m in single], rtol=1e-5)
 
 
+@pytest.mark.slow   # the same check for MAE (tests/test_mae.py) is in the default tier
 def test_analytic_flops_match_xla_cost_analysis():
     from mim_jax import bench
     config = bm_config.get_config("local")

@@ -235,6 +235,7 @@ def mae_teacher_dir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow   # trains a teacher run, then the student (about 45 s)
 def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeypatch, tmp_path):
     source = pipeline.SyntheticSource(256, image_shape=(16, 16, 1), num_classes=10, seed=0)
     monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
@@ -258,6 +259,7 @@ def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeyp
     assert 0 <= rows[-1]["align_loss"] <= 2
 
 
+@pytest.mark.slow   # the same property for MAE (tests/test_train.py) is in the default tier
 def test_sharded_cae_step_matches_single_device(mae_teacher_dir):
     config = _tiny_config(f"run:{mae_teacher_dir}")
     batches = synthetic_batches(config, 2, num_examples=64)

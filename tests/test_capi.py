@@ -241,6 +241,7 @@ def test_parameter_groups_follow_the_official_optimizers():
 
 # ---- the step ----------------------------------------------------------------------------------
 
+@pytest.mark.slow   # compiles CAPI's step on two meshes (about 1 min); the same property for MAE (tests/test_train.py) is in the default tier
 def test_sharded_step_equals_single_device_and_ema_follows_one_minus_lr():
     config = _tiny_config()
     batches = synthetic_batches(config, 2, num_examples=64)
@@ -264,6 +265,7 @@ def test_sharded_step_equals_single_device_and_ema_follows_one_minus_lr():
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow   # three gradient programs of the whole model (about 40 s)
 def test_each_loss_reaches_only_its_own_parameters():
     config = _tiny_config()
     method = get_method(config)

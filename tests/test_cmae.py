@@ -111,6 +111,7 @@ def test_loss_is_the_sum_of_its_terms(three_steps):
         assert 0 <= m["contrastive_accuracy"] <= 1
 
 
+@pytest.mark.slow   # the same property for MAE (tests/test_train.py) is in the default tier
 def test_sharded_step_equals_single_device(three_steps):
     config, sharded_states, sharded = three_steps
     single_states, single = _steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]),

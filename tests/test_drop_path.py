@@ -91,6 +91,7 @@ def test_self_attention_block_expected_update_equals_the_naive_forms(monkeypatch
     assert abs(float(naive[0]) - float(deterministic)) > 1e-3   # the draws matter: the test can fail
 
 
+@pytest.mark.slow   # the self-attention block's check is in the default tier
 def test_cross_attention_block_subsets_queries_context_and_coordinates_alike(monkeypatch):
     rng = np.random.RandomState(2)
     queries = jnp.asarray(rng.randn(5, 3, 16), jnp.float32)

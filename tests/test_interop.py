@@ -392,6 +392,7 @@ def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion
     assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
 
 
+@pytest.mark.slow   # trains CAE v2 from an exported MAE file (about 15 s)
 def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
     """teacher=mae:FILE distils the file's encoder: its targets are that encoder's tokens."""
     from configs import cae_v2

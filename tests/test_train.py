@@ -113,6 +113,7 @@ def test_checkpoint_written_on_8_devices_restores_on_2(tmp_path):
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(restored.params))
 
 
+@pytest.mark.slow   # a profiled run (about 15 s)
 def test_profiling_on_request_writes_a_trace(tmp_path, synthetic_data):
     config = tiny_mae_config(profile_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
