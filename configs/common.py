@@ -72,7 +72,7 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
         # gets no updates.
         param_groups=(), groups=ml_collections.ConfigDict()))
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))   # a tuple: ml_collections overrides no list field from flags
     c.sharding_rules = SHARDING_RULES
     return c
 
@@ -177,7 +177,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     c.eval_split = placeholder(str)   # default: EVAL_SPLITS or "test"
     c.max_train_examples = placeholder(int)
     c.max_eval_examples = placeholder(int)
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))
     c.update(evaluators.get(evaluator).DEFAULTS)
     c.feature = arg.feature or c.feature
     c.update(options)

@@ -1,13 +1,17 @@
 """Configs: argument parsing, unit-free durations, clear errors on unknown keys and bad values."""
+import pathlib
 import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from configs import mae
 from mim_jax import config_lib, optim
 from mim_jax.data.catalog import DATASETS
 from mim_jax.models.vit import vit_from_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_parse_arg_types_flags_and_unknown_names():
@@ -127,3 +131,18 @@ def test_bad_override_value_is_a_clear_error():
 def test_unknown_config_argument_is_a_clear_error():
     out = _main("--config=configs/mae.py:lcoal")
     assert out.returncode != 0 and "Unknown config argument 'lcoal'" in out.stderr
+
+
+@pytest.mark.parametrize("override", ['(("data",-1),("fsdp",2))', '[("data",-1),("fsdp",2)]'])
+def test_the_mesh_is_overridden_from_the_command_line(override, monkeypatch):
+    """A tuple field (ml_collections refuses to override a list one); launch/tpu_pod.sh's list
+    literal becomes the same tuple."""
+    from mim_jax import main, parallel
+    fv = flags.FlagValues()
+    main.define_flags(flag_values=fv)
+    argv = ["mim_jax.main", "--config=configs/mae.py:local", "--workdir=/tmp/unused", f"--config.mesh={override}"]
+    monkeypatch.setattr(sys, "argv", argv)     # config_flags reads the overrides from there
+    monkeypatch.chdir(ROOT)
+    fv(argv)
+    assert fv.config.mesh == (("data", -1), ("fsdp", 2))
+    assert dict(parallel.make_mesh(fv.config.mesh).shape) == {"data": 4, "fsdp": 2}
