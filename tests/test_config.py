@@ -44,8 +44,7 @@ LOCAL_PRESETS = ("mae", "cae_v2", "capi", "beyond_masking", "cmae")
 
 
 def _pretraining_config(name: str, arg: str):
-    teacher = ",teacher=openai/clip-vit-base-patch16" if name == "cae_v2" else ""   # no /tmp/mae_local needed
-    return config_lib.load_config(f"{name}:{arg}{teacher}")
+    return config_lib.load_config(f"{name}:{arg}")
 
 
 @pytest.mark.parametrize("name", LOCAL_PRESETS)
