@@ -88,6 +88,12 @@ def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(model)
 
 
+def unset(block: ml_collections.ConfigDict, *keys: str) -> ml_collections.ConfigDict:
+    """Fields `keys` of `block` (all by default) as placeholders of their types: left for the run to
+    resolve (`Method.resolve_config`), and still overridable from the command line."""
+    return ml_collections.ConfigDict({k: placeholder(block.get_type(k)) for k in keys or block})
+
+
 # The config arguments `local` replaces, and with what; an argument given explicitly keeps its value.
 LOCAL_DATA, LOCAL_VARIANT, LOCAL_RES, LOCAL_BATCH = "fashion_mnist", "Ti/4", 28, 128
 

@@ -122,7 +122,7 @@ def test_finetune_accumulated_update_equals_the_global_batch():
     c.model.update(width=32, num_heads=2, mlp_dim=64, drop_path=0.0)    # depth 4: the layer-decay groups
     c.method.update(mixup=0.0, cutmix=0.0)
     c.evals = {}
-    _assert_same_update(_exact_optimizer(c), metric_keys=("ce_loss", "train_accuracy"))
+    _assert_same_update(_exact_optimizer(resolve_config(c)), metric_keys=("ce_loss", "train_accuracy"))
 
 
 def test_accumulation_on_eight_devices_equals_one_device():

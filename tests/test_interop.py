@@ -453,10 +453,11 @@ def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_pa
 def test_fine_tuning_starts_from_a_released_file(tmp_path):
     from configs import finetune
     from mim_jax import export, state as state_lib
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
     weights = _random_weights("mae")
     export.export_timm(weights, tmp_path)
     config = finetune.get_config(f"init=timm:{tmp_path / 'model.safetensors'},dataset=fashion_mnist,local")
+    config = resolve_config(config)
     assert config.method.num_classes == 10 and config.input.mean == weights.config.input.mean
     setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
                             global_batch_size=config.input.batch_size)
