@@ -14,9 +14,13 @@ teacher: frozen CLIP ViT-B/16 (all 197 tokens after ln_post and proj, 512-d), bf
 Arguments: variant=Ti,S,B,L; teacher=<HF repo id | folder | .safetensors | run:DIR>; dataset=<TFDS name>;
 res=<image size>; batch=<global batch>; local (Fashion-MNIST, teacher = a `mae.py:local` run, by default
 run:/tmp/mae_local; dataset=, variant=, res=, batch= given with it win).
+
+Building the config reads no file: the teacher's output width (`teacher.dim`, the head's width) is
+resolved when the run starts, from the teacher's config (a run's saved config, a CLIP config.json,
+an OpenAI file's shapes; the two recipe CLIPs are known), unless `--config.teacher.dim` gives it,
+and saved with the run config, so the trained model rebuilds without the teacher.
 """
 from configs import common
-from mim_jax import teachers
 from mim_jax.config_lib import given_args, parse_arg
 
 # Per size (official scripts; Large is not released, see below):
@@ -34,7 +38,6 @@ SIZES = {
     "L": dict(num_heads=16, num_masked=98, regressor=(4, 1024, 16), layerscale=1e-5),
 }
 CLIP_TEACHERS = {"B": "openai/clip-vit-base-patch16", "L": "openai/clip-vit-large-patch14"}
-CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
 
 
 def get_config(arg=None):
@@ -58,10 +61,9 @@ def get_config(arg=None):
     source = CLIP_TEACHERS["L" if arg.variant == "L" else "B"]
     if arg.local:   # distils a `mae.py:local` run unless told otherwise
         source = "run:/tmp/mae_local"
-    source = arg.teacher or source
-    # The target width is part of the model (the head's output): resolved here, once, from the
-    # teacher's own config where it is not a known CLIP, and saved with every checkpoint.
-    c.teacher = dict(source=source, dtype="bfloat16", dim=CLIP_DIMS.get(source) or teachers.output_dim(source))
+    # The target width is part of the model (the head's output): resolved from the teacher when
+    # the run starts (CAEv2.resolve_config), not here, and saved with every checkpoint.
+    c.teacher = dict(source=arg.teacher or source, dtype="bfloat16", dim=common.placeholder(int))
 
     c.optax.update(base_lr=1.5e-3, lr_scale_batch=None, min_lr=1e-5, b1=0.9, b2=0.999, weight_decay=0.05,
                    decay_rule="not_1d", clip_norm=3.0, warmup_epochs=10.0)

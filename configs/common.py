@@ -72,7 +72,7 @@ def base_config(*, dataset: str, image_size: int, batch_size: int) -> ml_collect
         # gets no updates.
         param_groups=(), groups=ml_collections.ConfigDict()))
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))   # a tuple: ml_collections overrides no list field from flags
     c.sharding_rules = SHARDING_RULES
     return c
 
@@ -86,6 +86,12 @@ def vit_config(variant: str, **overrides) -> ml_collections.ConfigDict:
                  depth=placeholder(int), mlp_dim=placeholder(int), num_heads=placeholder(int))
     model.update(overrides)
     return ml_collections.ConfigDict(model)
+
+
+def unset(block: ml_collections.ConfigDict, *keys: str) -> ml_collections.ConfigDict:
+    """Fields `keys` of `block` (all by default) as placeholders of their types: left for the run to
+    resolve (`Method.resolve_config`), and still overridable from the command line."""
+    return ml_collections.ConfigDict({k: placeholder(block.get_type(k)) for k in keys or block})
 
 
 # The config arguments `local` replaces, and with what; an argument given explicitly keeps its value.
@@ -177,7 +183,7 @@ def eval_config(arg, evaluator: str, **options) -> ml_collections.ConfigDict:
     c.eval_split = placeholder(str)   # default: EVAL_SPLITS or "test"
     c.max_train_examples = placeholder(int)
     c.max_eval_examples = placeholder(int)
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))
     c.update(evaluators.get(evaluator).DEFAULTS)
     c.feature = arg.feature or c.feature
     c.update(options)

@@ -31,8 +31,9 @@ def benchmark(config, steps: int, profile_dir: str | None = None) -> dict:
     import jax.numpy as jnp
 
     from mim_jax import flops, parallel, state as state_lib
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
 
+    config = resolve_config(config)
     mesh = parallel.make_mesh(config.mesh)
     bs = config.input.batch_size
     method = get_method(config, num_examples=bs)   # per-example state (ContrastiveCrop boxes) for one batch
@@ -117,8 +118,9 @@ def reference_loop(source, config, num_images: int) -> float:
 def input_benchmark(config, batches: int) -> dict:
     """The method's training input pipeline on the config's TFDS data set, and the bare loop."""
     from mim_jax.data import pipeline
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
 
+    config = resolve_config(config)
     inp = config.input
     source = pipeline.open_source(inp.dataset, inp.split, inp.data_dir, channels=inp.channels)
     method = get_method(config, num_examples=len(source))

@@ -72,7 +72,7 @@ def mesh_devices(mesh_config, devices=None):
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-    """`mesh_config` is [(axis_name, size), ...]; one size may be -1 (all remaining devices).
+    """`mesh_config` is ((axis_name, size), ...) (a tuple or list); one size may be -1 (all remaining devices).
     Sizes are global (over all devices of all slices); see `mesh_devices` for multislice.
 
     Axis types are passed as Auto explicitly: `jax.make_mesh` defaults to Explicit axes, under

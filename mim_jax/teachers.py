@@ -13,8 +13,9 @@ like the student, run in its own dtype, with no gradients and no optimizer state
   model.safetensors + config.json, or the .safetensors file itself) or one of OpenAI's own files
   (`ViT-B-16.pt`): see `models/clip_weights.py`.
 
-Teachers resolve their weights lazily (`out_dim` may read a config; `load` reads the weights), so
-building a method to evaluate its trained encoder never touches the teacher.
+A run records the teacher's output width in `config.teacher.dim` (`output_dim`, called once when
+the run starts, by `CAEv2.resolve_config`); the weights are read only by `load`, so building a
+method to evaluate its trained encoder never touches the teacher.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from mim_jax.methods import get_method
 from mim_jax.models import vit
 
 RUN_PREFIX = "run:"
+# The recipes' teachers (projection widths): no hub request for their config.json.
+CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
 
 
 def renormalize(images, src_mean, src_std, dst_mean, dst_std, size: int | None = None):
@@ -142,8 +145,8 @@ class RunTeacher:
     def load(self, abstract, shardings):
         if self.out_dim != self.method.encoder.width:
             raise ValueError(f"config.teacher.dim={self.out_dim}, but the encoder in {self.workdir} is "
-                             f"{self.method.encoder.width} wide: pass the teacher as a config argument "
-                             "(configs/cae_v2.py:teacher=run:DIR), which records its width.")
+                             f"{self.method.encoder.width} wide: leave config.teacher.dim unset, and the run "
+                             "reads it from the teacher when it starts.")
         weights = pretrained.load(self.workdir, jax.tree.leaves(shardings)[0].mesh, keys=("encoder",))
         params = {"encoder": weights.params["encoder"]}    # CAPI's evaluation weights also hold its EMA predictor
         _check_same_shapes(params, abstract, f"the encoder in {weights.description}")
@@ -183,11 +186,20 @@ def _is_vit_spec(source: str) -> bool:
     return interop.parse(source)[0] is not None
 
 
+def _check_source(source: str) -> None:
+    if not source:
+        raise ValueError("config.teacher.source is empty: give a CLIP checkpoint (e.g. "
+                         "'openai/clip-vit-base-patch16' or a local folder) or run:<pre-training workdir>.")
+
+
 def output_dim(source: str) -> int:
     """Width of the target tokens of the teacher `source`, read from its config (a run's saved
-    config, or the CLIP config.json; online, a hub id fetches only that file). Configs call this
-    once, so a run records its target width and its trained model can be rebuilt later without
-    the teacher."""
+    config, or the CLIP config.json; online, a hub id fetches only that file). Called once when a
+    run starts, so the run records its target width and its trained model can be rebuilt later
+    without the teacher."""
+    _check_source(source)
+    if source in CLIP_DIMS:
+        return CLIP_DIMS[source]
     if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
         model = pretrained.read_config(source.removeprefix(RUN_PREFIX)).model
         return model.width or vit.decode_variant(model.variant)["width"]
@@ -199,9 +211,7 @@ def output_dim(source: str) -> int:
 def from_config(teacher_config, *, grid, student_mean, student_std):
     """`config.teacher` = {source, dtype, dim} -> a teacher on the student's patch grid."""
     source = teacher_config.source
-    if not source:
-        raise ValueError("config.teacher.source is empty: give a CLIP checkpoint (e.g. "
-                         "'openai/clip-vit-base-patch16' or a local folder) or run:<pre-training workdir>.")
+    _check_source(source)
     common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.get("dim"))
     if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
         return RunTeacher(source.removeprefix(RUN_PREFIX), **common)

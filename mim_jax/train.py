@@ -17,7 +17,7 @@ from mim_jax import checkpoint, config_lib, console, flops, metrics, parallel, s
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
-from mim_jax.methods import get_method
+from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.base import RefreshInterrupted
 
 
@@ -78,6 +78,9 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
 
 
 def _train(config, workdir: epath.Path) -> state_lib.TrainState:
+    # Before anything else: a missing teacher or init run is the first error, and the checkpoints
+    # save the resolved config, which later rebuilds the model without those files.
+    config = resolve_config(config)
     # An unwritable workdir is one clear error now, not a timeout at the first checkpoint.
     storage.ensure_writable(workdir)
     storage.ensure_writable(workdir / "checkpoints")

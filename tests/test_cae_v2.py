@@ -10,9 +10,10 @@ import pytest
 from conftest import run_steps, synthetic_batches, tiny_mae_config
 
 from configs import cae_v2 as cae_v2_config
-from mim_jax import masking, optim, parallel, state as state_lib, train
+from mim_jax import masking, optim, parallel, pretrained, state as state_lib, train
 from mim_jax.data import pipeline, transforms
-from mim_jax.methods import cae_v2, get_method
+from mim_jax.errors import WeightsNotFoundError
+from mim_jax.methods import cae_v2, get_method, resolve_config
 from mim_jax.models import layers, regressor, vit
 
 
@@ -60,7 +61,8 @@ def test_recipe_sizes_match_the_official_scripts():
     base = cae_v2_config.get_config("variant=B")
     assert (base.regressor.width, base.regressor.depth) == (768, 4)
     assert (base.optax.base_lr, base.optax.lr_scale_batch, base.optax.b2, base.optax.clip_norm) == (1.5e-3, None, 0.999, 3.0)
-    assert base.teacher.source == "openai/clip-vit-base-patch16" and base.teacher.dim == 512
+    assert base.teacher.source == "openai/clip-vit-base-patch16" and base.teacher.dim is None   # until the run starts
+    assert resolve_config(base).teacher.dim == 512    # a known CLIP: no hub request
     assert base.input.batch_size == 2048 and base.total_epochs == 300 and tuple(base.input.crop_scale) == (0.4, 1.0)
 
 
@@ -239,21 +241,23 @@ def mae_teacher_dir(tmp_path_factory):
 def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeypatch, tmp_path):
     source = pipeline.SyntheticSource(256, image_shape=(16, 16, 1), num_classes=10, seed=0)
     monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
-    config = _tiny_config(f"run:{mae_teacher_dir}")
+    config = resolve_config(_tiny_config(f"run:{mae_teacher_dir}"))
+    assert config.teacher.dim == 32
     method = get_method(config)
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
     setup = state_lib.build(config, method, mesh, total_steps=6, warmup_steps=2, global_batch_size=16)
-    assert config.teacher.dim == 32                       # recorded for later restores
     # The teacher's targets are the MAE encoder's tokens on the student's own crop.
-    from mim_jax import pretrained
     mae_params = pretrained.load(mae_teacher_dir, mesh).params
     images = jax.random.normal(jax.random.key(0), (16, 16, 16, 1))
     _, out = get_method(tiny_mae_config()).encoder.apply({"params": mae_params["encoder"]}, images)
     tokens = method.teacher(setup.frozen["teacher"], images)
     np.testing.assert_allclose(tokens, np.concatenate([out["cls"][:, None], out["patch_tokens"]], 1), atol=1e-5)
 
-    history = train.train_and_evaluate(config, str(tmp_path / "cae"))
+    # The trainer resolves the command line's config and saves the result: the run's model
+    # rebuilds from its checkpoints without the teacher.
+    history = train.train_and_evaluate(_tiny_config(f"run:{mae_teacher_dir}"), str(tmp_path / "cae"))
     del history
+    assert pretrained.read_config(tmp_path / "cae").teacher.dim == 32
     rows = [r for r in map(__import__("json").loads, open(tmp_path / "cae" / "metrics.jsonl")) if "align_loss" in r]
     assert rows[-1]["align_loss"] < rows[0]["align_loss"]
     assert 0 <= rows[-1]["align_loss"] <= 2
@@ -261,7 +265,7 @@ def test_distils_a_run_teacher_and_matches_its_features(mae_teacher_dir, monkeyp
 
 @pytest.mark.slow   # the same property for MAE (tests/test_train.py) is in the default tier
 def test_sharded_cae_step_matches_single_device(mae_teacher_dir):
-    config = _tiny_config(f"run:{mae_teacher_dir}")
+    config = resolve_config(_tiny_config(f"run:{mae_teacher_dir}"))
     batches = synthetic_batches(config, 2, num_examples=64)
     _, sharded = run_steps(config, parallel.make_mesh([("data", 2), ("fsdp", 4)]), batches)
     _, single = run_steps(config, parallel.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batches)
@@ -269,9 +273,11 @@ def test_sharded_cae_step_matches_single_device(mae_teacher_dir):
 
 
 def test_missing_run_teacher_is_a_clear_error(tmp_path):
-    # Reported when the config is built: the teacher's width is read from the run's config there.
-    with pytest.raises(FileNotFoundError, match="No pre-training checkpoint"):
-        _tiny_config(f"run:{tmp_path}/nowhere")
+    # Reported when the run starts (the teacher's width is read from the run's config there), not
+    # when the config is built.
+    config = _tiny_config(f"run:{tmp_path}/nowhere")
+    with pytest.raises(WeightsNotFoundError, match="No pre-training checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path / "cae"))
 
 
 def test_block_mask_exact_for_the_local_grid():

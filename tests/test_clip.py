@@ -127,10 +127,10 @@ def test_checkpoint_of_another_size_is_a_clear_error(clip_dir, tmp_path):
 def test_cae_v2_offline_without_teacher_weights_stops_before_training(tmp_path, monkeypatch):
     from configs import cae_v2
     from mim_jax import state as state_lib
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty cache
-    config = cae_v2.get_config("variant=Ti")
+    config = resolve_config(cae_v2.get_config("variant=Ti"))   # the recipe's CLIP: its width is known
     config.input.update(image_size=112, batch_size=8)      # 7x7 patches
     config.model.update(depth=1)
     config.method.mask.num_masked = 10

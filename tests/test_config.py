@@ -1,13 +1,25 @@
-"""Configs: argument parsing, unit-free durations, clear errors on unknown keys and bad values."""
+"""Configs: argument parsing, unit-free durations, clear errors on unknown keys and bad values;
+building a config reads no file, what depends on files is resolved when the run starts."""
+import json
+import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from configs import mae
-from mim_jax import config_lib, optim
+from mim_jax import config_lib, export, optim, parallel, pretrained, train
 from mim_jax.data.catalog import DATASETS
+from mim_jax.errors import UserFacingError
+from mim_jax.evaluators import run
+from mim_jax.methods import resolve_config
+from mim_jax.models import clip_weights
 from mim_jax.models.vit import vit_from_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints_9ddba71"
 
 
 def test_parse_arg_types_flags_and_unknown_names():
@@ -40,8 +52,7 @@ LOCAL_PRESETS = ("mae", "cae_v2", "capi", "beyond_masking", "cmae")
 
 
 def _pretraining_config(name: str, arg: str):
-    teacher = ",teacher=openai/clip-vit-base-patch16" if name == "cae_v2" else ""   # no /tmp/mae_local needed
-    return config_lib.load_config(f"{name}:{arg}{teacher}")
+    return config_lib.load_config(f"{name}:{arg}")
 
 
 @pytest.mark.parametrize("name", LOCAL_PRESETS)
@@ -127,3 +138,118 @@ def test_bad_override_value_is_a_clear_error():
 def test_unknown_config_argument_is_a_clear_error():
     out = _main("--config=configs/mae.py:lcoal")
     assert out.returncode != 0 and "Unknown config argument 'lcoal'" in out.stderr
+
+
+def _parse(args, monkeypatch):
+    """The config of a `python -m mim_jax.main` command line, parsed as main() receives it."""
+    from mim_jax import main
+    fv = flags.FlagValues()
+    main.define_flags(flag_values=fv)
+    argv = ["mim_jax.main", "--workdir=/tmp/unused", *args]
+    monkeypatch.setattr(sys, "argv", argv)     # config_flags reads the overrides from there
+    monkeypatch.chdir(ROOT)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("override", ['(("data",-1),("fsdp",2))', '[("data",-1),("fsdp",2)]'])
+def test_the_mesh_is_overridden_from_the_command_line(override, monkeypatch):
+    """A tuple field (ml_collections refuses to override a list one); launch/tpu_pod.sh's list
+    literal becomes the same tuple."""
+    config = _parse(["--config=configs/mae.py:local", f"--config.mesh={override}"], monkeypatch)
+    assert config.mesh == (("data", -1), ("fsdp", 2))
+    assert dict(parallel.make_mesh(config.mesh).shape) == {"data": 4, "fsdp": 2}
+
+
+# ---- configs are plain data: what they name is read when the run starts ----------------------------
+
+@pytest.mark.parametrize("spec,unresolved", [
+    ("finetune:init=/nonexistent,local", "model.variant"), ("finetune:init=mae:/nonexistent/mae.pth", "input.mean"),
+    ("cae_v2:teacher=/nonexistent/ViT-B-16.pt", "teacher.dim"), ("cae_v2:local", "teacher.dim"),
+    ("linear_probe:init=random,pretrain=cae_v2:local", "pretrain_config.teacher.dim")])
+def test_configs_build_without_reading_the_files_they_name(spec, unresolved, monkeypatch):
+    def reading(*args, **kwargs):
+        raise AssertionError(f"{spec} read {args} while it was built")
+    monkeypatch.setattr(pretrained, "read_config", reading)
+    monkeypatch.setattr(clip_weights, "read_config", reading)
+    config = config_lib.load_config(spec)
+    for key in unresolved.split("."):
+        config = config[key]
+    assert config is None
+
+
+@pytest.mark.parametrize("spec,override,message", [
+    ("finetune:init=/nonexistent,local", {}, "No pre-training checkpoint in /nonexistent/checkpoints"),
+    ("cae_v2:teacher=/nonexistent/ViT-B-16.pt", {}, "OpenAI CLIP weights /nonexistent/ViT-B-16.pt do not exist"),
+    ("linear_probe:init=random,pretrain=cae_v2:local", {"pretrain_config.teacher.source": "run:/nonexistent"},
+     "No pre-training checkpoint in /nonexistent/checkpoints")])
+def test_a_missing_file_is_one_clear_error_when_the_run_starts(spec, override, message, tmp_path):
+    config = config_lib.load_config(spec)
+    config.update_from_flattened_dict(override)
+    start = run.evaluate if config.get("evaluator") else train.train_and_evaluate
+    with pytest.raises(UserFacingError, match=re.escape(message)):
+        start(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()     # before anything is written
+
+
+def test_the_command_prints_a_missing_teacher_in_one_line():
+    out = _main("--config=configs/cae_v2.py:teacher=/nonexistent/ViT-B-16.pt")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "OpenAI CLIP weights /nonexistent/ViT-B-16.pt do not exist" in out.stderr
+
+
+# Written by configs/*.py:get_config at commit 90388da, when configs read these files while they
+# were built ({fixtures}, {timm}, {clip} stand for the files that `reference_files` makes again).
+REFERENCE = json.loads((ROOT / "tests" / "fixtures" / "resolved_configs_90388da.json").read_text())
+NEW_FIELDS = {"finetune": ("optax.layer_decay",)}     # knobs added since, set to what was used
+
+
+@pytest.fixture(scope="module")
+def reference_files(tmp_path_factory):
+    """The fixture MAE run exported as a timm file, and a CLIP config.json beside a .safetensors
+    file (all a teacher's width needs)."""
+    folder = tmp_path_factory.mktemp("reference")
+    weights = pretrained.load(FIXTURES / "mae", parallel.make_mesh([("data", -1), ("fsdp", 1)]))
+    for name in ("timm", "clip"):
+        (folder / name).mkdir()
+    export.export_timm(weights, folder / "timm")
+    (folder / "clip" / "model.safetensors").write_bytes(b"")
+    vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, patch_size=4,
+                  image_size=28, projection_dim=24)
+    (folder / "clip" / "config.json").write_text(json.dumps({"projection_dim": 24, "vision_config": vision}))
+    return {"{fixtures}": str(FIXTURES), "{timm}": str(folder / "timm" / "model.safetensors"),
+            "{clip}": str(folder / "clip" / "model.safetensors")}
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE))
+def test_a_resolved_config_equals_what_the_config_file_once_built(case, reference_files):
+    spec = case
+    for token, path in reference_files.items():
+        spec = spec.replace(token, path)
+    text = json.dumps(resolve_config(config_lib.load_config(spec)).to_dict())
+    for token, path in reference_files.items():
+        text = text.replace(path, token)
+    resolved = json.loads(text)
+    for field in NEW_FIELDS.get(case.partition(":")[0], ()):
+        block, _, key = field.rpartition(".")
+        del resolved[block][key]
+    assert resolved == REFERENCE[case]
+
+
+def test_command_line_overrides_win_over_resolved_fields(monkeypatch):
+    config = resolve_config(_parse([
+        f"--config=configs/finetune.py:init={FIXTURES / 'mae'},local", "--config.model.drop_path=0.2",
+        "--config.optax.base_lr=0.01", "--config.optax.layer_decay=0.5", "--config.input.mean=(0.5,)"], monkeypatch))
+    assert (config.model.drop_path, config.model.width, config.model.depth) == (0.2, 32, 2)   # the run's size
+    assert (config.optax.base_lr, config.input.mean, config.input.std) == (0.01, (0.5,), (0.353,))
+    assert config.optax.groups.layer_0.lr_mult == 0.5 ** 3
+    # The layer-decay groups follow the depth given.
+    config = resolve_config(_parse(["--config=configs/finetune.py:init=random,pretrain=mae:local",
+                                    "--config.model.depth=1"], monkeypatch))
+    assert config.optax.param_groups == ((r"head/.*|encoder/encoder_norm/.*", "layer_2"),
+                                         (r"encoder/encoder/block_0/.*", "layer_1"), (".*", "layer_0"))
+    assert config.optax.groups.to_dict() == {f"layer_{i}": {"lr_mult": 0.75 ** (2 - i)} for i in range(3)}
+    # A width given is not read from the teacher, which need not exist.
+    config = resolve_config(_parse(["--config=configs/cae_v2.py:teacher=/nonexistent/ViT-B-16.pt",
+                                    "--config.teacher.dim=768"], monkeypatch))
+    assert config.teacher.dim == 768

@@ -136,9 +136,9 @@ def test_a_missing_config_outside_the_repository_lists_the_repositorys_configs(t
 @pytest.mark.parametrize("config", ["configs/cae_v2.py:local,teacher=run:tests/fixtures/checkpoints_9ddba71/mae",
                                     "configs/finetune.py:init=tests/fixtures/checkpoints_9ddba71/mae,local"])
 def test_configs_that_read_another_run_parse_without_orbax_warnings(tmp_path, config):
-    """Building these configs reads a run's checkpoints: orbax's read-only warnings (and absl's
-    "Logging before flag parsing" notice they caused) stay off the console; an unknown key stops the
-    command right after the config is built."""
+    """These configs name another run, read when the run starts, never while the config is built
+    (which once printed orbax's read-only warnings and absl's "Logging before flag parsing" notice):
+    an unknown key stops the command right after the config is built, in one line."""
     out = _main(f"--config={config}", "--config.nonexistent=1", f"--workdir={tmp_path}")
     assert out.returncode == 1 and out.stderr.startswith("FATAL: --config.nonexistent: "), out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]

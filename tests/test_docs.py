@@ -196,8 +196,8 @@ def parse_command(module: str, args: list[str], monkeypatch) -> list[str]:
     monkeypatch.chdir(ROOT)
     positional = fv(argv)[1:]
     # config_flags defers an OSError raised while it loads the config file (a file that is not
-    # there, or a run or weight file the config reads) to the config's first use, which in a real
-    # run is main()'s: use it here.
+    # there) to the config's first use, which in a real run is main()'s: use it here. Configs read
+    # no other file (a run, a weight file or a teacher is read when the run starts).
     if "config" in fv and fv["config"].value is not None:
         fv["config"].value.keys()
     return positional

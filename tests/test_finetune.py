@@ -1,4 +1,6 @@
 """Fine-tuning: warm start from a pre-training run, layer-wise lr decay groups, batch mixing."""
+import shutil
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import tiny_mae_config
 
-from mim_jax import optim, parallel, state as state_lib, train
+from mim_jax import optim, parallel, pretrained, state as state_lib, train
 from mim_jax.data import pipeline
-from mim_jax.methods import finetune, get_method
+from mim_jax.methods import finetune, get_method, resolve_config
 
 
 def test_mix_batch_targets_are_soft_labels_matching_the_pasted_area():
@@ -25,13 +27,17 @@ def test_mix_batch_targets_are_soft_labels_matching_the_pasted_area():
         np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
 
 
-def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_path, monkeypatch):
+@pytest.fixture
+def synthetic_data(monkeypatch):
     source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), seed=0)
     monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+
+
+def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_path, synthetic_data):
     pre = train.train_and_evaluate(tiny_mae_config(total_steps=2, ckpt_steps=2), str(tmp_path / "pre"))
 
     from configs import finetune as finetune_config
-    config = finetune_config.get_config(f"init={tmp_path / 'pre'},local")
+    config = resolve_config(finetune_config.get_config(f"init={tmp_path / 'pre'},local"))
     config.input.batch_size = 16
     config.evals = {}
     method = get_method(config)
@@ -58,6 +64,23 @@ def test_finetune_warm_starts_from_the_pretrained_encoder_with_layer_decay(tmp_p
                                          r"6 wrong shape: \['encoder'\]\['block_0'\]\['mlp'\]\['fc1'\]\['bias'\]: "
                                          r"stored \(64,\), expected \(96,\)"):
         setup.create(jax.random.key(0))
+
+
+def test_a_run_saves_the_resolved_config_and_rebuilds_without_its_init(tmp_path, synthetic_data):
+    train.train_and_evaluate(tiny_mae_config(total_steps=2, ckpt_steps=2), str(tmp_path / "pre"))
+    from configs import finetune as finetune_config
+    config = finetune_config.get_config(f"init={tmp_path / 'pre'},local")    # as the command line gives it
+    config.update_from_flattened_dict({"input.batch_size": 16, "input.num_workers": 0, "total_steps": 1,
+                                       "ckpt_steps": 1})
+    config.evals = {}
+    train.train_and_evaluate(config, str(tmp_path / "ft"))
+    shutil.rmtree(tmp_path / "pre")
+    saved = pretrained.read_config(tmp_path / "ft")
+    assert (saved.model.variant, saved.model.width, saved.input.image_size) == ("Ti/4", 32, 16)
+    assert saved.method.num_classes == 10
+    assert len(saved.optax.groups) == 4 and saved.optax.param_groups[0][1] == "layer_3"
+    weights = pretrained.load(tmp_path / "ft", parallel.make_mesh(saved.mesh))
+    assert weights.step == 1 and weights.method.encoder.depth == 2
 
 
 def test_head_starts_as_maes_untruncated_normal_of_std_2e5():

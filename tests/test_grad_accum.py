@@ -20,7 +20,7 @@ from conftest import tiny_mae_config
 from configs import beyond_masking as bm_config
 from configs import cmae as cmae_config
 from mim_jax import parallel, pretrained, state as state_lib, teachers
-from mim_jax.methods import get_method
+from mim_jax.methods import get_method, resolve_config
 
 B, K = 32, 4
 
@@ -109,6 +109,7 @@ def test_cae_v2_accumulated_update_equals_the_global_batch(monkeypatch):
     c.regressor.update(width=16, num_heads=2, drop_path=0.0)
     c.method.mask.update(num_masked=5)
     c.evals = {}
+    c = resolve_config(c)                            # the teacher's width, from the patched read_config
     assert c.optax.clip_norm > 0                     # clipping sees the accumulated (mean) gradient
     _assert_same_update(_exact_optimizer(c), metric_keys=("align_loss", "cos_masked"))
 
@@ -124,7 +125,7 @@ def test_finetune_accumulated_update_equals_the_global_batch():
     c.model.update(width=32, num_heads=2, mlp_dim=64, drop_path=0.0)    # depth 4: the layer-decay groups
     c.method.update(mixup=0.0, cutmix=0.0)
     c.evals = {}
-    _assert_same_update(_exact_optimizer(c), metric_keys=("ce_loss", "train_accuracy"))
+    _assert_same_update(_exact_optimizer(resolve_config(c)), metric_keys=("ce_loss", "train_accuracy"))
 
 
 def test_accumulation_on_eight_devices_equals_one_device():

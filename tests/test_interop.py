@@ -397,13 +397,14 @@ def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
     """teacher=mae:FILE distils the file's encoder: its targets are that encoder's tokens."""
     from configs import cae_v2
     from mim_jax import export, state as state_lib
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
     weights = _random_weights("mae")
     path = export.export_official(weights, tmp_path)
     config = cae_v2.get_config(f"local,teacher=mae:{path}")
     config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
     config.regressor.update(width=16, num_heads=2)
-    assert config.teacher.dim == 32                     # read from the file at config time
+    config = resolve_config(config)
+    assert config.teacher.dim == 32                     # read from the file when the run starts
     method = get_method(config)
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
     setup = state_lib.build(config, method, mesh, total_steps=2, warmup_steps=1, global_batch_size=8)
@@ -459,10 +460,11 @@ def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_pa
 def test_fine_tuning_starts_from_a_released_file(tmp_path):
     from configs import finetune
     from mim_jax import export, state as state_lib
-    from mim_jax.methods import get_method
+    from mim_jax.methods import get_method, resolve_config
     weights = _random_weights("mae")
     export.export_timm(weights, tmp_path)
     config = finetune.get_config(f"init=timm:{tmp_path / 'model.safetensors'},dataset=fashion_mnist,local")
+    config = resolve_config(config)
     assert config.method.num_classes == 10 and config.input.mean == weights.config.input.mean
     setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
                             global_batch_size=config.input.batch_size)

@@ -10,6 +10,7 @@ from etils import epath
 from mim_jax import metrics, parallel, pretrained
 from mim_jax.data import catalog, pipeline
 from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evaluator
+from mim_jax.methods import resolve_config
 
 
 def split_names(config, data_config, splits) -> dict:
@@ -36,9 +37,9 @@ def features_and_labels(config, mesh, splits):
     pre-training run (`init=<workdir>`), the weight file (`init=<layout>:<file>`) or from
     `config.pretrain_config` (`init=random|pixels`); `config.dataset` swaps the data set."""
     if config.init in ("random", "pixels"):
-        base = config.pretrain_config
+        base = resolve_config(config.pretrain_config)
     else:
-        base = pretrained.read_config(config.init)
+        base = pretrained.read_config(config.init)   # saved resolved, or built from a weight file
     if config.get("dataset"):
         _use_dataset(base.input, config.dataset)
     if config.data_dir:

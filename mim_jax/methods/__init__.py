@@ -16,11 +16,21 @@ REGISTRY = {
 }
 
 
-def get_method(config, num_examples: int | None = None) -> Method:
-    """The method `config.method.name` names; `num_examples` is the training set's size (for
-    per-example state), None when no data is attached."""
+def _method_class(config) -> type[Method]:
     name = config.method.name
     if name not in REGISTRY:
         raise ValueError(f"Unknown method {name!r} (config.method.name); available: {sorted(REGISTRY)}.")
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config, num_examples=num_examples)
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_config(config):
+    """`config` with what its method reads from files resolved (`Method.resolve_config`): done once
+    to a config built from a config file, before `get_method` and before a run saves it."""
+    return _method_class(config).resolve_config(config)
+
+
+def get_method(config, num_examples: int | None = None) -> Method:
+    """The method `config.method.name` names; `num_examples` is the training set's size (for
+    per-example state), None when no data is attached."""
+    return _method_class(config)(config, num_examples=num_examples)

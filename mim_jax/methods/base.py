@@ -69,6 +69,16 @@ class Method(abc.ABC):
     accumulation: str = "exact"
     accumulation_note: str = ""
 
+    @classmethod
+    def resolve_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`config` with the fields that depend on files filled in where they are still unset (a
+        teacher's width, the architecture of the run a fine-tuning starts from), so overrides win.
+        Config files leave them unset, so building a config reads nothing; every entry point calls
+        this once (`methods.resolve_config`) before it builds the method, and a run saves the
+        result, so its model rebuilds later without those files. Returns a new config; the
+        default has nothing to resolve."""
+        return config
+
     def __init__(self, config: ml_collections.ConfigDict, num_examples: int | None = None):
         """`num_examples`: the size of the training set, for methods with per-example state
         (ContrastiveCrop boxes); None where no data is attached (evaluating a trained encoder)."""

@@ -10,6 +10,8 @@ ViT-B/16 after ln_post and proj, 512-d) by a cosine loss, equally weighted over 
 """
 from __future__ import annotations
 
+import copy
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,6 +92,14 @@ class CAEv2(MaskedEncoderMethod):
                                      mlp_dim=int(reg.mlp_ratio * width), layerscale=reg.layerscale,
                                      drop_path=reg.drop_path, dtype=self.encoder.dtype,
                                      attention_impl=self.encoder.attention_impl)
+
+    @classmethod
+    def resolve_config(cls, config):
+        if config.teacher.get("dim") is not None:    # given on the command line, or resolved already
+            return config
+        config = copy.deepcopy(config)
+        config.teacher.dim = teachers.output_dim(config.teacher.source)
+        return config
 
     @property
     def predictor(self) -> LatentPredictor:

@@ -3,20 +3,60 @@
 mixup/cutmix, RandAugment and random erasing. It is a method like any other: the generic trainer runs it.
 
 The encoder is warm-started from a pre-training workdir: the trainer loads `config.init`'s encoder
-into the params when it creates the state (`config.init_keys`).
+into the params when it creates the state (`config.init_keys`). Its architecture and input data
+come from that run's config (or weight file), read when the run starts (`Finetune.resolve_config`).
 """
 from __future__ import annotations
+
+import copy
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import flops
-from mim_jax.data import pipeline
+from mim_jax import flops, pretrained
+from mim_jax.data import catalog, pipeline
 from mim_jax.methods.base import Method
 from mim_jax.models.layers import param_init, trunc_normal
-from mim_jax.models.vit import vit_from_config
+from mim_jax.models.vit import decode_variant, vit_from_config
+
+LAYER_DECAY = {"Ti": 0.75, "S": 0.75, "B": 0.65, "L": 0.75, "H": 0.75}  # MAE/BEiT choices by size
+
+
+def from_pretraining(config, pre) -> None:
+    """Fills the unset fields of a fine-tuning config from `pre`, the config of the encoder's
+    pre-training (or of a weight file, or the `pretrain=` config of a random init): its
+    architecture, input size, channels and normalisation (which released weights expect), and its
+    data unless `config.input.dataset` names another."""
+    inp = config.input
+    if inp.dataset is None:
+        inp.dataset = pre.input.dataset
+        if inp.data_dir is None:
+            inp.data_dir = pre.input.data_dir
+    for key in ("image_size", "channels"):
+        if inp[key] is None:
+            inp[key] = pre.input[key]
+    for key in ("mean", "std"):
+        if inp[key] is None:
+            inp[key] = tuple(pre.input[key])
+    for key, value in pre.model.items():
+        if config.model.get(key) is None:
+            config.model[key] = value
+    # A field the run's config lacks (written by an older version) keeps the ViT's default, as there.
+    for key in [k for k, v in config.model.items() if v is None and k not in pre.model]:
+        del config.model[key]
+
+
+def _layer_decay_groups(depth: int, decay: float) -> tuple[dict, tuple]:
+    """(config.optax.groups, config.optax.param_groups) of layer-wise lr decay (BEiT/MAE
+    `param_groups_lrd`): patch embedding and tokens are layer 0, block i is layer i + 1, the final
+    norm and the head layer depth + 1."""
+    groups = {f"layer_{i}": dict(lr_mult=decay ** (depth + 1 - i)) for i in range(depth + 2)}
+    param_groups = ((r"head/.*|encoder/encoder_norm/.*", f"layer_{depth + 1}"),
+                    *((rf"encoder/encoder/block_{i}/.*", f"layer_{i + 1}") for i in range(depth)),
+                    (".*", "layer_0"))
+    return groups, param_groups
 
 
 class ClassifierHead(nn.Module):
@@ -59,6 +99,29 @@ def mix_batch(key, images, labels, num_classes, *, mixup_alpha, cutmix_alpha, sw
 
 
 class Finetune(Method):
+
+    @classmethod
+    def resolve_config(cls, config):
+        """Architecture and data from `config.init`'s config, then what follows from them where
+        unset: the split, the number of classes and the layer-decay groups (from the depth)."""
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            if config.init:
+                from_pretraining(config, pretrained.read_config(config.init))
+            inp, model, opt = config.input, config.model, config.optax
+            if model.get("scan"):
+                raise ValueError("Layer-wise lr decay selects blocks by name: fine-tune with model.scan=False "
+                                 "(a scanned run's params convert with models.layers.unstack_blocks).")
+            if inp.split is None:
+                inp.split = catalog.DATASETS.get(inp.dataset, ("train",))[0]
+            if config.method.num_classes is None:
+                config.method.num_classes = catalog.NUM_CLASSES.get(inp.dataset, 1000)
+            if opt.layer_decay is None:
+                opt.layer_decay = LAYER_DECAY.get(model.variant.split("/")[0], 0.75)
+            if not opt.groups and not opt.param_groups:
+                depth = model.depth or decode_variant(model.variant)["depth"]
+                opt.groups, opt.param_groups = _layer_decay_groups(depth, opt.layer_decay)
+        return config
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)
