@@ -137,6 +137,7 @@ def test_per_device_negatives_group_the_batch_by_its_shards():
     assert get_method(tiny_config(), NUM_EXAMPLES)._negative_groups() == 1
 
 
+@pytest.mark.slow   # two gradient programs of the whole model (about 25 s)
 def test_the_contrastive_loss_reaches_the_encoder_through_the_decoder():
     config = tiny_config(**{"method.position_weight": 0.0})
     method = get_method(config, NUM_EXAMPLES)

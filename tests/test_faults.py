@@ -184,6 +184,7 @@ def test_resume_drops_the_metrics_rows_past_its_step(tmp_path):
     assert path.read_text() == ""
 
 
+@pytest.mark.slow   # two runs of the trainer (about 20 s)
 def test_metrics_file_deleted_mid_run_is_written_again(tmp_path, synthetic_data, monkeypatch):
     original, calls = flops.Throughput.add_step, [0]
 

@@ -120,6 +120,7 @@ def test_profiling_on_request_writes_a_trace(tmp_path, synthetic_data):
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
 
 
+@pytest.mark.slow   # the unscanned encoder's sharded step is in the default tier; tests/test_layers.py checks scan against the loop
 def test_scanned_encoder_trains_sharded_like_single_device():
     """config.model.scan: the stacked block params carry a 'layers' axis that the sharding rules
     leave unsharded; FSDP still shards their model dimension."""
