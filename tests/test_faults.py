@@ -215,6 +215,7 @@ def add_step(self, data_wait):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, data_wait)
 flops.Throughput.add_step = add_step
+main.define_flags()   # the command's flags, as `python -m mim_jax.main` defines them
 app.run(main.main, argv=["main", *sys.argv[3:]])
 """
 
