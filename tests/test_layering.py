@@ -8,8 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
     # 0. utilities, data and sharding: no models, no methods
-    ("mim_jax.config_lib", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data", "mim_jax.masking",
-     "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
+    ("mim_jax.config_lib", "mim_jax.config_defaults", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data",
+     "mim_jax.masking", "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
      "mim_jax.storage", "mim_jax.peers", "mim_jax.compile_cache", "mim_jax.console"),
     # 1. Linen models and their weight readers; weight layouts of other codebases (interop reads
     #    the models' param trees, models' CLIP loader reads OpenAI's files through it)
