@@ -1,13 +1,22 @@
 """The defaults of every config, in one place: the base block every recipe (configs/*.py) starts
 from, the ViT block, the evaluators' protocols and the shared block of evaluation jobs. Read
 sites read fields directly, so a field missing from a config is an error, never a second default.
+
+Configs carry `config_version`, saved with them; `upgrade` brings a config saved by an older version
+forward (checkpoint.Checkpointer.restore_config applies it wherever a run's config is read).
 """
 from __future__ import annotations
+
+import copy
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mim_jax.data.catalog import DATASETS, IMAGENET_MEAN, IMAGENET_STD
+from mim_jax.errors import UserFacingError
+
+# One more whenever saved configs gain, lose or rename a field; `upgrade` then gets the step to it.
+CONFIG_VERSION = 1
 
 # Pure FSDP (MaxText's recommendation at ViT scale): weights sharded on their model dimension over
 # `fsdp`, the batch over both axes, everything else replicated. Model code only names axes.
@@ -38,7 +47,7 @@ def _process_fields() -> dict:
     # JAX's own heartbeat check, which aborts after max(100, 2x this) s without naming the process).
     # compilation_cache_dir: the persistent XLA cache (None: $JAX_COMPILATION_CACHE_DIR or
     # WORKDIR/jax_cache; "": off; or a path, local or gs://).
-    return dict(seed=0, mesh=MESH, peer_timeout_s=60.0,
+    return dict(config_version=CONFIG_VERSION, seed=0, mesh=MESH, peer_timeout_s=60.0,
                 compilation_cache_dir=placeholder(str))
 
 
@@ -143,4 +152,55 @@ def evaluation(evaluator: str, *, init: str, pretrain: str, dataset: str, featur
     c.max_eval_examples = placeholder(int)
     c.update(_evaluator_options(evaluator))
     c.feature = feature or c.feature
+    return c
+
+
+# Version 0 is every config saved before configs were versioned. What they may lack, with the value
+# the code assumed while it read them without (so reading them behaves as it did): for fine-tuning
+# runs also `init` (then `method.init`; "random" is None now) and the knobs added to its recipe.
+_ADDED_IN_1 = dict(
+    init=None, init_keys=("encoder",), resume_step=None, max_loss_ratio=0.0, grad_accum_steps=1,
+    allow_inexact_accumulation=False, peer_timeout_s=60.0, compilation_cache_dir=None, reconstruction_images=0,
+    evals={}, input=dict(color_jitter=0.0, interpolation="auto", max_decode_reduction=8),
+    model=dict(init_style="mae", qkv_bias="dense", qkv_init="fused", remat_policy=None, scan=False,
+               drop_path_form="naive"),
+    optax=dict(decay_rule="kernels", cosine_truncation=1.0, param_groups=(), groups={}))
+_FINETUNE_ADDED_IN_1 = dict(method=dict(rand_augment=(), erase_prob=0.0), optax=dict(layer_decay=None))
+
+
+def _fill(block, added: dict) -> None:
+    for key, value in added.items():
+        if key not in block:
+            block[key] = copy.deepcopy(value)
+        elif isinstance(value, dict):
+            _fill(block[key], value)
+
+
+def _to_version_1(c: ml_collections.ConfigDict) -> None:
+    if c.method.name == "finetune":
+        if "init" in c.method:
+            init = c.method.init
+            del c.method["init"]
+            c.init = None if init == "random" else init
+        _fill(c, _FINETUNE_ADDED_IN_1)
+    _fill(c, _ADDED_IN_1)
+    for entry in c.evals.values():
+        if entry.type in ("linear_probe", "attentive_probe"):
+            _fill(entry, dict(sweep_extensions=0))   # the sweep was not widened then
+
+
+_UPGRADES = (_to_version_1,)   # _UPGRADES[v] brings version v to v + 1
+
+
+def upgrade(config) -> ml_collections.ConfigDict:
+    """A saved config (a dict or ConfigDict) as this version's fields, in a copy; one saved by a
+    newer version is refused (its fields may mean what this version cannot know)."""
+    c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict() if hasattr(config, "to_dict") else config))
+    version = c.config_version if "config_version" in c else 0
+    if version > CONFIG_VERSION:
+        raise UserFacingError(f"This config was saved by a newer mim_jax (config_version {version}; this one "
+                              f"reads up to {CONFIG_VERSION}): read it with that version or a later one.")
+    for step in _UPGRADES[version:]:
+        step(c)
+    c.config_version = CONFIG_VERSION
     return c

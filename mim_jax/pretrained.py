@@ -60,7 +60,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     if interop.is_weights(str(workdir)):
         return imported_config(interop.describe(str(workdir)))
     ckpt = _checkpoints(workdir)
-    return ml_collections.ConfigDict(ckpt.restore_config(ckpt.latest_step()))
+    return ckpt.restore_config(ckpt.latest_step())
 
 
 def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict:
@@ -139,7 +139,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         step = ckpt.latest_step()
     elif step not in ckpt.all_steps():
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    config = ckpt.restore_config(step)
     method = get_method(config)
     parts = ("params", "extras") if method.eval_uses_extras else ("params",)
     abstract = abstract_variables(method, mesh, parts)

@@ -255,7 +255,7 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
     step, steps = config.get("resume_step"), ckpt.all_steps()
     if step is None:
         return None
-    if steps and steps[-1] > step and _stored_config(ckpt, steps[-1]) == json.loads(json.dumps(config.to_dict())):
+    if steps and steps[-1] > step and _stored_config(ckpt, steps[-1]) == _as_saved(config):
         logging.info("config.resume_step=%d: checkpoint %d was written by this same config after resuming "
                      "from it; continuing from %d.", step, steps[-1], steps[-1])
         return None
@@ -271,9 +271,13 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
     return step
 
 
+def _as_saved(config) -> dict:
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def _stored_config(ckpt, step: int) -> dict | None:
     try:
-        return ckpt.restore_config(step)
+        return _as_saved(ckpt.restore_config(step))
     except Exception:  # unreadable: not this config's
         return None
 
