@@ -238,7 +238,7 @@ def warm_start_params(init: str, keys, target: dict) -> dict:
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
             raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
-                             f"{weights.config.model.get('variant')}) do not fit this model: {mismatch}. "
+                             f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
                              "Build the same architecture (config.model) as the run you start from.")
         loaded[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), weights.params[key], target[key])
     return loaded
