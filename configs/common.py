@@ -2,9 +2,11 @@
 the `local` preset, and the configs of other recipes that an evaluation or fine-tuning builds on."""
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 
-from mim_jax import config_defaults as defaults, config_lib
+from mim_jax import config_defaults as defaults
 from mim_jax.data.catalog import DATASETS
 from mim_jax.models.vit import decode_variant
 
@@ -65,7 +67,19 @@ def pretrain_config(name_and_arg: str, dataset: str = "") -> ml_collections.Conf
     if dataset:
         name, _, arg = name_and_arg.partition(":")
         name_and_arg = f"{name}:{arg},dataset={dataset}" if arg else f"{name}:dataset={dataset}"
-    return config_lib.load_config(name_and_arg)
+    return load_config(name_and_arg)
+
+
+def load_config(name_and_arg: str) -> ml_collections.ConfigDict:
+    """'mae:local' -> configs/mae.py's get_config('local')."""
+    name, _, arg = name_and_arg.partition(":")
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"configs.{name}":   # the config is there; something it imports is not
+            raise
+        raise ValueError(f"{name_and_arg!r}: there is no configs/{name}.py.") from e
+    return module.get_config(arg or None)
 
 
 def eval_config(arg, evaluator: str) -> ml_collections.ConfigDict:

@@ -58,15 +58,3 @@ def steps(config, prefix: str, *, steps_per_epoch: float, total_steps: int | Non
             raise ValueError(f"{prefix}_percent needs a known total number of steps.")
         return int(value * total_steps)
     return default
-
-
-def load_config(name_and_arg: str) -> ml_collections.ConfigDict:
-    """'mae:local' -> configs/mae.py's get_config('local') (the `configs` package of the repository)."""
-    import importlib
-
-    name, _, arg = name_and_arg.partition(":")
-    try:
-        module = importlib.import_module(f"configs.{name}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"{name_and_arg!r}: there is no configs/{name}.py.") from e
-    return module.get_config(arg or None)

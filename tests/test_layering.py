@@ -98,6 +98,25 @@ def test_the_rules_that_matter_most_hold():
             assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators"))}
 
 
+def test_the_library_imports_no_config_file():
+    """configs/*.py are recipes the entry points are given (--config=configs/mae.py); the library holds
+    the defaults they build on (config_defaults) and needs none of them."""
+    offenders = []
+    for name, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] if not node.level else []
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args:
+                imported = [ast.unparse(node.args[0]).lstrip("f").strip("'\"")]
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} {m}" for m in imported if m == "configs" or m.startswith("configs.")]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_constructors_with_more_than_three_fields_are_called_by_keyword():
     offenders = []
     for path in sorted((ROOT / "mim_jax").rglob("*.py")) + sorted((ROOT / "configs").glob("*.py")):

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mim_jax import checkpoint, config_defaults, config_lib, parallel, pretrained, state as state_lib, train
+from configs import common
+from mim_jax import checkpoint, config_defaults, parallel, pretrained, state as state_lib, train
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import encoder as encoder_lib
@@ -71,7 +72,7 @@ def test_an_older_runs_config_is_upgraded_to_the_fields_of_a_fresh_one(run):
     """Saved before configs were versioned (version 0): `config_defaults.upgrade` fills what was added since."""
     saved = pretrained.read_config(FIXTURES / run)
     assert saved.config_version == config_defaults.CONFIG_VERSION
-    assert sorted(_field_names(saved)) == sorted(_field_names(config_lib.load_config(COMMANDS[run])))
+    assert sorted(_field_names(saved)) == sorted(_field_names(common.load_config(COMMANDS[run])))
 
 
 def test_a_config_saved_by_a_newer_version_is_refused_with_one_message(tmp_path):
