@@ -43,7 +43,7 @@ def get_config(arg=None):
     # The released large model file says encoder_depth=12; no large result is reported, so the
     # standard ViT-L/16 (24 blocks) is used.
     c.model = defaults.vit_config(arg.variant, cls_token=False, posemb="sincos1d", qkv_bias="qv",
-                                init_style="torch", linear_init="trunc_normal")
+                                  init_style="torch", linear_init="trunc_normal")
     c.decoder = dict(DECODERS[arg.variant], posemb="sincos1d", embed_bias=False, linear_init="trunc_normal")
     ratio = arg.mask if arg.mask >= 0 else (0.75 if arg.degradation in MASKED_BY_DEFAULT else 0.0)
     c.method = dict(

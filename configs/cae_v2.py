@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.input.update(crop_scale=(0.4, 1.0), color_jitter=0.4, interpolation="bicubic")
 
     c.model = defaults.vit_config(f"{arg.variant}/16", num_heads=size["num_heads"], layerscale=size["layerscale"],
-                                drop_path=0.1, qkv_bias="qv", posemb="sincos2d_rowfirst", init_style="beit")
+                                  drop_path=0.1, qkv_bias="qv", posemb="sincos2d_rowfirst", init_style="beit")
     depth, width, heads = size["regressor"]
     c.regressor = dict(depth=depth, width=width, num_heads=heads, mlp_ratio=4.0, layerscale=size["layerscale"],
                        drop_path=0.1)   # linspace(0, 0.1, depth): no drop path for a single block

@@ -45,12 +45,12 @@ def get_config(arg=None):
     c.input.update(crop_scale=(0.6, 1.0), interpolation="bicubic")
 
     c.model = defaults.vit_config(arg.variant, num_heads=size["num_heads"], cls_token=False, num_registers=16,
-                                norm="rmsnorm", norm_eps=1e-5, final_norm_affine=False, use_bias=False,
-                                posemb="rope" if arg.rope == "capi" else "rope_axial", drop_path=0.2,
-                                drop_path_uniform=True, qkv_init="per_projection",   # official: separate q, k, v
-                                # official drop_path_type "efficient": each branch on 80% of the
-                                # device's batch (the predictor too, it reads the same setting)
-                                drop_path_form="subset")
+                                  norm="rmsnorm", norm_eps=1e-5, final_norm_affine=False, use_bias=False,
+                                  posemb="rope" if arg.rope == "capi" else "rope_axial", drop_path=0.2,
+                                  drop_path_uniform=True, qkv_init="per_projection",   # official: separate q, k, v
+                                  # official drop_path_type "efficient": each branch on 80% of the
+                                  # device's batch (the predictor too, it reads the same setting)
+                                  drop_path_form="subset")
     c.predictor = dict(depth=size["predictor_depth"], num_heads=placeholder(int), mlp_ratio=4.0,
                        drop_path=0.2)
     c.method = dict(

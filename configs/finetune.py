@@ -34,7 +34,7 @@ def get_config(arg=None):
     # input normalisation (released weights expect theirs).
     c = defaults.base_config(dataset=arg.dataset, image_size=0, batch_size=1024)
     c.input.update(defaults.unset(c.input, "split", "image_size", "channels", "mean", "std",
-                                *(() if arg.dataset else ("dataset",))))
+                                  *(() if arg.dataset else ("dataset",))))
     c.input.crop_scale = (0.08, 1.0)
     c.model = defaults.unset(defaults.vit_config("B/16"))   # every ViT field, each one init's unless given
     c.model.drop_path = 0.1
