@@ -19,7 +19,10 @@ Arguments: variant=B/16,L/16; degradation=zoom_in (default),zoom_out,distort,blu
 mask=<ratio> (default 0.75 for zoom_in and none, 0 for the other four, as the author ran them);
 dataset=<TFDS name>; res=<image size>; batch=; local (dataset=, variant=, res=, batch= given with it win).
 """
+from ml_collections.config_dict import placeholder
+
 from configs import common
+from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import given_args, parse_arg
 
 # Decoder per encoder size (`pretrain_mae_{base,large}_patch16_224` of the zoomed-in folder).
@@ -34,18 +37,18 @@ def get_config(arg=None):
                     batch=2048, local=False)
     if arg.variant not in DECODERS:
         raise ValueError(f"configs/beyond_masking.py: variant={arg.variant!r}; use one of {sorted(DECODERS)}.")
-    c = common.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
+    c = defaults.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
     c.total_epochs = 300.0
     c.input.update(crop_scale=(0.2, 1.0), interpolation="bicubic")
     # The released large model file says encoder_depth=12; no large result is reported, so the
     # standard ViT-L/16 (24 blocks) is used.
-    c.model = common.vit_config(arg.variant, cls_token=False, posemb="sincos1d", qkv_bias="qv",
-                                init_style="torch", linear_init="trunc_normal")
+    c.model = defaults.vit_config(arg.variant, cls_token=False, posemb="sincos1d", qkv_bias="qv",
+                                  init_style="torch", linear_init="trunc_normal")
     c.decoder = dict(DECODERS[arg.variant], posemb="sincos1d", embed_bias=False, linear_init="trunc_normal")
     ratio = arg.mask if arg.mask >= 0 else (0.75 if arg.degradation in MASKED_BY_DEFAULT else 0.0)
     c.method = dict(
         name="beyond_masking", degradation=arg.degradation, norm_pix_loss=True,
-        mask=dict(type="random", ratio=ratio, num_masked=common.placeholder(int)),
+        mask=dict(type="random", ratio=ratio, num_masked=placeholder(int)),
         zoom_in_view=288 / 224,          # the wider target view around the input (288 px at 224)
         centre_weight=0.8, edge_weight=0.2,   # masked-centre and out-of-view ring losses
         zoom_out_view=160 / 224,         # zoomed-out: a 160-px view mirror-padded to 224

@@ -20,7 +20,10 @@ resolved when the run starts, from the teacher's config (a run's saved config, a
 an OpenAI file's shapes; the two recipe CLIPs are known), unless `--config.teacher.dim` gives it,
 and saved with the run config, so the trained model rebuilds without the teacher.
 """
+from ml_collections.config_dict import placeholder
+
 from configs import common
+from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import given_args, parse_arg
 
 # Per size (official scripts; Large is not released, see below):
@@ -46,24 +49,24 @@ def get_config(arg=None):
     if arg.variant not in SIZES:
         raise ValueError(f"configs/cae_v2.py: variant={arg.variant!r}; use one of {sorted(SIZES)}.")
     size = SIZES[arg.variant]
-    c = common.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
+    c = defaults.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
     c.total_epochs = 300.0
     c.input.update(crop_scale=(0.4, 1.0), color_jitter=0.4, interpolation="bicubic")
 
-    c.model = common.vit_config(f"{arg.variant}/16", num_heads=size["num_heads"], layerscale=size["layerscale"],
-                                drop_path=0.1, qkv_bias="qv", posemb="sincos2d_rowfirst", init_style="beit")
+    c.model = defaults.vit_config(f"{arg.variant}/16", num_heads=size["num_heads"], layerscale=size["layerscale"],
+                                  drop_path=0.1, qkv_bias="qv", posemb="sincos2d_rowfirst", init_style="beit")
     depth, width, heads = size["regressor"]
     c.regressor = dict(depth=depth, width=width, num_heads=heads, mlp_ratio=4.0, layerscale=size["layerscale"],
                        drop_path=0.1)   # linspace(0, 0.1, depth): no drop path for a single block
     c.method = dict(name="cae_v2", loss_weight=1.0, supervise="all",
-                    mask=dict(type="block", num_masked=size["num_masked"], ratio=common.placeholder(float),
-                              min_block=16, max_block=common.placeholder(int), aspect=(0.3, 1 / 0.3)))
+                    mask=dict(type="block", num_masked=size["num_masked"], ratio=placeholder(float),
+                              min_block=16, max_block=placeholder(int), aspect=(0.3, 1 / 0.3)))
     source = CLIP_TEACHERS["L" if arg.variant == "L" else "B"]
     if arg.local:   # distils a `mae.py:local` run unless told otherwise
         source = "run:/tmp/mae_local"
     # The target width is part of the model (the head's output): resolved from the teacher when
     # the run starts (CAEv2.resolve_config), not here, and saved with every checkpoint.
-    c.teacher = dict(source=arg.teacher or source, dtype="bfloat16", dim=common.placeholder(int))
+    c.teacher = dict(source=arg.teacher or source, dtype="bfloat16", dim=placeholder(int))
 
     c.optax.update(base_lr=1.5e-3, lr_scale_batch=None, min_lr=1e-5, b1=0.9, b2=0.999, weight_decay=0.05,
                    decay_rule="not_1d", clip_norm=3.0, warmup_epochs=10.0)

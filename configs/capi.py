@@ -17,7 +17,10 @@ weight decay 0.01; EMA momentum 1 - lr; drop path 0.2 in every block; random-res
 Arguments: variant=S/14,B/14,L/14; rope=capi|axial; dataset=<TFDS name>; batch=<global batch>;
 steps=<total steps>; local (dataset=, variant=, res=, batch=, steps= given with it win).
 """
+from ml_collections.config_dict import placeholder
+
 from configs import common
+from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import given_args, parse_arg
 
 # Paper Table 8: predictor depth, peak lr (the EMA momentum base is 1 - lr). Heads give head dim
@@ -37,23 +40,23 @@ def get_config(arg=None):
     if arg.rope not in ("capi", "axial"):
         raise ValueError(f"configs/capi.py: rope={arg.rope!r}; use capi (official formula) or axial.")
     size = SIZES[size_name]
-    c = common.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
+    c = defaults.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
     c.total_steps = arg.steps
     c.input.update(crop_scale=(0.6, 1.0), interpolation="bicubic")
 
-    c.model = common.vit_config(arg.variant, num_heads=size["num_heads"], cls_token=False, num_registers=16,
-                                norm="rmsnorm", norm_eps=1e-5, final_norm_affine=False, use_bias=False,
-                                posemb="rope" if arg.rope == "capi" else "rope_axial", drop_path=0.2,
-                                drop_path_uniform=True, qkv_init="per_projection",   # official: separate q, k, v
-                                # official drop_path_type "efficient": each branch on 80% of the
-                                # device's batch (the predictor too, it reads the same setting)
-                                drop_path_form="subset")
-    c.predictor = dict(depth=size["predictor_depth"], num_heads=common.placeholder(int), mlp_ratio=4.0,
+    c.model = defaults.vit_config(arg.variant, num_heads=size["num_heads"], cls_token=False, num_registers=16,
+                                  norm="rmsnorm", norm_eps=1e-5, final_norm_affine=False, use_bias=False,
+                                  posemb="rope" if arg.rope == "capi" else "rope_axial", drop_path=0.2,
+                                  drop_path_uniform=True, qkv_init="per_projection",   # official: separate q, k, v
+                                  # official drop_path_type "efficient": each branch on 80% of the
+                                  # device's batch (the predictor too, it reads the same setting)
+                                  drop_path_form="subset")
+    c.predictor = dict(depth=size["predictor_depth"], num_heads=placeholder(int), mlp_ratio=4.0,
                        drop_path=0.2)
     c.method = dict(
         name="capi", num_prototypes=16384, target_temp=0.06, student_temp=0.12, clustering_temp=0.12,
         sinkhorn_iterations=3, sinkhorn_chunk=32, prediction_subsampling=0.05, ema_lr_scale=1.0,
-        mask=dict(type="inverse_block", ratio=0.65, num_masked=common.placeholder(int), aspect=(0.5, 2.0),
+        mask=dict(type="inverse_block", ratio=0.65, num_masked=placeholder(int), aspect=(0.5, 2.0),
                   roll=True))
 
     c.optax.update(base_lr=size["lr"], lr_scale_batch=None, min_lr=0.0, b1=0.9, b2=0.95, weight_decay=0.1,

@@ -18,7 +18,10 @@ in total).
 Arguments: variant=Ti/16,S/16,B/16,L/16; dataset=<TFDS name>; res=<image size>; batch=<global
 batch>; local (dataset=, variant=, res=, batch= given with it win).
 """
+from ml_collections.config_dict import placeholder
+
 from configs import common
+from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import given_args, parse_arg
 
 VARIANTS = ("Ti/16", "S/16", "B/16", "L/16")
@@ -29,22 +32,22 @@ def get_config(arg=None):
     arg = parse_arg(arg, variant="B/16", dataset="imagenet2012", res=224, batch=4096, local=False)
     if arg.variant not in VARIANTS:
         raise ValueError(f"configs/cmae.py: variant={arg.variant!r}; use one of {VARIANTS}.")
-    c = common.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
+    c = defaults.base_config(dataset=arg.dataset, image_size=arg.res, batch_size=arg.batch)
     c.total_epochs = 300.0
     # Crops come from ContrastiveCrop (both views); view 1 is not flipped, view 2 is (method.view2).
     c.input.update(crop_scale=(0.2, 1.0), interpolation="bicubic", flip=False)
-    c.model = common.vit_config(arg.variant)
+    c.model = defaults.vit_config(arg.variant)
     # The decoder's [CLS] output feeds the contrastive head (keep_prefix).
     c.decoder = dict(width=128, depth=1, num_heads=16, mlp_dim=512, keep_prefix=True)
     c.contrastive = dict(
-        depth=2, num_heads=common.placeholder(int), hidden_dim=4096,
-        dim=common.placeholder(int),        # output width; None: the encoder's (768 at B, as SDMAE)
+        depth=2, num_heads=placeholder(int), hidden_dim=4096,
+        dim=placeholder(int),        # output width; None: the encoder's (768 at B, as SDMAE)
         temperature=1.0, weight=0.1, momentum=0.999,
         momentum_init="copy",               # or "independent" (what SDMAE's code ends up doing)
         negatives="global")                 # or "device": each device's own batch (SDMAE on one GPU)
     c.method = dict(
         name="cmae", norm_pix_loss=False, position_loss="mse", position_weight=1.0,
-        mask=dict(type="random", ratio=0.75, num_masked=common.placeholder(int)),
+        mask=dict(type="random", ratio=0.75, num_masked=placeholder(int)),
         ccrop=dict(enabled=True, warmup_percent=0.2, interval_percent=0.2, threshold=0.3, alpha=0.6,
                    heatmap="cls_attention", batch_size=256),
         view2=dict(flip=True, jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, gray_prob=0.2))

@@ -18,7 +18,10 @@ number of classes and the layer-wise lr decay groups that follow from it (Finetu
 then saved with the run config. A field given on the command line (--config.model.drop_path=0.2,
 --config.optax.layer_decay=0.75) keeps its value.
 """
+from ml_collections.config_dict import placeholder
+
 from configs import common
+from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import parse_arg
 from mim_jax.methods import finetune
 
@@ -29,21 +32,21 @@ def get_config(arg=None):
         raise ValueError("configs/finetune.py needs init=<pre-training workdir> (or init=random,pretrain=...).")
     # The pre-training data by default; `dataset=` fine-tunes on another with the encoder's own
     # input normalisation (released weights expect theirs).
-    c = common.base_config(dataset=arg.dataset, image_size=0, batch_size=1024)
-    c.input.update(common.unset(c.input, "split", "image_size", "channels", "mean", "std",
-                                *(() if arg.dataset else ("dataset",))))
+    c = defaults.base_config(dataset=arg.dataset, image_size=0, batch_size=1024)
+    c.input.update(defaults.unset(c.input, "split", "image_size", "channels", "mean", "std",
+                                  *(() if arg.dataset else ("dataset",))))
     c.input.crop_scale = (0.08, 1.0)
-    c.model = common.unset(common.vit_config("B/16"))   # every ViT field, each one init's unless given
+    c.model = defaults.unset(defaults.vit_config("B/16"))   # every ViT field, each one init's unless given
     c.model.drop_path = 0.1
     c.total_epochs = 100.0
     c.init = None if arg.init == "random" else arg.init
-    c.method = dict(name="finetune", num_classes=common.placeholder(int),
+    c.method = dict(name="finetune", num_classes=placeholder(int),
                     label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=(2, 9.0, 0.5), erase_prob=0.25)
     # Layer-wise lr decay (default by the encoder's size, finetune.LAYER_DECAY): config.optax.groups
     # and param_groups are built from it and the encoder's depth unless given.
     c.optax.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-6,
-                   layer_decay=common.placeholder(float))
-    c.evals.accuracy = common.periodic_eval("classification", every_epochs=10.0, feature="logits")
+                   layer_decay=placeholder(float))
+    c.evals.accuracy = defaults.periodic_eval("classification", every_epochs=10.0, feature="logits")
     if arg.init == "random":   # the architecture of `pretrain`, built for `dataset` where one is given
         finetune.from_pretraining(c, common.pretrain_config(arg.pretrain, arg.dataset))
     if arg.local:

@@ -15,12 +15,13 @@ import time
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mim_jax import storage
+from mim_jax import config_defaults, storage
 from mim_jax.errors import UserFacingError
 
 
@@ -237,8 +238,10 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         return {name: restored.get(name, part) for name, part in abstract.items()}
 
-    def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    def restore_config(self, step: int) -> ml_collections.ConfigDict:
+        """The config saved with `step`, upgraded to this version's fields (config_defaults.upgrade)."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return config_defaults.upgrade(saved)
 
     def wait(self):
         if self._failure is None:  # orbax raises a failed save again on every wait

@@ -44,28 +44,17 @@ def given_args(arg: str | None) -> frozenset[str]:
 def steps(config, prefix: str, *, steps_per_epoch: float, total_steps: int | None = None,
           default: int | None = None) -> int | None:
     """Reads `{prefix}_steps`, `{prefix}_epochs` or `{prefix}_percent` (of total_steps): the first
-    one set wins, in that order, so `--config.total_steps=20` shortens any run."""
-    value = config.get(f"{prefix}_steps")
+    one set wins, in that order, so `--config.total_steps=20` shortens any run. Only some durations
+    have a `_percent` (the warm-up's)."""
+    value = config[f"{prefix}_steps"]
     if value is not None:
         return int(value)
-    value = config.get(f"{prefix}_epochs")
+    value = config[f"{prefix}_epochs"]
     if value is not None:
         return max(int(math.ceil(value * steps_per_epoch)), 1)
-    value = config.get(f"{prefix}_percent")
+    value = config[f"{prefix}_percent"] if f"{prefix}_percent" in config else None
     if value is not None:
         if total_steps is None:
             raise ValueError(f"{prefix}_percent needs a known total number of steps.")
         return int(value * total_steps)
     return default
-
-
-def load_config(name_and_arg: str) -> ml_collections.ConfigDict:
-    """'mae:local' -> configs/mae.py's get_config('local') (the `configs` package of the repository)."""
-    import importlib
-
-    name, _, arg = name_and_arg.partition(":")
-    try:
-        module = importlib.import_module(f"configs.{name}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"{name_and_arg!r}: there is no configs/{name}.py.") from e
-    return module.get_config(arg or None)

@@ -56,16 +56,16 @@ def main(argv):
     console.quiet_unless_verbose()
     import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
-    watch = initialize_distributed(FLAGS.config.get("peer_timeout_s", 60.0))
+    watch = initialize_distributed(FLAGS.config.peer_timeout_s)
     import jax
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
     from mim_jax import compile_cache
     from mim_jax.errors import UserFacingError
     # Before anything compiles: a restarted or resumed job reuses the compiled steps.
-    compile_cache.enable(FLAGS.workdir, FLAGS.config.get("compilation_cache_dir"))
+    compile_cache.enable(FLAGS.workdir, FLAGS.config.compilation_cache_dir)
     try:
-        if FLAGS.config.get("evaluator"):
+        if "evaluator" in FLAGS.config:   # an evaluation job (config_defaults.evaluation)
             from mim_jax.evaluators import run
             run.evaluate(FLAGS.config, FLAGS.workdir)
         else:

@@ -23,7 +23,7 @@ def schedule(optax_config, peak_lr: float, total_steps: int, warmup_steps: int, 
     `cosine_truncation` < 1 (CAPI: 0.8) runs only that fraction of the half cosine period over the
     decay, ending at min_lr + (peak - min_lr) * (1 + cos(pi * truncation)) / 2 instead of min_lr."""
     decay_steps = decay_steps or total_steps
-    truncation = optax_config.get("cosine_truncation", 1.0)
+    truncation = optax_config.cosine_truncation
     length = max(decay_steps - warmup_steps, 1)
     min_lr = optax_config.min_lr
 
@@ -56,7 +56,7 @@ def weight_decay_mask(params, rule: str = "kernels"):
 
 
 def _adamw(lr, group_config, params):
-    rule = group_config.get("decay_rule", "kernels")
+    rule = group_config.decay_rule
     return optax.adamw(lr, b1=group_config.b1, b2=group_config.b2, eps=group_config.eps,
                        weight_decay=group_config.weight_decay, mask=lambda p: weight_decay_mask(p, rule))
 
@@ -66,7 +66,7 @@ def param_labels(params, optax_config):
     of the first `(regex, group)` of `optax_config.param_groups` whose regex matches the whole
     path, else 'default' (big_vision's regex schedules). None when no rules are configured. A rule
     that matches no parameter is an error (a typo would otherwise silently change nothing)."""
-    rules = tuple(optax_config.get("param_groups") or ())
+    rules = tuple(optax_config.param_groups)
     if not rules:
         return None
     compiled = [(re.compile(pattern), group) for pattern, group in rules]
@@ -97,7 +97,7 @@ def make_optimizer(optax_config, params, lr_schedule):
         tx = _adamw(lr_schedule, optax_config, params)
     else:
         transforms = {"default": _adamw(lr_schedule, optax_config, params), "frozen": optax.set_to_zero()}
-        for name, group in optax_config.get("groups", {}).items():
+        for name, group in optax_config.groups.items():
             merged = optax_config.copy_and_resolve_references()
             merged.update({k: v for k, v in group.items() if k != "lr_mult"})
             mult = group.get("lr_mult", 1.0)

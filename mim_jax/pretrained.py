@@ -9,11 +9,13 @@ through here.
 
 Where a workdir is accepted, so is a weights spec from another codebase (`mae:/path/file.pth`, a
 timm or Hugging Face file or folder, `capi:`, `cae_v2:`, `beyond_masking:`; see `interop.imports`):
-its config is built from the encoder the file holds, and the file is converted on the host with
+its config is built from the library's defaults, the settings its method's released weights were
+trained with and the encoder the file holds, and the file is converted on the host with
 every tensor accounted for, then placed on the mesh like a checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -25,13 +27,36 @@ import numpy as np
 import ml_collections
 from etils import epath
 
-from mim_jax import checkpoint, config_lib, parallel
+from mim_jax import checkpoint, config_defaults, parallel
 from mim_jax.errors import WeightsNotFoundError
 from mim_jax.interop import imports as interop, tensors as tensor_maps, vit as vit_layouts
 from mim_jax.methods import Method, get_method
 from mim_jax.models import layers
 
 PyTree = object
+
+# What the released weights of each method were trained with, as far as rebuilding their model
+# needs it (`imported_config`); a file gives its encoder (MAE's *_full.pth its decoder, CAPI's its
+# predictor's size). These describe the published files, so they stay when a recipe in configs/ changes.
+RELEASED = {
+    "mae": dict(decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048),
+                method=dict(name="mae", norm_pix_loss=True, mask=dict(type="random", ratio=0.75, num_masked=None))),
+    # Without a degradation: an evaluation needs none, and any resolution fits it.
+    "beyond_masking": dict(
+        model=dict(init_style="torch", linear_init="trunc_normal"),
+        decoder=dict(width=384, depth=4, num_heads=6, mlp_dim=1536, posemb="sincos1d", embed_bias=False,
+                     linear_init="trunc_normal"),
+        method=dict(name="beyond_masking", degradation="none", norm_pix_loss=True,
+                    mask=dict(type="random", ratio=0.75, num_masked=None), zoom_in_view=288 / 224,
+                    centre_weight=0.8, edge_weight=0.2, zoom_out_view=160 / 224, distort_magnitude=(0.15, 0.25),
+                    blur_kernel=7, blur_std=0.02, decolorize_max=0.667)),
+    "capi": dict(
+        model=dict(drop_path=0.2, drop_path_uniform=True, qkv_init="per_projection", drop_path_form="subset"),
+        predictor=dict(drop_path=0.2),
+        method=dict(name="capi", num_prototypes=16384, target_temp=0.06, student_temp=0.12, clustering_temp=0.12,
+                    sinkhorn_iterations=3, sinkhorn_chunk=32, prediction_subsampling=0.05, ema_lr_scale=1.0,
+                    mask=dict(type="inverse_block", ratio=0.65, num_masked=None, aspect=(0.5, 2.0), roll=True))),
+}
 
 
 @dataclasses.dataclass
@@ -60,7 +85,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     if interop.is_weights(str(workdir)):
         return imported_config(interop.describe(str(workdir)))
     ckpt = _checkpoints(workdir)
-    return ml_collections.ConfigDict(ckpt.restore_config(ckpt.latest_step()))
+    return ckpt.restore_config(ckpt.latest_step())
 
 
 def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict:
@@ -82,14 +107,14 @@ def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict
 
 
 def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
-    """configs/<method>.py with the encoder of a weight file, at its resolution; data stay the
-    recipe's (ImageNet statistics, which released weights expect)."""
-    # Encoder-only arguments: Beyond Masking's zoom-in needs a resolution its ring fits, which an
-    # evaluation does not use.
-    arg = {"mae": "variant=B/16", "beyond_masking": "variant=B/16,degradation=none",
-           "capi": "variant=L/14"}[desc.config_name]
-    config = config_lib.load_config(f"{desc.config_name}:{arg},res={desc.image_size}")
+    """The config of a weight file's model at its resolution: the library's defaults, its method's
+    `RELEASED` settings and the encoder the file holds; data stay ImageNet (whose statistics
+    released weights expect) unless the file records its normalisation."""
+    released = copy.deepcopy(RELEASED[desc.config_name])
+    config = config_defaults.base_config(dataset="imagenet2012", image_size=desc.image_size, batch_size=256)
+    config.model = config_defaults.vit_config(desc.model["variant"], **released.pop("model", {}))
     config.model.update(desc.model)
+    config.update(released)
     # float32 so that features equal the PyTorch forward of the same file; a warm start takes only
     # the params, so a new run computes in its own dtype.
     config.model.dtype = "float32"
@@ -139,7 +164,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         step = ckpt.latest_step()
     elif step not in ckpt.all_steps():
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    config = ckpt.restore_config(step)
     method = get_method(config)
     parts = ("params", "extras") if method.eval_uses_extras else ("params",)
     abstract = abstract_variables(method, mesh, parts)
@@ -238,7 +263,7 @@ def warm_start_params(init: str, keys, target: dict) -> dict:
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
             raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
-                             f"{weights.config.model.get('variant')}) do not fit this model: {mismatch}. "
+                             f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
                              "Build the same architecture (config.model) as the run you start from.")
         loaded[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), weights.params[key], target[key])
     return loaded

@@ -62,7 +62,7 @@ def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
     micro-batch of `global_batch_size / k` must split evenly over the devices that share the batch,
     and a method whose loss reads the whole batch at once (`Method.accumulation`) is refused unless
     `config.allow_inexact_accumulation` (then a warning says what changes)."""
-    k = config.get("grad_accum_steps", 1)
+    k = config.grad_accum_steps
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"config.grad_accum_steps={k!r} must be a positive integer (1: no accumulation).")
     if k == 1:
@@ -77,7 +77,7 @@ def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
         raise ValueError(f"{type(method).__name__}.accumulation={method.accumulation!r}: use one of {ACCUMULATION}.")
     if method.accumulation != "exact":
         why = method.accumulation_note.format(k=k, micro=global_batch_size // k, batch=global_batch_size)
-        if not config.get("allow_inexact_accumulation", False):
+        if not config.allow_inexact_accumulation:
             raise ValueError(
                 f"{why} Gradient accumulation would change the method, not just its memory use: set "
                 f"config.grad_accum_steps=1 (fit the batch with more devices, config.model.remat=True or a "
@@ -108,7 +108,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
     batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
     peak_lr = optim.learning_rate(config.optax, global_batch_size)
     lr_schedule = optim.schedule(config.optax, peak_lr, total_steps, warmup_steps,
-                                 decay_steps=int(config.optax.get("decay_percent", 1.0) * total_steps))
+                                 decay_steps=int(config.optax.decay_percent * total_steps))
 
     with parallel.activate(mesh, rules):
         boxed_params, boxed_extras = jax.eval_shape(method.init_variables, jax.random.key(0), batch)
@@ -204,7 +204,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
     def create_fn(rng):
         loaded = {}
-        if config.get("init"):
+        if config.init:
             loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract_params)
         with parallel.activate(mesh, rules):
             return create(rng, loaded)

@@ -212,7 +212,7 @@ def from_config(teacher_config, *, grid, student_mean, student_std):
     """`config.teacher` = {source, dtype, dim} -> a teacher on the student's patch grid."""
     source = teacher_config.source
     _check_source(source)
-    common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.get("dim"))
+    common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.dim)
     if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
         return RunTeacher(source.removeprefix(RUN_PREFIX), **common)
-    return ClipTeacher(source, dtype=teacher_config.get("dtype", "bfloat16"), **common)
+    return ClipTeacher(source, dtype=teacher_config.dtype, **common)

@@ -140,7 +140,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
                                               profile_duration_ms=None, first_profile=start + 3))
     evals = PeriodicEvals(config, method, mesh=mesh, steps_per_epoch=steps["steps_per_epoch"])
-    divergence = _DivergenceCheck(config.get("max_loss_ratio"), start)
+    divergence = _DivergenceCheck(config.max_loss_ratio, start)
     stop = _StopSignal()
     pending = []
     step = start
@@ -252,10 +252,10 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
     (a diverged run's) are deleted so the run continues from it and saves those steps again;
     unless the newest was written by this very config: that is a restart of the resumed run
     (e.g. after a preemption), which continues from the newest."""
-    step, steps = config.get("resume_step"), ckpt.all_steps()
+    step, steps = config.resume_step, ckpt.all_steps()
     if step is None:
         return None
-    if steps and steps[-1] > step and _stored_config(ckpt, steps[-1]) == json.loads(json.dumps(config.to_dict())):
+    if steps and steps[-1] > step and _stored_config(ckpt, steps[-1]) == _as_saved(config):
         logging.info("config.resume_step=%d: checkpoint %d was written by this same config after resuming "
                      "from it; continuing from %d.", step, steps[-1], steps[-1])
         return None
@@ -271,9 +271,13 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
     return step
 
 
+def _as_saved(config) -> dict:
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def _stored_config(ckpt, step: int) -> dict | None:
     try:
-        return ckpt.restore_config(step)
+        return _as_saved(ckpt.restore_config(step))
     except Exception:  # unreadable: not this config's
         return None
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import flags
 
-from configs import mae
+from configs import common, mae
 from mim_jax import config_lib, export, optim, parallel, pretrained, train
 from mim_jax.data.catalog import DATASETS
 from mim_jax.errors import UserFacingError
@@ -52,7 +52,7 @@ LOCAL_PRESETS = ("mae", "cae_v2", "capi", "beyond_masking", "cmae")
 
 
 def _pretraining_config(name: str, arg: str):
-    return config_lib.load_config(f"{name}:{arg}")
+    return common.load_config(f"{name}:{arg}")
 
 
 @pytest.mark.parametrize("name", LOCAL_PRESETS)
@@ -95,11 +95,21 @@ def test_capis_steps_given_with_local_win():
 def test_the_dataset_of_a_random_or_pixel_baseline_reaches_its_pretrain_config(name):
     """init=random|pixels builds the `pretrain=` architecture for the data set given (its channels), not for
     the pre-training config's own (Fashion-MNIST under `local`)."""
-    c = config_lib.load_config(f"{name}:init=random,pretrain=mae:local,dataset=cifar10")
+    c = common.load_config(f"{name}:init=random,pretrain=mae:local,dataset=cifar10")
     built = c.input if name == "finetune" else c.pretrain_config.input
     assert (built.dataset, built.channels, built.image_size) == ("cifar10", 3, 28)
-    default = config_lib.load_config(f"{name}:init=random,pretrain=mae:local")
+    default = common.load_config(f"{name}:init=random,pretrain=mae:local")
     assert (default.input if name == "finetune" else default.pretrain_config.input).dataset == "fashion_mnist"
+
+
+def test_a_missing_config_and_a_missing_module_inside_one_are_told_apart(tmp_path, monkeypatch):
+    import configs
+    (tmp_path / "needs_a_missing_module.py").write_text("import a_module_that_is_not_installed\n")
+    monkeypatch.setattr(configs, "__path__", [*configs.__path__, str(tmp_path)])
+    with pytest.raises(ModuleNotFoundError, match="'a_module_that_is_not_installed'"):
+        common.load_config("needs_a_missing_module:local")
+    with pytest.raises(ValueError, match="there is no configs/maee.py"):
+        common.load_config("maee:local")
 
 
 def test_unit_free_durations():
@@ -172,7 +182,7 @@ def test_configs_build_without_reading_the_files_they_name(spec, unresolved, mon
         raise AssertionError(f"{spec} read {args} while it was built")
     monkeypatch.setattr(pretrained, "read_config", reading)
     monkeypatch.setattr(clip_weights, "read_config", reading)
-    config = config_lib.load_config(spec)
+    config = common.load_config(spec)
     for key in unresolved.split("."):
         config = config[key]
     assert config is None
@@ -184,7 +194,7 @@ def test_configs_build_without_reading_the_files_they_name(spec, unresolved, mon
     ("linear_probe:init=random,pretrain=cae_v2:local", {"pretrain_config.teacher.source": "run:/nonexistent"},
      "No pre-training checkpoint in /nonexistent/checkpoints")])
 def test_a_missing_file_is_one_clear_error_when_the_run_starts(spec, override, message, tmp_path):
-    config = config_lib.load_config(spec)
+    config = common.load_config(spec)
     config.update_from_flattened_dict(override)
     start = run.evaluate if config.get("evaluator") else train.train_and_evaluate
     with pytest.raises(UserFacingError, match=re.escape(message)):
@@ -202,6 +212,10 @@ def test_the_command_prints_a_missing_teacher_in_one_line():
 # were built ({fixtures}, {timm}, {clip} stand for the files that `reference_files` makes again).
 REFERENCE = json.loads((ROOT / "tests" / "fixtures" / "resolved_configs_90388da.json").read_text())
 NEW_FIELDS = {"finetune": ("optax.layer_decay",)}     # knobs added since, set to what was used
+# What the fixture runs' configs (saved before configs were versioned) lack and `config_defaults.upgrade`
+# gives them, with the values those runs used; fine-tuning copies their model.
+UPGRADED = {"model.drop_path_form": "naive", "model.qkv_init": "fused", "model.remat_policy": None,
+            "model.scan": False}
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +240,18 @@ def test_a_resolved_config_equals_what_the_config_file_once_built(case, referenc
     spec = case
     for token, path in reference_files.items():
         spec = spec.replace(token, path)
-    text = json.dumps(resolve_config(config_lib.load_config(spec)).to_dict())
+    text = json.dumps(resolve_config(common.load_config(spec)).to_dict())
     for token, path in reference_files.items():
         text = text.replace(path, token)
     resolved = json.loads(text)
+    del resolved["config_version"]
     for field in NEW_FIELDS.get(case.partition(":")[0], ()):
         block, _, key = field.rpartition(".")
         del resolved[block][key]
+    if case.startswith("finetune:init={fixtures}"):
+        for field, used in UPGRADED.items():
+            block, _, key = field.rpartition(".")
+            assert resolved[block].pop(key) == used, field
     assert resolved == REFERENCE[case]
 
 

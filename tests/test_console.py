@@ -30,7 +30,7 @@ def test_the_eta_includes_the_evaluations_still_to_run():
 def test_periodic_evaluations_know_what_is_left_of_them():
     from conftest import tiny_mae_config
 
-    from configs.common import periodic_eval
+    from mim_jax.config_defaults import periodic_eval
     from mim_jax.evaluators.periodic import PeriodicEvals
     config = tiny_mae_config()
     config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3),

@@ -8,8 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
     # 0. utilities, data and sharding: no models, no methods
-    ("mim_jax.config_lib", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data", "mim_jax.masking",
-     "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
+    ("mim_jax.config_lib", "mim_jax.config_defaults", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data",
+     "mim_jax.masking", "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
      "mim_jax.storage", "mim_jax.peers", "mim_jax.compile_cache", "mim_jax.console"),
     # 1. Linen models and their weight readers; weight layouts of other codebases (interop reads
     #    the models' param trees, models' CLIP loader reads OpenAI's files through it)
@@ -96,6 +96,25 @@ def test_the_rules_that_matter_most_hold():
             assert not {m for m in imported if m.startswith(("mim_jax.evaluators", "mim_jax.train", "mim_jax.state"))}
         if name.startswith("mim_jax.models"):
             assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators"))}
+
+
+def test_the_library_imports_no_config_file():
+    """configs/*.py are recipes the entry points are given (--config=configs/mae.py); the library holds
+    the defaults they build on (config_defaults) and needs none of them."""
+    offenders = []
+    for name, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] if not node.level else []
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args:
+                imported = [ast.unparse(node.args[0]).lstrip("f").strip("'\"")]
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} {m}" for m in imported if m == "configs" or m.startswith("configs.")]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_constructors_with_more_than_three_fields_are_called_by_keyword():

@@ -1,6 +1,7 @@
 """Loading trained weights (mim_jax/pretrained.py): runs written by older versions of this project
 restore and evaluate identically, resume training, and a checkpoint that does not fit its model
 is an error that names what differs."""
+import json
 import pathlib
 import shutil
 
@@ -8,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from mim_jax import checkpoint, parallel, pretrained, state as state_lib, train
+from configs import common
+from mim_jax import checkpoint, config_defaults, parallel, pretrained, state as state_lib, train
 from mim_jax.data import pipeline
+from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import encoder as encoder_lib
 from mim_jax.methods import get_method
 
@@ -48,6 +51,39 @@ def test_every_restored_leaf_equals_what_the_older_version_restored(run):
     assert flat.keys() == stored.keys()
     for key, value in stored.items():
         np.testing.assert_array_equal(np.asarray(flat[key]), value, err_msg=key)
+
+
+# The commands that wrote the fixture runs (their README), as today's config files build them.
+COMMANDS = {"mae": "mae:local", "capi": "capi:local", "cae_v2": "cae_v2:local,teacher=run:/tmp/fixtures/mae",
+            "finetune": "finetune:init=/tmp/fixtures/mae,local"}
+
+
+def _field_names(config, prefix=""):
+    """Every field's dotted name; optimizer groups are per-run data, one field."""
+    for key, value in config.items():
+        if hasattr(value, "items") and key != "groups":
+            yield from _field_names(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_an_older_runs_config_is_upgraded_to_the_fields_of_a_fresh_one(run):
+    """Saved before configs were versioned (version 0): `config_defaults.upgrade` fills what was added since."""
+    saved = pretrained.read_config(FIXTURES / run)
+    assert saved.config_version == config_defaults.CONFIG_VERSION
+    assert sorted(_field_names(saved)) == sorted(_field_names(common.load_config(COMMANDS[run])))
+
+
+def test_a_config_saved_by_a_newer_version_is_refused_with_one_message(tmp_path):
+    shutil.copytree(FIXTURES / "mae", tmp_path / "mae")
+    path = tmp_path / "mae" / "checkpoints" / "2" / "config" / "metadata"
+    version = config_defaults.CONFIG_VERSION
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), config_version=version + 1)))
+    message = (rf"^This config was saved by a newer mim_jax \(config_version {version + 1}; this one reads up to "
+               rf"{version}\): read it with that version or a later one\.$")
+    with pytest.raises(UserFacingError, match=message):
+        pretrained.read_config(tmp_path / "mae")
 
 
 def _same_command_config(run):

@@ -143,7 +143,7 @@ def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_p
     from PIL import Image
     from tensorboard.backend.event_processing import event_accumulator
 
-    from configs.common import periodic_eval
+    from mim_jax.config_defaults import periodic_eval
     from mim_jax.evaluators import reconstructions
     config = tiny_mae_config(reconstruction_images=3)
     config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3, max_train_examples=64,

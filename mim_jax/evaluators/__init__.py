@@ -1,6 +1,7 @@
-"""Evaluation of pre-trained encoders. Each evaluator is a module here that declares its
-`DEFAULTS` (the paper protocol's options), the `SPLITS` it reads ('train' and/or 'eval') and
-`evaluate(config, feats, num_classes, mesh) -> dict`; `get(name)` finds it by name."""
+"""Evaluation of pre-trained encoders. Each evaluator is a module here that declares the `SPLITS`
+it reads ('train' and/or 'eval') and `evaluate(config, feats, num_classes, mesh) -> dict`; its
+options' defaults (the paper protocol) are `config_defaults.EVALUATORS[name]`; `get(name)` finds it
+by name."""
 from __future__ import annotations
 
 import importlib

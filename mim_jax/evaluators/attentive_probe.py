@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from mim_jax.evaluators import probes
 
-DEFAULTS = dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), sweep_extensions=3, epochs=10, probe_batch_size=256,
-                weight_decay=0.05, num_heads=4, feature="patch_tokens")
 SPLITS = ("train", "eval")
 
 

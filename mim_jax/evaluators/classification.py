@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mim_jax.evaluators.common import topk_accuracy
 
-DEFAULTS = dict(feature="logits")
 SPLITS = ("eval",)
 
 

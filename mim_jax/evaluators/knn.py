@@ -17,8 +17,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mim_jax.evaluators.common import topk_accuracy
 from mim_jax.models.layers import l2_normalize
 
-# The DINO protocol.
-DEFAULTS = dict(k=20, temperature=0.07, feature="cls")
 SPLITS = ("train", "eval")
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from mim_jax.evaluators import probes
 
-# sweep_extensions: rates added beyond an edge where the best sits (probes.sweep).
-DEFAULTS = dict(learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0), sweep_extensions=3, epochs=90, probe_batch_size=1024,
-                feature="cls")
 SPLITS = ("train", "eval")
 
 

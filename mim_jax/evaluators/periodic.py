@@ -23,7 +23,7 @@ class PeriodicEvals:
     def __init__(self, config, method, mesh, steps_per_epoch: float):
         self.config, self.method, self.mesh = config, method, mesh
         self.evals = {}
-        for name, cfg in config.get("evals", {}).items():
+        for name, cfg in config.evals.items():
             every = config_lib.steps(cfg, "every", steps_per_epoch=steps_per_epoch)
             if not every:
                 raise ValueError(f"config.evals.{name} needs every_steps or every_epochs.")
@@ -57,7 +57,7 @@ class PeriodicEvals:
 
     def _sources(self, splits) -> dict:
         inp = self.config.input
-        for split, name in run.split_names({}, inp, splits).items():
+        for split, name in run.split_names(inp, splits).items():
             if split not in self._open:
                 self._open[split] = pipeline.open_source(inp.dataset, name, inp.data_dir, channels=inp.channels)
         return {split: self._open[split] for split in splits}
@@ -74,7 +74,7 @@ class PeriodicEvals:
                                           self.config, "live encoder")
             feats = {split: encoder_lib.extract(encoder, source, self.mesh, batch_size=cfg.batch_size,
                                                 image_size=inp.image_size, mean=inp.mean, std=inp.std,
-                                                max_examples=cfg.get(f"max_{split}_examples"),
+                                                max_examples=cfg[f"max_{split}_examples"],
                                                 what=f"{name}: {split} features")
                      for split, source in self._sources(evaluator.SPLITS).items()}
             results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.mesh)
@@ -84,7 +84,7 @@ class PeriodicEvals:
 
     def images(self, params) -> dict:
         """{'reconstructions': [1, H, W, C] uint8 grid} for a pixel method, else {}."""
-        count = self.config.get("reconstruction_images", 0)
+        count = self.config.reconstruction_images
         if not (count and self.method.reconstructs_pixels):
             return {}
         if self._reconstruct is None:   # the same images and masks at every step: progress shows

@@ -31,7 +31,7 @@ def eval_batch(method, num_images: int, data_dir: str | None = None) -> dict:
     """The first `num_images` images of the run's evaluation split at the size its train batches
     have (Beyond Masking's view), normalised, with their indices (which key the masks)."""
     inp = method.config.input
-    split = run_lib.split_names({}, inp, ("eval",))["eval"]
+    split = run_lib.split_names(inp, ("eval",))["eval"]
     source = pipeline.open_source(inp.dataset, split, data_dir or inp.data_dir, channels=inp.channels)
     size = method.batch_spec(1)["image"].shape[1]
     transform = pipeline.EvalTransform(size, inp.mean, inp.std)

@@ -13,10 +13,11 @@ from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evalua
 from mim_jax.methods import resolve_config
 
 
-def split_names(config, data_config, splits) -> dict:
-    """{'train': ..., 'eval': ...} TFDS split names of the splits an evaluator reads."""
-    names = {"train": config.get("train_split") or data_config.split,
-             "eval": config.get("eval_split") or catalog.EVAL_SPLITS.get(data_config.dataset, "test")}
+def split_names(data_config, splits, *, train_split: str | None = None, eval_split: str | None = None) -> dict:
+    """{'train': ..., 'eval': ...} TFDS split names of the splits an evaluator reads: by default the
+    pre-training split and the data set's evaluation split (EVAL_SPLITS, else "test")."""
+    names = {"train": train_split or data_config.split,
+             "eval": eval_split or catalog.EVAL_SPLITS.get(data_config.dataset, "test")}
     return {split: names[split] for split in splits}
 
 
@@ -40,20 +41,21 @@ def features_and_labels(config, mesh, splits):
         base = resolve_config(config.pretrain_config)
     else:
         base = pretrained.read_config(config.init)   # saved resolved, or built from a weight file
-    if config.get("dataset"):
+    if config.dataset:
         _use_dataset(base.input, config.dataset)
     if config.data_dir:
         base.input.data_dir = config.data_dir
     encoder = encoder_lib.load(config.init, mesh, feature=config.feature, base_config=base)
     inp = base.input
     out = {}
-    for name, split in split_names(config, inp, splits).items():
+    for name, split in split_names(inp, splits, train_split=config.train_split, eval_split=config.eval_split).items():
         source = pipeline.open_source(inp.dataset, split, inp.data_dir, channels=inp.channels)
-        count = min(len(source), config.get(f"max_{name}_examples") or len(source))
+        limit = config[f"max_{name}_examples"]
+        count = min(len(source), limit or len(source))
         logging.info("Extracting %s features of %s images of %s/%s.", config.feature, f"{count:,}", inp.dataset, split)
         out[name] = encoder_lib.extract(encoder, source, mesh, batch_size=config.batch_size,
                                         image_size=inp.image_size, mean=inp.mean, std=inp.std,
-                                        max_examples=config.get(f"max_{name}_examples"), what=f"{split} features")
+                                        max_examples=limit, what=f"{split} features")
     return out, num_classes_of(inp, out), encoder.description
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from mim_jax.interop import files
 from mim_jax.models import layers
 
-# layout -> (tensor family, the configs/<name>.py whose method evaluates such an encoder). The
+# layout -> (tensor family, the method that evaluates such an encoder, pretrained.RELEASED). The
 # encoder is all that evaluations and warm starts read, so layouts whose method needs more to build
 # (CAE v2's teacher) evaluate through MAE's method with their own encoder fields.
 LAYOUTS = {
@@ -40,7 +40,7 @@ class Description:
     layout: str
     family: str
     path: pathlib.Path
-    config_name: str             # configs/<config_name>.py evaluates it
+    config_name: str             # the method whose config (pretrained.imported_config) evaluates it
     model: dict                  # config.model fields of its encoder
     image_size: int
     channels: int

@@ -181,8 +181,8 @@ class Method(abc.ABC):
         inp = self.config.input
         return pipeline.pretrain_transform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
-            flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.get("color_jitter", 0.0),
-            interpolation=inp.get("interpolation", "auto"), max_reduction=inp.get("max_decode_reduction", 8))
+            flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.color_jitter,
+            interpolation=inp.interpolation, max_reduction=inp.max_decode_reduction)
 
     # -- accounting and features ---------------------------------------------------------------
     @abc.abstractmethod

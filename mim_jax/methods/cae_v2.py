@@ -95,7 +95,7 @@ class CAEv2(MaskedEncoderMethod):
 
     @classmethod
     def resolve_config(cls, config):
-        if config.teacher.get("dim") is not None:    # given on the command line, or resolved already
+        if config.teacher.dim is not None:    # given on the command line, or resolved already
             return config
         config = copy.deepcopy(config)
         config.teacher.dim = teachers.output_dim(config.teacher.source)

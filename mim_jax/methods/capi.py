@@ -57,7 +57,7 @@ class CAPI(MaskedEncoderMethod):
             drop_path_form=self.encoder.drop_path_form)   # official: one drop_path_type for both
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
-        chunk = cfg.get("sinkhorn_chunk") or self.num_patches
+        chunk = cfg.sinkhorn_chunk or self.num_patches
         self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
 
     # -- masks and coordinates ---------------------------------------------------------------------

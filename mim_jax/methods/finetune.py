@@ -40,12 +40,9 @@ def from_pretraining(config, pre) -> None:
     for key in ("mean", "std"):
         if inp[key] is None:
             inp[key] = tuple(pre.input[key])
-    for key, value in pre.model.items():
-        if config.model.get(key) is None:
+    for key, value in pre.model.items():   # the recipe's own ViT options too (CAPI's norm_eps, ...)
+        if key not in config.model or config.model[key] is None:
             config.model[key] = value
-    # A field the run's config lacks (written by an older version) keeps the ViT's default, as there.
-    for key in [k for k, v in config.model.items() if v is None and k not in pre.model]:
-        del config.model[key]
 
 
 def _layer_decay_groups(depth: int, decay: float) -> tuple[dict, tuple]:
@@ -109,7 +106,7 @@ class Finetune(Method):
             if config.init:
                 from_pretraining(config, pretrained.read_config(config.init))
             inp, model, opt = config.input, config.model, config.optax
-            if model.get("scan"):
+            if model.scan:
                 raise ValueError("Layer-wise lr decay selects blocks by name: fine-tune with model.scan=False "
                                  "(a scanned run's params convert with models.layers.unstack_blocks).")
             if inp.split is None:

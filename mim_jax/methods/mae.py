@@ -89,7 +89,7 @@ class MAE(MaskedEncoderMethod):
         """Predicted patches [B, N, p*p*C] -> target space: with per-patch normalised targets
         (norm_pix_loss) each patch gets the mean and (unbiased, as the loss) variance of its own
         target patch back, as the official MAE visualisation does."""
-        if not self.config.method.get("norm_pix_loss", False):
+        if not self.config.method.norm_pix_loss:
             return pred
         _, mean, var = patch_statistics(target, self.encoder.patch_size)
         return pred * jnp.sqrt(var + 1e-6) + mean
