@@ -156,7 +156,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_shardings)
 
             def loss_fn(params):
-                return method.loss_and_extras(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
+                return method.loss(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
 
             (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return grads, dict(metrics, loss=loss), extras
@@ -182,7 +182,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
         if accum == 1:
             def loss_fn(params):
-                return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
+                return method.loss(params, state.extras, frozen, batch, seed_key, state.step)
 
             (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         else:

@@ -146,7 +146,7 @@ def test_the_contrastive_loss_reaches_the_encoder_through_the_decoder():
     batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
 
     def contrastive_only(params):
-        _, (metrics, _) = method.loss_and_extras(params, state.extras, {}, batch, jax.random.key(0), 0)
+        _, (metrics, _) = method.loss(params, state.extras, {}, batch, jax.random.key(0), 0)
         return metrics["contrastive_loss"]
 
     grads = jax.jit(jax.grad(contrastive_only))(state.params)

@@ -4,7 +4,7 @@ A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
   BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
-  forward pass (`loss_and_extras`), by `update_extras` after every optimizer step, and by
+  forward pass (`loss`), by `update_extras` after every optimizer step, and by
   `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
   ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
 - `frozen`: weights that never change (a CLIP teacher), described by `init_frozen` (so the trainer
@@ -109,23 +109,19 @@ class Method(abc.ABC):
     # -- step ----------------------------------------------------------------------------------
     @abc.abstractmethod
     def loss(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, dict]:
-        """Returns (scalar loss, metrics). `rng` is the run's key: per-example randomness (masks)
-        comes from `batch['index']` via `self.example_keys`, per-step randomness (drop path) from
-        `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant.
+             step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
+        """(scalar loss, (metrics, extras as the forward pass leaves them)): what the train step
+        differentiates (`has_aux`). A forward pass that changes no state returns `extras` as given;
+        CMAE's advances its BatchNorm statistics and its momentum head (before it computes its keys).
+
+        `rng` is the run's key: per-example randomness (masks) comes from `batch['index']` via
+        `self.example_keys`, per-step randomness (drop path) from `jax.random.fold_in(rng, step)`,
+        so both are mesh- and resume-invariant.
 
         `step` identifies this forward pass for per-step randomness only (no schedule may read it):
         the optimizer step, or with k-step gradient accumulation `step * k + j` for micro-batch j,
         so each micro-batch draws its own drop path while its masks stay the global batch's.
         With `accumulation = "exact"` the loss and metrics must be means over the examples."""
-
-    def loss_and_extras(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
-                        step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
-        """(loss, (metrics, extras as the forward pass leaves them)): what the train step
-        differentiates. Methods whose forward pass changes state (BatchNorm statistics, a momentum
-        head advanced before it computes its keys) override this; the rest implement `loss`."""
-        loss, metrics = self.loss(params, extras, frozen, batch, rng, step)
-        return loss, (metrics, extras)
 
     def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array, lr: jax.Array) -> PyTree:
         """After each optimizer step, from the updated params; `lr` is this step's learning rate

@@ -161,7 +161,8 @@ class BeyondMasking(MAE):
         pred = self.reconstruct(params, inputs, visible, masked, rng, step)
         # Masked tokens when masking; every token for the unmasked single degradations.
         weights = masks if self.num_masked else jnp.ones_like(masks)
-        return loss_fn(pred, weights)
+        loss, metrics = loss_fn(pred, weights)
+        return loss, (metrics, extras)
 
     # -- reconstructions: the target is the undegraded view on the token grid --------------------
     def reconstruction_frames(self, batch, rng, step):

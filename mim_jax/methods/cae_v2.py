@@ -146,7 +146,7 @@ class CAEv2(MaskedEncoderMethod):
                    "cos_masked": cos[:, -self.num_masked:].mean()}
         if self.teacher.has_cls:
             metrics["cos_cls"] = cos[:, 0].mean()
-        return self.config.method.loss_weight * loss, metrics
+        return self.config.method.loss_weight * loss, (metrics, extras)
 
     # -- accounting and features -------------------------------------------------------------------
     def train_flops_per_example(self):

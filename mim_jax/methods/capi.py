@@ -120,7 +120,7 @@ class CAPI(MaskedEncoderMethod):
         metrics = {"capi_loss": capi_loss, "clustering_loss": clustering_loss,
                    "target_entropy": stats["target_entropy"], "prototypes_in_use": in_use.astype(jnp.float32),
                    "student_accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
-        return capi_loss + clustering_loss, metrics
+        return capi_loss + clustering_loss, (metrics, extras)
 
     # -- accounting and features -------------------------------------------------------------------
     def train_flops_per_example(self):

@@ -120,7 +120,7 @@ class CMAE(MAE):
     def _negative_groups(self) -> int:
         return parallel.batch_shards() if self.config.contrastive.negatives == "device" else 1
 
-    def loss_and_extras(self, params, extras, frozen, batch, rng, step):
+    def loss(self, params, extras, frozen, batch, rng, step):
         cfg, ctr = self.config.method, self.config.contrastive
         prefix = self.encoder.num_prefix_tokens
         masks, visible, masked = self.sample_masks(rng, batch)       # one mask for both views
@@ -162,10 +162,6 @@ class CMAE(MAE):
                        contrastive_accuracy=0.5 * (contrastive.info_nce_accuracy(online[0], keys[1], groups)
                                                    + contrastive.info_nce_accuracy(online[1], keys[0], groups)))
         return loss, (metrics, dict(extras, momentum=momentum, batch_stats=stats))
-
-    def loss(self, params, extras, frozen, batch, rng, step):
-        loss, (metrics, _) = self.loss_and_extras(params, extras, frozen, batch, rng, step)
-        return loss, metrics
 
     # -- ContrastiveCrop ---------------------------------------------------------------------------
     def refresh_steps(self, total_steps):

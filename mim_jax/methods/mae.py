@@ -67,7 +67,7 @@ class MAE(MaskedEncoderMethod):
         pred = self.reconstruct(params, images, visible, masked, rng, step)
         target = normalized_pixel_targets(images, self.encoder.patch_size, self.config.method.norm_pix_loss)
         loss = masked_mse(pred, target, masks)
-        return loss, {"mae_loss": loss}
+        return loss, ({"mae_loss": loss}, extras)
 
     # -- reconstructions (mim_jax.visualize): the eval-mode forward on one batch ---------------
     reconstructs_pixels = True
