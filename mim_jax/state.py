@@ -121,9 +121,12 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
-        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
-        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+        frozen, frozen_shardings = {}, {}
+        if method.frozen is not None:
+            boxed_frozen = jax.eval_shape(method.frozen.template, jax.random.key(0), batch)
+            frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
+    if method.frozen is not None:   # outside the rules: a run teacher loads under its own
+        frozen = method.frozen.load(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.

@@ -7,8 +7,8 @@ A method owns:
   forward pass (`loss`), by `update_extras` after every optimizer step, and by
   `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
   ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
-- `frozen`: weights that never change (a CLIP teacher), described by `init_frozen` (so the trainer
-  can shard it) and filled by `load_frozen`; no gradients, no optimizer state, not checkpointed;
+- `frozen`: weights that never change (a CLIP teacher), which its `frozen` component describes
+  (so the trainer can shard them) and loads; no gradients, no optimizer state, not checkpointed;
 - its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
 - its host-side data transform (views, degradations), run in the Grain workers, which may read a
   host copy of part of the extras (`host_state`: per-image boxes); the trainer rebuilds the
@@ -23,7 +23,7 @@ trainer refuses to run it that way unless told to (`config.allow_inexact_accumul
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
@@ -53,12 +53,26 @@ class RefreshInterrupted(Exception):
         self.done, self.total = done, total
 
 
+class FrozenWeights(Protocol):
+    """Weights that never change (CAE v2's CLIP teacher): sharded like params, but no gradients, no
+    optimizer state, not checkpointed; the train step receives them as `frozen`."""
+
+    def template(self, rng: jax.Array, batch: dict) -> PyTree:
+        """Shapes and logical axes of the weights; traced abstractly only."""
+
+    def load(self, abstract: PyTree, shardings: PyTree) -> PyTree:
+        """The weights on `shardings`; fails clearly when they are missing."""
+
+
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
     # The ViT whose features evaluators read and other runs distil from (`params["encoder"]`);
     # None for a method without one.
     encoder: nn.Module | None = None
+
+    # Optional capabilities: None, or a component the method builds in its constructor.
+    frozen: FrozenWeights | None = None
 
     # Whether `eval_params` reads the extras (CAPI's EMA teacher): evaluation restores them only then.
     eval_uses_extras: bool = False
@@ -97,14 +111,6 @@ class Method(abc.ABC):
         """(params, extras) of a fresh run: what the trainer creates and a checkpoint restores into."""
         params = self.init_params(rng, batch)
         return params, self.init_extras(jax.random.fold_in(rng, 1), params, batch)
-
-    def init_frozen(self, rng: jax.Array, batch: dict) -> PyTree:
-        """Template (shapes and logical axes) of the frozen weights; traced abstractly only."""
-        return {}
-
-    def load_frozen(self, abstract: PyTree, shardings: PyTree) -> PyTree:
-        """Loads the frozen weights onto `shardings`; must fail clearly if the weights are missing."""
-        return {}
 
     # -- step ----------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -76,6 +76,19 @@ class LatentPredictor(nn.Module):
         return l2_normalize(out.astype(jnp.float32))
 
 
+class FrozenTeacher:
+    """`Method.frozen`: the teacher's weights, as `frozen["teacher"]`."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def template(self, rng, batch):
+        return {"teacher": self.teacher.init(rng, batch["image"])}
+
+    def load(self, abstract, shardings):
+        return {"teacher": self.teacher.load(abstract["teacher"], shardings["teacher"])}
+
+
 class CAEv2(MaskedEncoderMethod):
 
     def __init__(self, config, num_examples=None):
@@ -87,6 +100,7 @@ class CAEv2(MaskedEncoderMethod):
             raise ValueError(f"config.method.supervise={cfg.supervise!r}: use one of {SUPERVISE}.")
         self.teacher = teachers.from_config(config.teacher, grid=self.grid, student_mean=tuple(inp.mean),
                                             student_std=tuple(inp.std))
+        self.frozen = FrozenTeacher(self.teacher)
         width = reg.width or self.encoder.width
         self.predictor_kwargs = dict(grid=self.grid, width=width, depth=reg.depth, num_heads=reg.num_heads,
                                      mlp_dim=int(reg.mlp_ratio * width), layerscale=reg.layerscale,
@@ -122,12 +136,6 @@ class CAEv2(MaskedEncoderMethod):
         tokens, _ = self.encoder.apply({"params": nn.unbox(encoder)}, batch["image"], visible)
         predictor = self.predictor.init(k_pred, tokens, visible, masked)["params"]
         return {"encoder": encoder, "predictor": predictor}
-
-    def init_frozen(self, rng, batch):
-        return {"teacher": self.teacher.init(rng, batch["image"])}
-
-    def load_frozen(self, abstract, shardings):
-        return {"teacher": self.teacher.load(abstract["teacher"], shardings["teacher"])}
 
     # -- step ------------------------------------------------------------------------------------
     def loss(self, params, extras, frozen, batch, rng, step):
