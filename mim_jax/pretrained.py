@@ -36,7 +36,7 @@ PyTree = object
 
 @dataclasses.dataclass
 class Weights:
-    """A method with the weights it is evaluated with (`method.eval_params`, e.g. CAPI's EMA)."""
+    """A method with the weights it is evaluated with (`method.ema`'s, e.g. CAPI's teacher)."""
     config: ml_collections.ConfigDict
     method: Method
     params: PyTree
@@ -109,7 +109,7 @@ def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
 def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None) -> Weights:
     """The architecture of `config`, untrained (a baseline for evaluations)."""
     method = get_method(config)
-    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    parts = ("params", "extras") if method.ema is not None else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -123,7 +123,7 @@ def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None
     with parallel.activate(mesh, rules):
         variables = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(
             jax.random.key(config.seed if seed is None else seed))
-    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 
 
@@ -141,7 +141,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
     method = get_method(config)
-    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    parts = ("params", "extras") if method.ema is not None else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     subtrees = None
     if keys is not None:
@@ -153,7 +153,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         subtrees = {"params": tuple(keys)}
     variables = ckpt.restore_parts(step, abstract, subtrees)
     logging.info("Loaded %s weights from %s at step %d.", config.method.name, workdir, step)
-    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
 
 

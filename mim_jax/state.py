@@ -192,7 +192,8 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             loss, metrics, extras, grads = accumulated_grads(state, frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        extras = method.update_extras(extras, params, state.step, lr_schedule(state.step))
+        if method.ema is not None:
+            extras = method.ema.update(extras, params, lr_schedule(state.step))
         metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics

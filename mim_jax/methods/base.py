@@ -4,7 +4,7 @@ A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
   BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
-  forward pass (`loss`), by `update_extras` after every optimizer step, and by
+  forward pass (`loss`), by the `ema` component after every optimizer step, and by
   `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
   ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
 - `frozen`: weights that never change (a CLIP teacher), which its `frozen` component describes
@@ -64,6 +64,19 @@ class FrozenWeights(Protocol):
         """The weights on `shardings`; fails clearly when they are missing."""
 
 
+class EvaluatedEMA(Protocol):
+    """An EMA of trained weights kept in the extras (CAPI's teacher): advanced after every optimizer
+    step, and the weights a finished run is evaluated with (so evaluation restores the extras too);
+    periodic evaluations during training read the trained params, as the official codes do."""
+
+    def update(self, extras: PyTree, params: PyTree, lr: jax.Array) -> PyTree:
+        """The extras after an optimizer step, from the updated params; `lr` is that step's
+        learning rate (CAPI's momentum is 1 - lr)."""
+
+    def weights(self, params: PyTree, extras: PyTree) -> PyTree:
+        """The weights evaluation uses."""
+
+
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
@@ -73,9 +86,7 @@ class Method(abc.ABC):
 
     # Optional capabilities: None, or a component the method builds in its constructor.
     frozen: FrozenWeights | None = None
-
-    # Whether `eval_params` reads the extras (CAPI's EMA teacher): evaluation restores them only then.
-    eval_uses_extras: bool = False
+    ema: EvaluatedEMA | None = None
 
     # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
     # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
@@ -128,11 +139,6 @@ class Method(abc.ABC):
         the optimizer step, or with k-step gradient accumulation `step * k + j` for micro-batch j,
         so each micro-batch draws its own drop path while its masks stay the global batch's.
         With `accumulation = "exact"` the loss and metrics must be means over the examples."""
-
-    def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array, lr: jax.Array) -> PyTree:
-        """After each optimizer step, from the updated params; `lr` is this step's learning rate
-        (CAPI's EMA momentum is 1 - lr)."""
-        return extras
 
     # -- refreshes: passes over the training set between steps -------------------------------
     def refresh_steps(self, total_steps: int) -> tuple[int, ...]:
@@ -194,11 +200,6 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def encode(self, params: PyTree, images: jax.Array) -> dict:
         """Features of the pre-trained encoder on full images, for evaluators."""
-
-    def eval_params(self, params: PyTree, extras: PyTree) -> PyTree:
-        """The weights a finished run is evaluated with (CAPI: the EMA teacher's); periodic
-        evaluations during training use the trained params, as the official codes do."""
-        return params
 
     # Whether `reconstructions` exists (a pixel decoder: MAE, Beyond Masking, CMAE).
     reconstructs_pixels: bool = False

@@ -35,8 +35,22 @@ def ema_momentum(lr, scale: float = 1.0):
     return 1.0 - scale * lr
 
 
+class TeacherEMA:
+    """`Method.ema`: the teacher, an EMA of the student's encoder, predictor and head (not the
+    clustering head), with momentum 1 - lr(t); a finished run is evaluated with it."""
+
+    def __init__(self, method_config):
+        self.method_config = method_config
+
+    def update(self, extras, params, lr):
+        m = ema_momentum(lr, self.method_config.ema_lr_scale)
+        return {"ema": jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})}
+
+    def weights(self, params, extras):
+        return dict(params, **extras["ema"])
+
+
 class CAPI(MaskedEncoderMethod):
-    eval_uses_extras = True     # a finished run is evaluated with its EMA teacher
     accumulation = "changes_method"
     accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
                          "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
@@ -57,6 +71,7 @@ class CAPI(MaskedEncoderMethod):
             drop_path_form=self.encoder.drop_path_form)   # official: one drop_path_type for both
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
+        self.ema = TeacherEMA(cfg)
         chunk = cfg.get("sinkhorn_chunk") or self.num_patches
         self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
 
@@ -86,14 +101,6 @@ class CAPI(MaskedEncoderMethod):
     def init_extras(self, rng, params, batch):
         # The teacher starts as an exact copy of the student.
         return {"ema": {k: params[k] for k in STUDENT}}
-
-    def update_extras(self, extras, params, step, lr):
-        m = ema_momentum(lr, self.config.method.ema_lr_scale)
-        ema = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})
-        return {"ema": ema}
-
-    def eval_params(self, params, extras):
-        return dict(params, **extras["ema"])
 
     def teacher_tokens(self, ema, images):
         """EMA encoder on the whole image, in eval mode: final-norm patch tokens [B, P, D]."""
