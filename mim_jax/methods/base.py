@@ -4,14 +4,14 @@ A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
   BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
-  forward pass (`loss`), by the `ema` component after every optimizer step, and by
-  `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
-  ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
+  forward pass (`loss`), by the `ema` component after every optimizer step, and by the `refresh`
+  component at the steps it names (a pass over the training set, e.g. ContrastiveCrop's heat
+  maps); it is checkpointed and sharded like params;
 - `frozen`: weights that never change (a CLIP teacher), which its `frozen` component describes
   (so the trainer can shard them) and loads; no gradients, no optimizer state, not checkpointed;
 - its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
 - its host-side data transform (views, degradations), run in the Grain workers, which may read a
-  host copy of part of the extras (`host_state`: per-image boxes); the trainer rebuilds the
+  host copy of part of the extras (the `host_state` component: per-image boxes); the trainer rebuilds the
   pipeline with it after every refresh and on resume;
 - its analytic training FLOPs per example, for MFU.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
@@ -45,7 +45,7 @@ ACCUMULATION = ("exact", "changes_method")
 
 
 class RefreshInterrupted(Exception):
-    """`refresh_extras` stopped early because `should_stop()` said so (a preemption notice): the
+    """`Refresh.run` stopped early because `should_stop()` said so (a preemption notice): the
     extras are unchanged and the refresh has to be done again."""
 
     def __init__(self, done: int, total: int):
@@ -77,6 +77,38 @@ class EvaluatedEMA(Protocol):
         """The weights evaluation uses."""
 
 
+class Refresh(Protocol):
+    """A pass over the training set between steps that recomputes extras with the current params
+    (CMAE's ContrastiveCrop boxes from heat maps). The trainer places the new extras on their
+    shardings, logs what the pass returns and rebuilds the input pipeline."""
+
+    def steps(self, total_steps: int) -> tuple[int, ...]:
+        """The steps after which it runs."""
+
+    def run(self, params: PyTree, extras: PyTree, source, mesh,
+            should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]:
+        """(new extras, host arrays to log: scalars, and 1-D arrays written as histograms) from a
+        pass over the training `source` (random access, indexed by the stable example index). Leaves
+        may be host arrays. `should_stop()` is asked between batches; when it says True the pass
+        raises RefreshInterrupted (a long pass must not hold up a preemption)."""
+
+    def applied(self, extras: PyTree) -> int:
+        """How many refreshes these extras hold: on resume the trainer compares it with the
+        schedule, to redo a refresh that a preemption stopped."""
+
+    def flops(self) -> float:
+        """Analytic FLOPs of one refresh per training example (amortised into MFU)."""
+
+
+class HostState(Protocol):
+    """Extras the Grain workers read (CMAE's per-image boxes): the trainer passes their host copy
+    to `Method.train_transform` when it builds the pipeline (at the start, on resume and after
+    every refresh)."""
+
+    def read(self, extras: PyTree) -> PyTree | None:
+        """The host (numpy) copy; None while the transform has nothing to read."""
+
+
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
@@ -87,6 +119,8 @@ class Method(abc.ABC):
     # Optional capabilities: None, or a component the method builds in its constructor.
     frozen: FrozenWeights | None = None
     ema: EvaluatedEMA | None = None
+    refresh: Refresh | None = None
+    host_state: HostState | None = None
 
     # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
     # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
@@ -140,29 +174,6 @@ class Method(abc.ABC):
         so each micro-batch draws its own drop path while its masks stay the global batch's.
         With `accumulation = "exact"` the loss and metrics must be means over the examples."""
 
-    # -- refreshes: passes over the training set between steps -------------------------------
-    def refresh_steps(self, total_steps: int) -> tuple[int, ...]:
-        """Steps after which the trainer calls `refresh_extras` (none by default)."""
-        return ()
-
-    def refresh_extras(self, params: PyTree, extras: PyTree, source, mesh,
-                       should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]:
-        """Recomputes extras from a pass over the training `source` (random access, indexed by the
-        stable example index) with the current params: (new extras, host arrays to log: scalars,
-        and 1-D arrays written as histograms). Leaves may be host arrays: the trainer places them
-        on the extras' shardings. `should_stop()` is asked between batches; when it says True the
-        pass raises RefreshInterrupted (a long pass must not hold up a preemption)."""
-        return extras, {}
-
-    def refreshes_applied(self, extras: PyTree) -> int | None:
-        """How many refreshes these extras hold (None: the method has none). The trainer compares it
-        with the schedule on resume, to redo a refresh that a preemption stopped."""
-        return None
-
-    def refresh_flops(self) -> float:
-        """Analytic FLOPs of one refresh per training example (amortised into MFU by the trainer)."""
-        return 0.0
-
     # -- host side -----------------------------------------------------------------------------
     def batch_spec(self, global_batch_size: int) -> dict:
         """Shapes of one global batch as `train_transform` delivers it (Beyond Masking's images are
@@ -173,15 +184,10 @@ class Method(abc.ABC):
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
                 "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
-    def host_state(self, extras: PyTree) -> PyTree | None:
-        """The host (numpy) copy of the extras the train transform reads, e.g. per-image boxes;
-        None when it reads nothing."""
-        return None
-
     def train_transform(self, host_state: PyTree | None = None) -> Callable:
-        """The Grain workers' transform `(record, rng) -> example`. `record` carries
-        `pipeline.SOURCE_INDEX`, its stable index in the source; uint8 images in the example are
-        normalised with config.input's mean/std inside the train step."""
+        """The Grain workers' transform `(record, rng) -> example`, given what the `host_state`
+        component read. `record` carries `pipeline.SOURCE_INDEX`, its stable index in the source;
+        uint8 images in the example are normalised with config.input's mean/std inside the train step."""
         return self.pretrain_transform(self.config.input.image_size)
 
     def pretrain_transform(self, image_size: int) -> Callable:
