@@ -109,6 +109,15 @@ class HostState(Protocol):
         """The host (numpy) copy; None while the transform has nothing to read."""
 
 
+class Reconstructions(Protocol):
+    """Pixel reconstructions of a method with a pixel decoder (MAE, Beyond Masking, CMAE), for
+    `mim_jax.visualize` and the evaluation images of a run."""
+
+    def __call__(self, params: PyTree, batch: dict, rng: jax.Array) -> dict:
+        """{'images', 'masked', 'reconstruction', 'pasted'} [B, H, W, C] pixel images in [0, 1] (and
+        'mask' [B, N]) of a batch, masked as the run's `rng` masks it."""
+
+
 class Method(abc.ABC):
     """Base class: subclasses are registered in `mim_jax.methods.REGISTRY` by name."""
 
@@ -121,6 +130,7 @@ class Method(abc.ABC):
     ema: EvaluatedEMA | None = None
     refresh: Refresh | None = None
     host_state: HostState | None = None
+    reconstructions: Reconstructions | None = None
 
     # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
     # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
@@ -206,14 +216,6 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def encode(self, params: PyTree, images: jax.Array) -> dict:
         """Features of the pre-trained encoder on full images, for evaluators."""
-
-    # Whether `reconstructions` exists (a pixel decoder: MAE, Beyond Masking, CMAE).
-    reconstructs_pixels: bool = False
-
-    def reconstructions(self, params: PyTree, extras: PyTree, batch: dict, rng: jax.Array, step=0) -> dict:
-        """{'images', 'masked', 'reconstruction', 'pasted'} [B, H, W, C] pixel images in [0, 1] (and
-        'mask' [B, N]) of a batch, for `mim_jax.visualize`; only methods that predict pixels."""
-        raise NotImplementedError(f"{self.config.method.name} predicts no pixels: it has no reconstructions.")
 
     def example_keys(self, rng_seed: jax.Array, batch: dict, purpose: int = 0) -> jax.Array:
         """One key per example from the run seed and the global example index (not the step)."""

@@ -34,6 +34,56 @@ def masked_mse(pred, target, mask):
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
+class PixelReconstructions:
+    """`Method.reconstructions` of a pixel decoder (MAE, CMAE): the eval-mode forward on one batch
+    with the run's masks (keyed by `batch['index']`). A method whose encoder input or target is not
+    the batch's image subclasses it (Beyond Masking's degradations) and overrides:
+    - `frames(batch, rng)`: (encoder input, normalised; the target image in the space the loss
+      builds its targets in): for MAE (and CMAE) the normalised image itself, twice;
+    - `target_pixels(target)`: a target-space image -> [0, 1] pixels;
+    - `denormalize(pred, target)`: predicted patches [B, N, p*p*C] -> target space."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def frames(self, batch, rng):
+        return batch["image"], batch["image"]
+
+    def input_pixels(self, inputs):
+        """A normalised image -> [0, 1] pixels (with the data set's mean/std)."""
+        inp = self.method.config.input
+        return inputs * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
+
+    def target_pixels(self, target):
+        return self.input_pixels(target)
+
+    def denormalize(self, pred, target):
+        """With per-patch normalised targets (norm_pix_loss) each patch gets the mean and (unbiased,
+        as the loss) variance of its own target patch back, as the official MAE visualisation does."""
+        if not self.method.config.method.get("norm_pix_loss", False):
+            return pred
+        _, mean, var = patch_statistics(target, self.method.encoder.patch_size)
+        return pred * jnp.sqrt(var + 1e-6) + mean
+
+    def __call__(self, params, batch, rng):
+        """Dict of [B, S, S, C] [0, 1] pixel images: `images` (the target: the original image),
+        `masked` (the encoder input, masked patches grey), `reconstruction` (every patch
+        predicted), `pasted` (the target on the visible patches, the prediction on the masked
+        ones), and `mask` [B, N] (True: masked)."""
+        method = self.method
+        p, c, n = method.encoder.patch_size, method.config.input.channels, method.num_patches
+        masks, visible, masked = method.sample_masks(rng, batch)
+        inputs, target = self.frames(batch, rng)
+        tokens, _ = method.encoder.apply({"params": params["encoder"]}, inputs, visible)
+        pred = method.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
+        pred = self.denormalize(pred.astype(jnp.float32), target)
+        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
+        original = self.target_pixels(target.astype(jnp.float32))
+        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
+        return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
+                "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
+
+
 class MAE(MaskedEncoderMethod):
 
     def __init__(self, config, num_examples=None):
@@ -45,6 +95,7 @@ class MAE(MaskedEncoderMethod):
             num_heads=dec.num_heads, mlp_dim=dec.mlp_dim, num_prefix_tokens=self.encoder.num_prefix_tokens,
             dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat,
             **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init", "keep_prefix") if k in dec})
+        self.reconstructions = PixelReconstructions(self)
 
     def init_params(self, rng, batch):
         enc_rng, dec_rng = jax.random.split(rng)
@@ -68,49 +119,6 @@ class MAE(MaskedEncoderMethod):
         target = normalized_pixel_targets(images, self.encoder.patch_size, self.config.method.norm_pix_loss)
         loss = masked_mse(pred, target, masks)
         return loss, ({"mae_loss": loss}, extras)
-
-    # -- reconstructions (mim_jax.visualize): the eval-mode forward on one batch ---------------
-    reconstructs_pixels = True
-
-    def reconstruction_frames(self, batch, rng, step):
-        """(encoder input, target image) of a batch, both in the space the loss builds its targets
-        in: for MAE (and CMAE) the normalised image itself."""
-        return batch["image"], batch["image"]
-
-    def target_pixels(self, target):
-        """A target-space image -> [0, 1] pixels (un-normalised with the data set's mean/std)."""
-        inp = self.config.input
-        return target * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
-
-    def input_pixels(self, inputs):
-        return self.target_pixels(inputs)
-
-    def denormalize_prediction(self, pred, target):
-        """Predicted patches [B, N, p*p*C] -> target space: with per-patch normalised targets
-        (norm_pix_loss) each patch gets the mean and (unbiased, as the loss) variance of its own
-        target patch back, as the official MAE visualisation does."""
-        if not self.config.method.get("norm_pix_loss", False):
-            return pred
-        _, mean, var = patch_statistics(target, self.encoder.patch_size)
-        return pred * jnp.sqrt(var + 1e-6) + mean
-
-    def reconstructions(self, params, extras, batch, rng, step=0):
-        """Eval-mode reconstructions of a batch with the run's masks (keyed by `batch['index']`):
-        dict of [B, S, S, C] [0, 1] pixel images: `images` (the target: the original image),
-        `masked` (the encoder input, masked patches grey), `reconstruction` (every patch
-        predicted), `pasted` (the target on the visible patches, the prediction on the masked
-        ones), and `mask` [B, N] (True: masked)."""
-        p, c, n = self.encoder.patch_size, self.config.input.channels, self.num_patches
-        masks, visible, masked = self.sample_masks(rng, batch)
-        inputs, target = self.reconstruction_frames(batch, rng, step)
-        tokens, _ = self.encoder.apply({"params": params["encoder"]}, inputs, visible)
-        pred = self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
-        pred = self.denormalize_prediction(pred.astype(jnp.float32), target)
-        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
-        original = self.target_pixels(target.astype(jnp.float32))
-        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
-        return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
-                "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
 
     def decoder_flops(self) -> float:
         enc, dec = self.encoder, self.decoder
