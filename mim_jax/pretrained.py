@@ -109,16 +109,15 @@ def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
 def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None) -> Weights:
     """The architecture of `config`, untrained (a baseline for evaluations)."""
     method = get_method(config)
-    parts = ("params", "extras") if method.ema is not None else ("params",)
+    parts = ("params", "extras") if method.ema else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
 
     def init(rng):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
-        params, extras = nn.unbox(method.init_variables(rng, zeros)) if "extras" in parts else (
-            nn.unbox(method.init_params(rng, zeros)), {})
-        return {"params": params, "extras": extras} if "extras" in parts else {"params": params}
+        variables = method.init_variables(rng, zeros) if method.ema else (method.init_params(rng, zeros),)
+        return nn.unbox(dict(zip(parts, variables)))
 
     with parallel.activate(mesh, rules):
         variables = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(
@@ -141,7 +140,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
     method = get_method(config)
-    parts = ("params", "extras") if method.ema is not None else ("params",)
+    parts = ("params", "extras") if method.ema else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     subtrees = None
     if keys is not None:

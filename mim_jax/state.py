@@ -121,12 +121,9 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
-        frozen, frozen_shardings = {}, {}
-        if method.frozen is not None:
-            boxed_frozen = jax.eval_shape(method.frozen.template, jax.random.key(0), batch)
-            frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    if method.frozen is not None:   # outside the rules: a run teacher loads under its own
-        frozen = method.frozen.load(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+        boxed_frozen = jax.eval_shape(method.frozen.template, jax.random.key(0), batch) if method.frozen else {}
+        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
+    frozen = method.frozen.load(parallel.unbox_abstract(boxed_frozen), frozen_shardings) if method.frozen else {}
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
@@ -192,8 +189,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             loss, metrics, extras, grads = accumulated_grads(state, frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if method.ema is not None:
-            extras = method.ema.update(extras, params, lr_schedule(state.step))
+        extras = method.ema.update(extras, params, lr_schedule(state.step)) if method.ema else extras
         metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics

@@ -102,12 +102,11 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     def data_iterator(start_step, state):
         # The stream is a function of the step alone (any process or worker count); the transform
         # reads the host copy of the extras it needs (ContrastiveCrop's boxes).
-        host = method.host_state.read(state.extras) if method.host_state is not None else None
         return pipeline.train_iterator(
             source, global_batch_size=config.input.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step,
-            transform=method.train_transform(host), num_workers=config.input.num_workers,
-            prefetch_buffer=config.input.prefetch_buffer)
+            transform=method.train_transform(method.host_state.read(state.extras) if method.host_state else None),
+            num_workers=config.input.num_workers, prefetch_buffer=config.input.prefetch_buffer)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_interval_steps=steps["ckpt"],
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
@@ -124,7 +123,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         logging.info("Initialising the model (compiling its initialisation).")
         start, state = 0, setup.create(jax.random.key(config.seed))
     data = data_iterator(start, state)
-    refresh_at = set(method.refresh.steps(steps["total"])) if method.refresh is not None else set()
+    refresh_at = set(method.refresh.steps(steps["total"])) if method.refresh else set()
 
     # ----- loop -------------------------------------------------------------------------------
     writer = metrics.create_writer(workdir, resumed_at=start)

@@ -177,7 +177,7 @@ def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, ca
     view = pipeline.ResizeTransform(16, config.input.mean, config.input.std)
     images = np.stack([view(_source()[i], None)["image"] for i in range(NUM_EXAMPLES)])
     params = jax.device_get(state.params["encoder"])
-    heat = method.refresh.heat_maps(params, jnp.asarray(images))
+    heat = method.heat_maps(params, jnp.asarray(images))
     np.testing.assert_allclose(extras["boxes"], contrastive.heatmap_boxes(heat, 16, 0.5), atol=1e-6)
     np.testing.assert_allclose(logs["box_area_mean"], cmae.box_areas(extras["boxes"]).mean(), rtol=1e-6)
     assert logs["box_area"].shape == (NUM_EXAMPLES,)
@@ -192,7 +192,7 @@ def test_cls_attention_heat_map_sums_to_the_patch_share_of_attention():
     method = get_method(config, NUM_EXAMPLES)
     state = _setup(config, parallel.make_mesh([("data", -1), ("fsdp", 1)])).create(jax.random.key(0))
     images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
-    heat = method.refresh.heat_maps(jax.device_get(state.params["encoder"]), images)
+    heat = method.heat_maps(jax.device_get(state.params["encoder"]), images)
     assert heat.shape == (4, 4, 4)
     assert np.all(np.asarray(heat) > 0) and np.all(np.asarray(heat).sum((1, 2)) < 1)
 

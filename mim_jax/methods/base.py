@@ -4,16 +4,14 @@ A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
   BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
-  forward pass (`loss`), by the `ema` component after every optimizer step, and by the `refresh`
-  component at the steps it names (a pass over the training set, e.g. ContrastiveCrop's heat
-  maps); it is checkpointed and sharded like params;
-- `frozen`: weights that never change (a CLIP teacher), which its `frozen` component describes
-  (so the trainer can shard them) and loads; no gradients, no optimizer state, not checkpointed;
-- its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
-- its host-side data transform (views, degradations), run in the Grain workers, which may read a
-  host copy of part of the extras (the `host_state` component: per-image boxes); the trainer rebuilds the
-  pipeline with it after every refresh and on resume;
-- its analytic training FLOPs per example, for MFU.
+  forward pass and by the `ema` and `refresh` components; checkpointed and sharded like params;
+- its loss, with metrics and the extras as its forward pass leaves them, computed inside the
+  jitted, sharded train step (masks are sampled there);
+- its host-side data transform (views, degradations), run in the Grain workers;
+- its analytic training FLOPs per example, for MFU, and its features for evaluators (`encode`).
+Optional capabilities are components: attributes that are None or an object the method builds,
+with one of the small protocols below (`frozen`, `ema`, `refresh`, `host_state`,
+`reconstructions`); the trainer, evaluators and exports ask whether a method has one.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
 jnp over the global batch axis: under `jax.jit` with a sharded batch XLA inserts the collectives.
 A method with such an operation declares it (`accumulation = "changes_method"` and a note): with
@@ -53,69 +51,56 @@ class RefreshInterrupted(Exception):
         self.done, self.total = done, total
 
 
+class Component:
+    """Base of the components a method builds: each reads what it needs from its method."""
+
+    def __init__(self, method: Method):
+        self.method = method
+
+
 class FrozenWeights(Protocol):
-    """Weights that never change (CAE v2's CLIP teacher): sharded like params, but no gradients, no
-    optimizer state, not checkpointed; the train step receives them as `frozen`."""
-
-    def template(self, rng: jax.Array, batch: dict) -> PyTree:
-        """Shapes and logical axes of the weights; traced abstractly only."""
-
-    def load(self, abstract: PyTree, shardings: PyTree) -> PyTree:
-        """The weights on `shardings`; fails clearly when they are missing."""
+    """`Method.frozen`: weights that never change (CAE v2's CLIP teacher), sharded like params, with
+    no gradients, optimizer state or checkpoint. `template`: their shapes and logical axes, traced
+    abstractly only; `load`: the weights on `shardings`, failing clearly when they are missing."""
+    def template(self, rng: jax.Array, batch: dict) -> PyTree: ...
+    def load(self, abstract: PyTree, shardings: PyTree) -> PyTree: ...
 
 
 class EvaluatedEMA(Protocol):
-    """An EMA of trained weights kept in the extras (CAPI's teacher): advanced after every optimizer
-    step, and the weights a finished run is evaluated with (so evaluation restores the extras too);
-    periodic evaluations during training read the trained params, as the official codes do."""
-
-    def update(self, extras: PyTree, params: PyTree, lr: jax.Array) -> PyTree:
-        """The extras after an optimizer step, from the updated params; `lr` is that step's
-        learning rate (CAPI's momentum is 1 - lr)."""
-
-    def weights(self, params: PyTree, extras: PyTree) -> PyTree:
-        """The weights evaluation uses."""
+    """`Method.ema`: an EMA of trained weights in the extras (CAPI's teacher). `update`: the extras
+    after an optimizer step, from the updated params and that step's learning rate (CAPI's
+    momentum is 1 - lr); `weights`: what a finished run is evaluated with (so evaluation restores
+    the extras too; periodic evaluations during training read the params, as the official codes do)."""
+    def update(self, extras: PyTree, params: PyTree, lr: jax.Array) -> PyTree: ...
+    def weights(self, params: PyTree, extras: PyTree) -> PyTree: ...
 
 
 class Refresh(Protocol):
-    """A pass over the training set between steps that recomputes extras with the current params
-    (CMAE's ContrastiveCrop boxes from heat maps). The trainer places the new extras on their
-    shardings, logs what the pass returns and rebuilds the input pipeline."""
-
-    def steps(self, total_steps: int) -> tuple[int, ...]:
-        """The steps after which it runs."""
-
+    """`Method.refresh`: a pass over the training set after the `steps` it names (CMAE's boxes from
+    heat maps). `run`: (new extras, whose leaves may be host arrays; host arrays to log: scalars,
+    and 1-D arrays as histograms) from the current params and the training `source` (random access
+    by stable example index); it asks `should_stop()` between batches and raises RefreshInterrupted
+    when told to (a long pass must not hold up a preemption). `applied`: how many refreshes the
+    extras hold, so a resume redoes one a preemption stopped; `flops`: per training example."""
+    def steps(self, total_steps: int) -> tuple[int, ...]: ...
     def run(self, params: PyTree, extras: PyTree, source, mesh,
-            should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]:
-        """(new extras, host arrays to log: scalars, and 1-D arrays written as histograms) from a
-        pass over the training `source` (random access, indexed by the stable example index). Leaves
-        may be host arrays. `should_stop()` is asked between batches; when it says True the pass
-        raises RefreshInterrupted (a long pass must not hold up a preemption)."""
-
-    def applied(self, extras: PyTree) -> int:
-        """How many refreshes these extras hold: on resume the trainer compares it with the
-        schedule, to redo a refresh that a preemption stopped."""
-
-    def flops(self) -> float:
-        """Analytic FLOPs of one refresh per training example (amortised into MFU)."""
+            should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]: ...
+    def applied(self, extras: PyTree) -> int: ...
+    def flops(self) -> float: ...
 
 
 class HostState(Protocol):
-    """Extras the Grain workers read (CMAE's per-image boxes): the trainer passes their host copy
-    to `Method.train_transform` when it builds the pipeline (at the start, on resume and after
-    every refresh)."""
-
-    def read(self, extras: PyTree) -> PyTree | None:
-        """The host (numpy) copy; None while the transform has nothing to read."""
+    """`Method.host_state`: extras the Grain workers read (CMAE's boxes). `read`: their host (numpy)
+    copy, None while there is nothing to read; the trainer passes it to `Method.train_transform`
+    whenever it builds the pipeline (at the start, on resume, after every refresh)."""
+    def read(self, extras: PyTree) -> PyTree | None: ...
 
 
 class Reconstructions(Protocol):
-    """Pixel reconstructions of a method with a pixel decoder (MAE, Beyond Masking, CMAE), for
-    `mim_jax.visualize` and the evaluation images of a run."""
-
-    def __call__(self, params: PyTree, batch: dict, rng: jax.Array) -> dict:
-        """{'images', 'masked', 'reconstruction', 'pasted'} [B, H, W, C] pixel images in [0, 1] (and
-        'mask' [B, N]) of a batch, masked as the run's `rng` masks it."""
+    """`Method.reconstructions` of a pixel decoder (MAE, Beyond Masking, CMAE), for
+    `mim_jax.visualize` and a run's evaluation images: {'images', 'masked', 'reconstruction',
+    'pasted'} [B, H, W, C] in [0, 1] and 'mask' [B, N] of a batch, masked as the run masks it."""
+    def __call__(self, params: PyTree, batch: dict, rng: jax.Array) -> dict: ...
 
 
 class Method(abc.ABC):
@@ -195,9 +180,9 @@ class Method(abc.ABC):
                 "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
     def train_transform(self, host_state: PyTree | None = None) -> Callable:
-        """The Grain workers' transform `(record, rng) -> example`, given what the `host_state`
-        component read. `record` carries `pipeline.SOURCE_INDEX`, its stable index in the source;
-        uint8 images in the example are normalised with config.input's mean/std inside the train step."""
+        """The Grain workers' transform `(record, rng) -> example`; `host_state`: what the
+        `host_state` component read. `record` carries `pipeline.SOURCE_INDEX`, its stable index in
+        the source; uint8 images are normalised with config.input's mean/std in the train step."""
         return self.pretrain_transform(self.config.input.image_size)
 
     def pretrain_transform(self, image_size: int) -> Callable:

@@ -42,14 +42,11 @@ def ring_mse(pred, target, border: int):
 
 
 class DegradedReconstructions(PixelReconstructions):
-    """MAE's reconstructions of a degraded input: the target is the undegraded view on the token
-    grid in [0, 1] pixels, and the predictions are normalised per patch and channel, as the loss's
-    targets are."""
+    """MAE's reconstructions of a degraded input, against the undegraded view on the token grid."""
 
     def frames(self, batch, rng):
-        """(degraded encoder input, normalised; the target image in [0, 1] pixels): the view at
-        the input's resolution (for zoom-in/out the wider/narrower view the tokens predict, for
-        the other degradations the undegraded image)."""
+        """(degraded input; the target in [0, 1] pixels: the view at the input's resolution, for
+        zoom-in/out the wider/narrower view the tokens predict, else the undegraded image)."""
         method, view = self.method, batch["image"]
         inputs, _ = method.degrade(view, batch, rng, 0)    # step 0's per-batch draws, at every evaluation
         pixels = view * method.std + method.mean

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, masking, sinkhorn
+from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.capi import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
 from mim_jax.models.rope import grid_coords
@@ -35,15 +36,11 @@ def ema_momentum(lr, scale: float = 1.0):
     return 1.0 - scale * lr
 
 
-class TeacherEMA:
-    """`Method.ema`: the teacher, an EMA of the student's encoder, predictor and head (not the
-    clustering head), with momentum 1 - lr(t); a finished run is evaluated with it."""
-
-    def __init__(self, method_config):
-        self.method_config = method_config
+class TeacherEMA(Component):
+    """`Method.ema`: the teacher of step 4 above; a finished run is evaluated with it."""
 
     def update(self, extras, params, lr):
-        m = ema_momentum(lr, self.method_config.ema_lr_scale)
+        m = ema_momentum(lr, self.method.config.method.ema_lr_scale)
         return {"ema": jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})}
 
     def weights(self, params, extras):
@@ -71,7 +68,7 @@ class CAPI(MaskedEncoderMethod):
             drop_path_form=self.encoder.drop_path_form)   # official: one drop_path_type for both
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
-        self.ema = TeacherEMA(cfg)
+        self.ema = TeacherEMA(self)
         chunk = cfg.get("sinkhorn_chunk") or self.num_patches
         self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
 

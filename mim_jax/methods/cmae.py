@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import console, contrastive, flops, parallel
 from mim_jax.data import pipeline
-from mim_jax.methods.base import RefreshInterrupted
+from mim_jax.methods.base import Component, RefreshInterrupted
 from mim_jax.methods.mae import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
 from mim_jax.models.cmae import ContrastiveHead, MlpHead, PositionHead
@@ -50,13 +50,9 @@ def box_areas(boxes) -> np.ndarray:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-class ContrastiveCrop:
-    """`Method.refresh` and `Method.host_state` of CMAE: one box per training example in the extras
-    (`boxes`, and `box_updates`, how many refreshes made them), recomputed from heat maps of the
-    current encoder and read by the host pipeline, which confines both views' crop centres to them."""
-
-    def __init__(self, method):
-        self.method = method
+class ContrastiveCrop(Component):
+    """`Method.refresh` and `Method.host_state` of CMAE: the per-example boxes in the extras
+    (`boxes`; `box_updates` counts the refreshes that made them)."""
 
     def steps(self, total_steps):
         """End of the warm-up (20 %) and then every interval (20 %), never at the last step
@@ -67,31 +63,12 @@ class ContrastiveCrop:
         boxes would never be drawn from (a 5-step run would pass over 60k images four times to
         train on 640). Runs of an epoch or more, the recipe's and the local preset's (938 steps,
         2 epochs: steps 188, 376, 564, 752) refresh as the schedule says."""
-        config, num_examples = self.method.config, self.method.num_examples
-        cc = config.method.ccrop
-        if not cc.enabled or (num_examples is not None and total_steps * config.input.batch_size < num_examples):
+        cc, n = self.method.config.method.ccrop, self.method.num_examples
+        if not cc.enabled or (n is not None and total_steps * self.method.config.input.batch_size < n):
             return ()
         first = max(int(round(cc.warmup_percent * total_steps)), 1)
         every = max(int(round(cc.interval_percent * total_steps)), 1)
         return tuple(range(first, total_steps, every))
-
-    def heat_maps(self, encoder_params, images):
-        """[B, grid_h, grid_w] per-image maps of the full-token encoder in eval mode: the last
-        block's [CLS] attention over the patches (head mean), or the patch tokens' norm before
-        the final LayerNorm."""
-        encoder = self.method.encoder
-        p = encoder.num_prefix_tokens
-        (_, out), state = encoder.apply({"params": encoder_params}, images, mutable=["intermediates"])
-        if self.method.config.method.ccrop.heatmap == "cls_attention":
-            blocks = state["intermediates"]["encoder"]
-            last = (blocks["blocks"]["block"] if "blocks" in blocks else blocks[f"block_{encoder.depth - 1}"])
-            attention = last["attn"]["cls_attention"][0]
-            heat = attention[-1] if attention.ndim == 3 else attention      # scanned: [depth, B, T]
-            heat = heat[:, p:]
-        else:
-            heat = jnp.linalg.norm(out["pre_norm"][:, p:].astype(jnp.float32), axis=-1)
-        grid_h, grid_w = images.shape[1] // encoder.patch_size, images.shape[2] // encoder.patch_size
-        return heat.reshape(images.shape[0], grid_h, grid_w)
 
     def run(self, params, extras, source, mesh, should_stop=None):
         """New boxes for every training example from the current encoder (ContrastiveCrop's
@@ -99,7 +76,7 @@ class ContrastiveCrop:
         config = self.method.config
         inp, cc = config.input, config.method.ccrop
         boxes_of = jax.jit(lambda p, images: contrastive.heatmap_boxes(
-            self.heat_maps(p, images), inp.image_size, cc.threshold))
+            self.method.heat_maps(p, images), inp.image_size, cc.threshold))
         it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
                                     process_count=jax.process_count(),
                                     transform=pipeline.ResizeTransform(inp.image_size, inp.mean, inp.std))
@@ -254,6 +231,24 @@ class CMAE(MAE):
                                                    + contrastive.info_nce_accuracy(online[1], keys[0], groups)))
         return loss, (metrics, dict(extras, momentum=momentum, batch_stats=stats))
 
+    # -- ContrastiveCrop ---------------------------------------------------------------------------
+    def heat_maps(self, encoder_params, images):
+        """[B, grid_h, grid_w] per-image maps of the full-token encoder in eval mode: the last
+        block's [CLS] attention over the patches (head mean), or the patch tokens' norm before
+        the final LayerNorm."""
+        p = self.encoder.num_prefix_tokens
+        (_, out), state = self.encoder.apply({"params": encoder_params}, images, mutable=["intermediates"])
+        if self.config.method.ccrop.heatmap == "cls_attention":
+            blocks = state["intermediates"]["encoder"]
+            last = (blocks["blocks"]["block"] if "blocks" in blocks else blocks[f"block_{self.encoder.depth - 1}"])
+            attention = last["attn"]["cls_attention"][0]
+            heat = attention[-1] if attention.ndim == 3 else attention      # scanned: [depth, B, T]
+            heat = heat[:, p:]
+        else:
+            heat = jnp.linalg.norm(out["pre_norm"][:, p:].astype(jnp.float32), axis=-1)
+        grid_h, grid_w = images.shape[1] // self.encoder.patch_size, images.shape[2] // self.encoder.patch_size
+        return heat.reshape(images.shape[0], grid_h, grid_w)
+
     # -- host side -------------------------------------------------------------------------------
     def batch_spec(self, global_batch_size):
         spec = super().batch_spec(global_batch_size)
@@ -261,7 +256,6 @@ class CMAE(MAE):
         return spec
 
     def train_transform(self, host_state=None):
-        """Two views; `host_state`, the boxes (`ContrastiveCrop.read`), confines their crop centres."""
         inp, cc, v2 = self.config.input, self.config.method.ccrop, self.config.method.view2
         return pipeline.ContrastiveViewsTransform(
             image_size=inp.image_size, crop_scale=inp.crop_scale, crop_ratio=inp.crop_ratio, mean=tuple(inp.mean),

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, image_ops
+from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
 from mim_jax.models.layers import patchify
@@ -34,17 +35,13 @@ def masked_mse(pred, target, mask):
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-class PixelReconstructions:
-    """`Method.reconstructions` of a pixel decoder (MAE, CMAE): the eval-mode forward on one batch
-    with the run's masks (keyed by `batch['index']`). A method whose encoder input or target is not
-    the batch's image subclasses it (Beyond Masking's degradations) and overrides:
+class PixelReconstructions(Component):
+    """`Method.reconstructions` of a pixel decoder: the eval-mode forward on one batch with the run's
+    masks. A method whose encoder input or target is not the batch's image (Beyond Masking) overrides
     - `frames(batch, rng)`: (encoder input, normalised; the target image in the space the loss
-      builds its targets in): for MAE (and CMAE) the normalised image itself, twice;
+      builds its targets in), for MAE and CMAE the normalised image twice;
     - `target_pixels(target)`: a target-space image -> [0, 1] pixels;
     - `denormalize(pred, target)`: predicted patches [B, N, p*p*C] -> target space."""
-
-    def __init__(self, method):
-        self.method = method
 
     def frames(self, batch, rng):
         return batch["image"], batch["image"]
@@ -54,8 +51,7 @@ class PixelReconstructions:
         inp = self.method.config.input
         return inputs * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
 
-    def target_pixels(self, target):
-        return self.input_pixels(target)
+    target_pixels = input_pixels
 
     def denormalize(self, pred, target):
         """With per-patch normalised targets (norm_pix_loss) each patch gets the mean and (unbiased,
@@ -66,16 +62,13 @@ class PixelReconstructions:
         return pred * jnp.sqrt(var + 1e-6) + mean
 
     def __call__(self, params, batch, rng):
-        """Dict of [B, S, S, C] [0, 1] pixel images: `images` (the target: the original image),
-        `masked` (the encoder input, masked patches grey), `reconstruction` (every patch
-        predicted), `pasted` (the target on the visible patches, the prediction on the masked
-        ones), and `mask` [B, N] (True: masked)."""
-        method = self.method
-        p, c, n = method.encoder.patch_size, method.config.input.channels, method.num_patches
-        masks, visible, masked = method.sample_masks(rng, batch)
+        """`images`: the target; `masked`: the encoder input, masked patches grey; `reconstruction`:
+        every patch predicted; `pasted`: the target's visible patches and the predicted masked ones."""
+        p, c, n = self.method.encoder.patch_size, self.method.config.input.channels, self.method.num_patches
+        masks, visible, masked = self.method.sample_masks(rng, batch)
         inputs, target = self.frames(batch, rng)
-        tokens, _ = method.encoder.apply({"params": params["encoder"]}, inputs, visible)
-        pred = method.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
+        tokens, _ = self.method.encoder.apply({"params": params["encoder"]}, inputs, visible)
+        pred = self.method.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
         pred = self.denormalize(pred.astype(jnp.float32), target)
         recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
         original = self.target_pixels(target.astype(jnp.float32))
