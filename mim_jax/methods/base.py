@@ -180,13 +180,11 @@ class Method(abc.ABC):
                 "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
     def train_transform(self, host_state: PyTree | None = None) -> Callable:
-        """The Grain workers' transform `(record, rng) -> example`; `host_state`: what the
+        """The Grain workers' transform `(record, rng) -> example`, by default MAE's views ([colour
+        jitter,] random-resized crop to `batch_spec`'s size, flip; uint8); `host_state`: what the
         `host_state` component read. `record` carries `pipeline.SOURCE_INDEX`, its stable index in
         the source; uint8 images are normalised with config.input's mean/std in the train step."""
-        return self.pretrain_transform(self.config.input.image_size)
-
-    def pretrain_transform(self, image_size: int) -> Callable:
-        """MAE's views: [colour jitter,] random-resized crop to `image_size`, flip; uint8."""
+        image_size = self.batch_spec(1)["image"].shape[1]
         inp = self.config.input
         return pipeline.pretrain_transform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),

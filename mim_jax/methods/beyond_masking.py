@@ -95,9 +95,6 @@ class BeyondMasking(MAE):
         spec["image"] = jax.ShapeDtypeStruct((global_batch_size, v, v, self.channels), jnp.float32)
         return spec
 
-    def train_transform(self, host_state=None):
-        return self.pretrain_transform(self.view_size)
-
     # -- step ------------------------------------------------------------------------------------
     @staticmethod
     def batch_key(rng, step):
