@@ -77,7 +77,7 @@ def provenance(weights) -> dict:
     method = weights.method
     return {"run": str(weights.description.split(" @ ")[0]), "step": weights.step,
             "method": weights.config.method.name,
-            "weights": "ema teacher" if method.eval_uses_extras else "student"}
+            "weights": "ema teacher" if method.ema is not None else "student"}
 
 
 def _unstacked(params):

@@ -61,7 +61,7 @@ RELEASED = {
 
 @dataclasses.dataclass
 class Weights:
-    """A method with the weights it is evaluated with (`method.eval_params`, e.g. CAPI's EMA)."""
+    """A method with the weights it is evaluated with (`method.ema`'s, e.g. CAPI's teacher)."""
     config: ml_collections.ConfigDict
     method: Method
     params: PyTree
@@ -134,21 +134,20 @@ def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
 def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None) -> Weights:
     """The architecture of `config`, untrained (a baseline for evaluations)."""
     method = get_method(config)
-    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    parts = ("params", "extras") if method.ema else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
 
     def init(rng):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
-        params, extras = nn.unbox(method.init_variables(rng, zeros)) if "extras" in parts else (
-            nn.unbox(method.init_params(rng, zeros)), {})
-        return {"params": params, "extras": extras} if "extras" in parts else {"params": params}
+        variables = method.init_variables(rng, zeros) if method.ema else (method.init_params(rng, zeros),)
+        return nn.unbox(dict(zip(parts, variables)))
 
     with parallel.activate(mesh, rules):
         variables = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(
             jax.random.key(config.seed if seed is None else seed))
-    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 
 
@@ -166,7 +165,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
     config = ckpt.restore_config(step)
     method = get_method(config)
-    parts = ("params", "extras") if method.eval_uses_extras else ("params",)
+    parts = ("params", "extras") if method.ema else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     subtrees = None
     if keys is not None:
@@ -178,7 +177,7 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         subtrees = {"params": tuple(keys)}
     variables = ckpt.restore_parts(step, abstract, subtrees)
     logging.info("Loaded %s weights from %s at step %d.", config.method.name, workdir, step)
-    params = method.eval_params(variables["params"], variables.get("extras", {}))
+    params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
 
 

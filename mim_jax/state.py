@@ -121,9 +121,9 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                                opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
                                extras=extras_shardings)
 
-        boxed_frozen = jax.eval_shape(method.init_frozen, jax.random.key(0), batch)
+        boxed_frozen = jax.eval_shape(method.frozen.template, jax.random.key(0), batch) if method.frozen else {}
         frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.load_frozen(parallel.unbox_abstract(boxed_frozen), frozen_shardings)
+    frozen = method.frozen.load(parallel.unbox_abstract(boxed_frozen), frozen_shardings) if method.frozen else {}
 
     with parallel.activate(mesh, rules):
         # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
@@ -156,7 +156,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
             micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_shardings)
 
             def loss_fn(params):
-                return method.loss_and_extras(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
+                return method.loss(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
 
             (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return grads, dict(metrics, loss=loss), extras
@@ -182,14 +182,14 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
 
         if accum == 1:
             def loss_fn(params):
-                return method.loss_and_extras(params, state.extras, frozen, batch, seed_key, state.step)
+                return method.loss(params, state.extras, frozen, batch, seed_key, state.step)
 
             (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         else:
             loss, metrics, extras, grads = accumulated_grads(state, frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        extras = method.update_extras(extras, params, state.step, lr_schedule(state.step))
+        extras = method.ema.update(extras, params, lr_schedule(state.step)) if method.ema else extras
         metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics

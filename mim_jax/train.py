@@ -105,8 +105,8 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         return pipeline.train_iterator(
             source, global_batch_size=config.input.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step,
-            transform=method.train_transform(method.host_state(state.extras)), num_workers=config.input.num_workers,
-            prefetch_buffer=config.input.prefetch_buffer)
+            transform=method.train_transform(method.host_state.read(state.extras) if method.host_state else None),
+            num_workers=config.input.num_workers, prefetch_buffer=config.input.prefetch_buffer)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_interval_steps=steps["ckpt"],
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
@@ -123,14 +123,15 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         logging.info("Initialising the model (compiling its initialisation).")
         start, state = 0, setup.create(jax.random.key(config.seed))
     data = data_iterator(start, state)
-    refresh_at = set(method.refresh_steps(steps["total"]))
+    refresh_at = set(method.refresh.steps(steps["total"])) if method.refresh else set()
 
     # ----- loop -------------------------------------------------------------------------------
     writer = metrics.create_writer(workdir, resumed_at=start)
     if start == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
     # Refresh passes (e.g. heat maps over the training set) amortised over the run.
-    refresh = method.refresh_flops() * len(refresh_at) * len(source) / (steps["total"] * config.input.batch_size)
+    refresh = (method.refresh.flops() * len(refresh_at) * len(source) / (steps["total"] * config.input.batch_size)
+               if refresh_at else 0.0)
     throughput = flops.Throughput(config.input.batch_size, method.train_flops_per_example() + refresh,
                                   config.peak_flops)
     hooks = [periodic_actions.ReportProgress(num_train_steps=steps["total"], writer=writer,
@@ -337,8 +338,7 @@ def _refresh(method, state, setup, source, mesh, writer, step: int, stop: _StopS
     Multi-process runs leave SIGTERM to JAX's preemption sync manager: their refresh finishes
     before the preemption is acted on."""
     try:
-        extras, logs = method.refresh_extras(state.params, state.extras, source, mesh,
-                                             should_stop=lambda: stop.received)
+        extras, logs = method.refresh.run(state.params, state.extras, source, mesh, should_stop=lambda: stop.received)
     except RefreshInterrupted as interrupted:
         logging.warning("The refresh after step %d stopped at %d of %d examples for the preemption notice: step %d "
                         "is saved without it, and resuming redoes it.", step, interrupted.done, interrupted.total,
@@ -351,10 +351,7 @@ def _refresh(method, state, setup, source, mesh, writer, step: int, stop: _StopS
 def _refresh_missing(method, extras, refresh_at: set[int], start: int) -> bool:
     """Whether the checkpoint a run resumes from is a refresh step saved without its refresh (a
     preemption stopped it): its extras hold fewer refreshes than the schedule has up to it."""
-    if start not in refresh_at:
-        return False
-    applied = method.refreshes_applied(extras)
-    return applied is not None and applied < sum(1 for s in refresh_at if s <= start)
+    return start in refresh_at and method.refresh.applied(extras) < sum(1 for s in refresh_at if s <= start)
 
 
 def _write_logs(writer, step: int, logs: dict):

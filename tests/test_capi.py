@@ -274,7 +274,7 @@ def test_each_loss_reaches_only_its_own_parameters():
     extras = method.init_extras(jax.random.key(1), params, batch)
 
     def grads(term):
-        return jax.grad(lambda p: method.loss(p, extras, {}, batch, jax.random.key(2), jnp.int32(0))[1][term])(params)
+        return jax.grad(lambda p: method.loss(p, extras, {}, batch, jax.random.key(2), jnp.int32(0))[1][0][term])(params)
 
     capi_grads, clustering_grads = grads("capi_loss"), grads("clustering_loss")
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(capi_grads["clustering"]))

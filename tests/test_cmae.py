@@ -146,7 +146,7 @@ def test_the_contrastive_loss_reaches_the_encoder_through_the_decoder():
     batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
 
     def contrastive_only(params):
-        _, (metrics, _) = method.loss_and_extras(params, state.extras, {}, batch, jax.random.key(0), 0)
+        _, (metrics, _) = method.loss(params, state.extras, {}, batch, jax.random.key(0), 0)
         return metrics["contrastive_loss"]
 
     grads = jax.jit(jax.grad(contrastive_only))(state.params)
@@ -168,7 +168,7 @@ def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, ca
     state = _setup(config, mesh).create(jax.random.key(0))
     monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
     with caplog.at_level(logging.INFO):
-        extras, logs = method.refresh_extras(state.params, state.extras, _source(), mesh)
+        extras, logs = method.refresh.run(state.params, state.extras, _source(), mesh)
     # The pass says what it does and how far it is (it takes minutes on a CPU).
     assert caplog.messages[0] == ("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for 48 "
                                   "training images.")
@@ -182,8 +182,8 @@ def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, ca
     np.testing.assert_allclose(logs["box_area_mean"], cmae.box_areas(extras["boxes"]).mean(), rtol=1e-6)
     assert logs["box_area"].shape == (NUM_EXAMPLES,)
     # Before any refresh the host pipeline draws plain random-resized crops; afterwards it reads the boxes.
-    assert method.host_state(state.extras) is None
-    np.testing.assert_array_equal(method.host_state(parallel.place(extras, _setup(config, mesh).shardings.extras)),
+    assert method.host_state.read(state.extras) is None
+    np.testing.assert_array_equal(method.host_state.read(parallel.place(extras, _setup(config, mesh).shardings.extras)),
                                   extras["boxes"])
 
 
@@ -199,9 +199,9 @@ def test_cls_attention_heat_map_sums_to_the_patch_share_of_attention():
 
 def test_refresh_schedule_is_the_warm_up_then_every_interval():
     method = get_method(cmae_config.get_config(""), NUM_EXAMPLES)
-    assert method.refresh_steps(1000) == (200, 400, 600, 800)
+    assert method.refresh.steps(1000) == (200, 400, 600, 800)
     off = get_method(tiny_config(**{"method.ccrop.enabled": False}), NUM_EXAMPLES)
-    assert off.refresh_steps(1000) == ()
+    assert off.refresh.steps(1000) == ()
 
 
 def test_runs_of_an_epoch_or_more_refresh_as_before_and_shorter_ones_not_at_all():
@@ -209,12 +209,12 @@ def test_runs_of_an_epoch_or_more_refresh_as_before_and_shorter_ones_not_at_all(
     that (a 5-step local run: 640 of 60,000) has none."""
     recipe = get_method(cmae_config.get_config(""), 1_281_167)       # ImageNet, batch 4096, 300 epochs
     total = 300 * 1_281_167 // 4096
-    assert recipe.refresh_steps(total) == tuple(range(int(round(0.2 * total)), total, int(round(0.2 * total))))
+    assert recipe.refresh.steps(total) == tuple(range(int(round(0.2 * total)), total, int(round(0.2 * total))))
     local = get_method(cmae_config.get_config("local"), 60_000)      # 938 steps of 128: 2 epochs
-    assert local.refresh_steps(938) == (188, 376, 564, 752)
-    assert local.refresh_steps(469) == (94, 188, 282, 376)            # one epoch (60,032 images)
-    assert local.refresh_steps(468) == () and local.refresh_steps(5) == ()
-    assert get_method(cmae_config.get_config("local")).refresh_steps(5) == (1, 2, 3, 4)   # no data attached
+    assert local.refresh.steps(938) == (188, 376, 564, 752)
+    assert local.refresh.steps(469) == (94, 188, 282, 376)            # one epoch (60,032 images)
+    assert local.refresh.steps(468) == () and local.refresh.steps(5) == ()
+    assert get_method(cmae_config.get_config("local")).refresh.steps(5) == (1, 2, 3, 4)   # no data attached
 
 
 def _train(config, workdir, monkeypatch):
@@ -304,7 +304,7 @@ def test_boxes_restore_onto_another_device_count(tmp_path):
     ckpt.wait()
     small = _setup(config, parallel.make_mesh([("data", 2), ("fsdp", 1)], jax.devices()[:2]))
     _, restored, _ = checkpoint.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1).restore(small.abstract)
-    np.testing.assert_array_equal(method.host_state(restored.extras), boxes)
+    np.testing.assert_array_equal(method.host_state.read(restored.extras), boxes)
 
 
 def test_views_are_drawn_from_each_examples_own_box():

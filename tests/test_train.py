@@ -163,8 +163,7 @@ def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_p
     assert sorted(stored) == [3, 6]
     method = get_method(config)
     batch = reconstructions.eval_batch(method, 3)
-    host = jax.device_get(method.reconstructions(jax.device_get(state.params), {}, batch,
-                                                 jax.random.key(config.seed)))
+    host = jax.device_get(method.reconstructions(jax.device_get(state.params), batch, jax.random.key(config.seed)))
     want = reconstructions.grid(host, reconstructions.default_scale(16))
     got = np.asarray(Image.open(io.BytesIO(stored[6])))
     assert got.shape[:2] == want.shape[:2] == (3 * (64 + 2) + 2, 4 * (64 + 2) + 2)

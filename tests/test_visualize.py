@@ -48,7 +48,7 @@ def raw_prediction(method, params, batch):
 def test_pasted_column_is_the_original_on_visible_patches():
     config = tiny_mae_config()
     method, params, batch = setup(config)
-    out = jax.device_get(method.reconstructions(params, {}, batch, jax.random.key(0)))
+    out = jax.device_get(method.reconstructions(params, batch, jax.random.key(0)))
     p, c = method.encoder.patch_size, config.input.channels
     hidden = np_unpatchify(np.repeat(out["mask"][..., None], p * p * c, -1), p, c)
     assert out["mask"].sum(1).tolist() == [method.num_masked] * len(out["mask"])
@@ -66,7 +66,7 @@ def test_pasted_column_is_the_original_on_visible_patches():
 def test_norm_pix_predictions_get_their_target_patch_statistics_back(norm_pix):
     config = tiny_mae_config(**{"method.norm_pix_loss": norm_pix})
     method, params, batch = setup(config)
-    out = jax.device_get(method.reconstructions(params, {}, batch, jax.random.key(0)))
+    out = jax.device_get(method.reconstructions(params, batch, jax.random.key(0)))
     p, c = method.encoder.patch_size, config.input.channels
     pred = raw_prediction(method, params, batch)
     target = np_patchify(np.asarray(batch["image"], np.float64), p)
@@ -83,7 +83,7 @@ def test_beyond_masking_predictions_get_their_patch_and_channel_statistics_back(
     c.model.update(variant="Ti/4", width=32, depth=1, num_heads=2, mlp_dim=64)
     c.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
     method, params, batch = setup(c)
-    out = jax.device_get(method.reconstructions(params, {}, batch, jax.random.key(0)))
+    out = jax.device_get(method.reconstructions(params, batch, jax.random.key(0)))
     p, ch = method.encoder.patch_size, c.input.channels
     pixels = np.asarray(batch["image"], np.float64) * np.asarray(c.input.std) + np.asarray(c.input.mean)
     t = np_patchify(pixels, p).reshape(len(pixels), -1, p * p, ch)

@@ -85,7 +85,7 @@ class PeriodicEvals:
     def images(self, params) -> dict:
         """{'reconstructions': [1, H, W, C] uint8 grid} for a pixel method, else {}."""
         count = self.config.reconstruction_images
-        if not (count and self.method.reconstructs_pixels):
+        if not count or self.method.reconstructions is None:
             return {}
         if self._reconstruct is None:   # the same images and masks at every step: progress shows
             self._reconstruct = (reconstructions.reconstructor(self.method, self.mesh, self.config.seed),

@@ -21,7 +21,7 @@ class NoPixelsError(UserFacingError, ValueError):
 
 
 def check_pixels(method) -> None:
-    if not method.reconstructs_pixels:
+    if method.reconstructions is None:
         raise NoPixelsError(f"{method.config.method.name} has no pixel decoder (it predicts features, not pixels), "
                             "so it has no reconstructions to show: mim_jax.visualize takes MAE, Beyond Masking "
                             "and CMAE runs.")
@@ -47,7 +47,7 @@ def reconstructor(method, mesh, seed: int):
     multi-host run can read them."""
     check_pixels(method)
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(lambda p, b: method.reconstructions(p, {}, b, jax.random.key(seed)), out_shardings=replicated)
+    fn = jax.jit(lambda p, b: method.reconstructions(p, b, jax.random.key(seed)), out_shardings=replicated)
 
     def reconstruct(params, batch: dict) -> dict:
         batch = {k: jax.device_put(v, replicated) for k, v in batch.items()}

@@ -4,16 +4,14 @@ A method owns:
 - `params`: the trainable pytree (student, decoders, heads), created by `init_params`;
 - `extras`: non-trainable state that evolves during training (an EMA teacher, momentum heads,
   BatchNorm statistics, per-image ContrastiveCrop boxes), created by `init_extras`, changed by the
-  forward pass (`loss_and_extras`), by `update_extras` after every optimizer step, and by
-  `refresh_extras` at the steps `refresh_steps` names (a pass over the training set, e.g.
-  ContrastiveCrop's heat maps); it is checkpointed and sharded like params;
-- `frozen`: weights that never change (a CLIP teacher), described by `init_frozen` (so the trainer
-  can shard it) and filled by `load_frozen`; no gradients, no optimizer state, not checkpointed;
-- its loss, with metrics, computed inside the jitted, sharded train step (masks are sampled there);
-- its host-side data transform (views, degradations), run in the Grain workers, which may read a
-  host copy of part of the extras (`host_state`: per-image boxes); the trainer rebuilds the
-  pipeline with it after every refresh and on resume;
-- its analytic training FLOPs per example, for MFU.
+  forward pass and by the `ema` and `refresh` components; checkpointed and sharded like params;
+- its loss, with metrics and the extras as its forward pass leaves them, computed inside the
+  jitted, sharded train step (masks are sampled there);
+- its host-side data transform (views, degradations), run in the Grain workers;
+- its analytic training FLOPs per example, for MFU, and its features for evaluators (`encode`).
+Optional capabilities are components: attributes that are None or an object the method builds,
+with one of the small protocols below (`frozen`, `ema`, `refresh`, `host_state`,
+`reconstructions`); the trainer, evaluators and exports ask whether a method has one.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
 jnp over the global batch axis: under `jax.jit` with a sharded batch XLA inserts the collectives.
 A method with such an operation declares it (`accumulation = "changes_method"` and a note): with
@@ -23,7 +21,7 @@ trainer refuses to run it that way unless told to (`config.allow_inexact_accumul
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
@@ -45,12 +43,64 @@ ACCUMULATION = ("exact", "changes_method")
 
 
 class RefreshInterrupted(Exception):
-    """`refresh_extras` stopped early because `should_stop()` said so (a preemption notice): the
+    """`Refresh.run` stopped early because `should_stop()` said so (a preemption notice): the
     extras are unchanged and the refresh has to be done again."""
 
     def __init__(self, done: int, total: int):
         super().__init__(f"refresh stopped after {done} of {total} examples")
         self.done, self.total = done, total
+
+
+class Component:
+    """Base of the components a method builds: each reads what it needs from its method."""
+
+    def __init__(self, method: Method):
+        self.method = method
+
+
+class FrozenWeights(Protocol):
+    """`Method.frozen`: weights that never change (CAE v2's CLIP teacher), sharded like params, with
+    no gradients, optimizer state or checkpoint. `template`: their shapes and logical axes, traced
+    abstractly only; `load`: the weights on `shardings`, failing clearly when they are missing."""
+    def template(self, rng: jax.Array, batch: dict) -> PyTree: ...
+    def load(self, abstract: PyTree, shardings: PyTree) -> PyTree: ...
+
+
+class EvaluatedEMA(Protocol):
+    """`Method.ema`: an EMA of trained weights in the extras (CAPI's teacher). `update`: the extras
+    after an optimizer step, from the updated params and that step's learning rate (CAPI's
+    momentum is 1 - lr); `weights`: what a finished run is evaluated with (so evaluation restores
+    the extras too; periodic evaluations during training read the params, as the official codes do)."""
+    def update(self, extras: PyTree, params: PyTree, lr: jax.Array) -> PyTree: ...
+    def weights(self, params: PyTree, extras: PyTree) -> PyTree: ...
+
+
+class Refresh(Protocol):
+    """`Method.refresh`: a pass over the training set after the `steps` it names (CMAE's boxes from
+    heat maps). `run`: (new extras, whose leaves may be host arrays; host arrays to log: scalars,
+    and 1-D arrays as histograms) from the current params and the training `source` (random access
+    by stable example index); it asks `should_stop()` between batches and raises RefreshInterrupted
+    when told to (a long pass must not hold up a preemption). `applied`: how many refreshes the
+    extras hold, so a resume redoes one a preemption stopped; `flops`: per training example."""
+    def steps(self, total_steps: int) -> tuple[int, ...]: ...
+    def run(self, params: PyTree, extras: PyTree, source, mesh,
+            should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]: ...
+    def applied(self, extras: PyTree) -> int: ...
+    def flops(self) -> float: ...
+
+
+class HostState(Protocol):
+    """`Method.host_state`: extras the Grain workers read (CMAE's boxes). `read`: their host (numpy)
+    copy, None while there is nothing to read; the trainer passes it to `Method.train_transform`
+    whenever it builds the pipeline (at the start, on resume, after every refresh)."""
+    def read(self, extras: PyTree) -> PyTree | None: ...
+
+
+class Reconstructions(Protocol):
+    """`Method.reconstructions` of a pixel decoder (MAE, Beyond Masking, CMAE), for
+    `mim_jax.visualize` and a run's evaluation images: {'images', 'masked', 'reconstruction',
+    'pasted'} [B, H, W, C] in [0, 1] and 'mask' [B, N] of a batch, masked as the run masks it."""
+    def __call__(self, params: PyTree, batch: dict, rng: jax.Array) -> dict: ...
 
 
 class Method(abc.ABC):
@@ -60,8 +110,12 @@ class Method(abc.ABC):
     # None for a method without one.
     encoder: nn.Module | None = None
 
-    # Whether `eval_params` reads the extras (CAPI's EMA teacher): evaluation restores them only then.
-    eval_uses_extras: bool = False
+    # Optional capabilities: None, or a component the method builds in its constructor.
+    frozen: FrozenWeights | None = None
+    ema: EvaluatedEMA | None = None
+    refresh: Refresh | None = None
+    host_state: HostState | None = None
+    reconstructions: Reconstructions | None = None
 
     # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
     # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
@@ -98,62 +152,22 @@ class Method(abc.ABC):
         params = self.init_params(rng, batch)
         return params, self.init_extras(jax.random.fold_in(rng, 1), params, batch)
 
-    def init_frozen(self, rng: jax.Array, batch: dict) -> PyTree:
-        """Template (shapes and logical axes) of the frozen weights; traced abstractly only."""
-        return {}
-
-    def load_frozen(self, abstract: PyTree, shardings: PyTree) -> PyTree:
-        """Loads the frozen weights onto `shardings`; must fail clearly if the weights are missing."""
-        return {}
-
     # -- step ----------------------------------------------------------------------------------
     @abc.abstractmethod
     def loss(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, dict]:
-        """Returns (scalar loss, metrics). `rng` is the run's key: per-example randomness (masks)
-        comes from `batch['index']` via `self.example_keys`, per-step randomness (drop path) from
-        `jax.random.fold_in(rng, step)`, so both are mesh- and resume-invariant.
+             step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
+        """(scalar loss, (metrics, extras as the forward pass leaves them)): what the train step
+        differentiates (`has_aux`). A forward pass that changes no state returns `extras` as given;
+        CMAE's advances its BatchNorm statistics and its momentum head (before it computes its keys).
+
+        `rng` is the run's key: per-example randomness (masks) comes from `batch['index']` via
+        `self.example_keys`, per-step randomness (drop path) from `jax.random.fold_in(rng, step)`,
+        so both are mesh- and resume-invariant.
 
         `step` identifies this forward pass for per-step randomness only (no schedule may read it):
         the optimizer step, or with k-step gradient accumulation `step * k + j` for micro-batch j,
         so each micro-batch draws its own drop path while its masks stay the global batch's.
         With `accumulation = "exact"` the loss and metrics must be means over the examples."""
-
-    def loss_and_extras(self, params: PyTree, extras: PyTree, frozen: PyTree, batch: dict, rng: jax.Array,
-                        step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
-        """(loss, (metrics, extras as the forward pass leaves them)): what the train step
-        differentiates. Methods whose forward pass changes state (BatchNorm statistics, a momentum
-        head advanced before it computes its keys) override this; the rest implement `loss`."""
-        loss, metrics = self.loss(params, extras, frozen, batch, rng, step)
-        return loss, (metrics, extras)
-
-    def update_extras(self, extras: PyTree, params: PyTree, step: jax.Array, lr: jax.Array) -> PyTree:
-        """After each optimizer step, from the updated params; `lr` is this step's learning rate
-        (CAPI's EMA momentum is 1 - lr)."""
-        return extras
-
-    # -- refreshes: passes over the training set between steps -------------------------------
-    def refresh_steps(self, total_steps: int) -> tuple[int, ...]:
-        """Steps after which the trainer calls `refresh_extras` (none by default)."""
-        return ()
-
-    def refresh_extras(self, params: PyTree, extras: PyTree, source, mesh,
-                       should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]:
-        """Recomputes extras from a pass over the training `source` (random access, indexed by the
-        stable example index) with the current params: (new extras, host arrays to log: scalars,
-        and 1-D arrays written as histograms). Leaves may be host arrays: the trainer places them
-        on the extras' shardings. `should_stop()` is asked between batches; when it says True the
-        pass raises RefreshInterrupted (a long pass must not hold up a preemption)."""
-        return extras, {}
-
-    def refreshes_applied(self, extras: PyTree) -> int | None:
-        """How many refreshes these extras hold (None: the method has none). The trainer compares it
-        with the schedule on resume, to redo a refresh that a preemption stopped."""
-        return None
-
-    def refresh_flops(self) -> float:
-        """Analytic FLOPs of one refresh per training example (amortised into MFU by the trainer)."""
-        return 0.0
 
     # -- host side -----------------------------------------------------------------------------
     def batch_spec(self, global_batch_size: int) -> dict:
@@ -165,19 +179,12 @@ class Method(abc.ABC):
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
                 "index": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
-    def host_state(self, extras: PyTree) -> PyTree | None:
-        """The host (numpy) copy of the extras the train transform reads, e.g. per-image boxes;
-        None when it reads nothing."""
-        return None
-
     def train_transform(self, host_state: PyTree | None = None) -> Callable:
-        """The Grain workers' transform `(record, rng) -> example`. `record` carries
-        `pipeline.SOURCE_INDEX`, its stable index in the source; uint8 images in the example are
-        normalised with config.input's mean/std inside the train step."""
-        return self.pretrain_transform(self.config.input.image_size)
-
-    def pretrain_transform(self, image_size: int) -> Callable:
-        """MAE's views: [colour jitter,] random-resized crop to `image_size`, flip; uint8."""
+        """The Grain workers' transform `(record, rng) -> example`, by default MAE's views ([colour
+        jitter,] random-resized crop to `batch_spec`'s size, flip; uint8); `host_state`: what the
+        `host_state` component read. `record` carries `pipeline.SOURCE_INDEX`, its stable index in
+        the source; uint8 images are normalised with config.input's mean/std in the train step."""
+        image_size = self.batch_spec(1)["image"].shape[1]
         inp = self.config.input
         return pipeline.pretrain_transform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
@@ -192,19 +199,6 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def encode(self, params: PyTree, images: jax.Array) -> dict:
         """Features of the pre-trained encoder on full images, for evaluators."""
-
-    def eval_params(self, params: PyTree, extras: PyTree) -> PyTree:
-        """The weights a finished run is evaluated with (CAPI: the EMA teacher's); periodic
-        evaluations during training use the trained params, as the official codes do."""
-        return params
-
-    # Whether `reconstructions` exists (a pixel decoder: MAE, Beyond Masking, CMAE).
-    reconstructs_pixels: bool = False
-
-    def reconstructions(self, params: PyTree, extras: PyTree, batch: dict, rng: jax.Array, step=0) -> dict:
-        """{'images', 'masked', 'reconstruction', 'pasted'} [B, H, W, C] pixel images in [0, 1] (and
-        'mask' [B, N]) of a batch, for `mim_jax.visualize`; only methods that predict pixels."""
-        raise NotImplementedError(f"{self.config.method.name} predicts no pixels: it has no reconstructions.")
 
     def example_keys(self, rng_seed: jax.Array, batch: dict, purpose: int = 0) -> jax.Array:
         """One key per example from the run seed and the global example index (not the step)."""

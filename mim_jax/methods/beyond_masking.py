@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import image_ops
-from mim_jax.methods.mae import MAE, masked_mse
+from mim_jax.methods.mae import MAE, PixelReconstructions, masked_mse
 from mim_jax.models.layers import patchify
 
 DEGRADATIONS = ("none", "zoom_in", "zoom_out", "distort", "blur", "decolorize")
@@ -41,6 +41,28 @@ def ring_mse(pred, target, border: int):
     return sum(jnp.mean(jnp.square(s(pred) - s(target))) for s in strips)
 
 
+class DegradedReconstructions(PixelReconstructions):
+    """MAE's reconstructions of a degraded input, against the undegraded view on the token grid."""
+
+    def frames(self, batch, rng):
+        """(degraded input; the target in [0, 1] pixels: the view at the input's resolution, for
+        zoom-in/out the wider/narrower view the tokens predict, else the undegraded image)."""
+        method, view = self.method, batch["image"]
+        inputs, _ = method.degrade(view, batch, rng, 0)    # step 0's per-batch draws, at every evaluation
+        pixels = view * method.std + method.mean
+        size = method.config.input.image_size
+        return inputs, (pixels if pixels.shape[1] == size else image_ops.area_resize(pixels, size))
+
+    def target_pixels(self, target):
+        return target
+
+    def denormalize(self, pred, target):
+        """Each patch AND channel gets its target's mean and (unbiased std + 1e-6) back, the
+        inverse of `image_ops.patch_channel_normalize`."""
+        t, mean, std = image_ops.patch_channel_statistics(target, self.method.encoder.patch_size)
+        return (pred.reshape(t.shape) * (std + 1e-6) + mean).reshape(pred.shape)
+
+
 class BeyondMasking(MAE):
 
     def __init__(self, config, num_examples=None):
@@ -52,6 +74,7 @@ class BeyondMasking(MAE):
         self.channels = config.input.channels
         self.mean = jnp.asarray(config.input.mean, jnp.float32)
         self.std = jnp.asarray(config.input.std, jnp.float32)
+        self.reconstructions = DegradedReconstructions(self)
         self.view_size = size
         if self.degradation == "zoom_in":
             self.view_size = int(round(size * cfg.zoom_in_view))
@@ -71,9 +94,6 @@ class BeyondMasking(MAE):
         v = self.view_size
         spec["image"] = jax.ShapeDtypeStruct((global_batch_size, v, v, self.channels), jnp.float32)
         return spec
-
-    def train_transform(self, host_state=None):
-        return self.pretrain_transform(self.view_size)
 
     # -- step ------------------------------------------------------------------------------------
     @staticmethod
@@ -161,30 +181,8 @@ class BeyondMasking(MAE):
         pred = self.reconstruct(params, inputs, visible, masked, rng, step)
         # Masked tokens when masking; every token for the unmasked single degradations.
         weights = masks if self.num_masked else jnp.ones_like(masks)
-        return loss_fn(pred, weights)
-
-    # -- reconstructions: the target is the undegraded view on the token grid --------------------
-    def reconstruction_frames(self, batch, rng, step):
-        """(degraded encoder input, normalised; the target image in [0, 1] pixels): the view at
-        the input's resolution (for zoom-in/out the wider/narrower view the tokens predict, for
-        the other degradations the undegraded image)."""
-        view = batch["image"]
-        inputs, _ = self.degrade(view, batch, rng, step)
-        pixels = view * self.std + self.mean
-        size = self.config.input.image_size
-        return inputs, (pixels if pixels.shape[1] == size else image_ops.area_resize(pixels, size))
-
-    def target_pixels(self, target):
-        return target
-
-    def input_pixels(self, inputs):
-        return inputs * self.std + self.mean
-
-    def denormalize_prediction(self, pred, target):
-        """Each patch AND channel gets its target's mean and (unbiased std + 1e-6) back, the
-        inverse of `image_ops.patch_channel_normalize`."""
-        t, mean, std = image_ops.patch_channel_statistics(target, self.encoder.patch_size)
-        return (pred.reshape(t.shape) * (std + 1e-6) + mean).reshape(pred.shape)
+        loss, metrics = loss_fn(pred, weights)
+        return loss, (metrics, extras)
 
     def init_params(self, rng, batch):
         # Parameter shapes depend only on the encoder's input size, not on the view's.

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, teachers
+from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.layers import Dtype, l2_normalize, make_norm, param_init, sincos_2d
 from mim_jax.models.regressor import LatentRegressor
@@ -76,6 +77,16 @@ class LatentPredictor(nn.Module):
         return l2_normalize(out.astype(jnp.float32))
 
 
+class FrozenTeacher(Component):
+    """`Method.frozen`: the teacher's weights, as `frozen["teacher"]`."""
+
+    def template(self, rng, batch):
+        return {"teacher": self.method.teacher.init(rng, batch["image"])}
+
+    def load(self, abstract, shardings):
+        return {"teacher": self.method.teacher.load(abstract["teacher"], shardings["teacher"])}
+
+
 class CAEv2(MaskedEncoderMethod):
 
     def __init__(self, config, num_examples=None):
@@ -87,6 +98,7 @@ class CAEv2(MaskedEncoderMethod):
             raise ValueError(f"config.method.supervise={cfg.supervise!r}: use one of {SUPERVISE}.")
         self.teacher = teachers.from_config(config.teacher, grid=self.grid, student_mean=tuple(inp.mean),
                                             student_std=tuple(inp.std))
+        self.frozen = FrozenTeacher(self)
         width = reg.width or self.encoder.width
         self.predictor_kwargs = dict(grid=self.grid, width=width, depth=reg.depth, num_heads=reg.num_heads,
                                      mlp_dim=int(reg.mlp_ratio * width), layerscale=reg.layerscale,
@@ -123,12 +135,6 @@ class CAEv2(MaskedEncoderMethod):
         predictor = self.predictor.init(k_pred, tokens, visible, masked)["params"]
         return {"encoder": encoder, "predictor": predictor}
 
-    def init_frozen(self, rng, batch):
-        return {"teacher": self.teacher.init(rng, batch["image"])}
-
-    def load_frozen(self, abstract, shardings):
-        return {"teacher": self.teacher.load(abstract["teacher"], shardings["teacher"])}
-
     # -- step ------------------------------------------------------------------------------------
     def loss(self, params, extras, frozen, batch, rng, step):
         images = batch["image"]
@@ -146,7 +152,7 @@ class CAEv2(MaskedEncoderMethod):
                    "cos_masked": cos[:, -self.num_masked:].mean()}
         if self.teacher.has_cls:
             metrics["cos_cls"] = cos[:, 0].mean()
-        return self.config.method.loss_weight * loss, metrics
+        return self.config.method.loss_weight * loss, (metrics, extras)
 
     # -- accounting and features -------------------------------------------------------------------
     def train_flops_per_example(self):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, masking, sinkhorn
+from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.capi import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
 from mim_jax.models.rope import grid_coords
@@ -35,8 +36,18 @@ def ema_momentum(lr, scale: float = 1.0):
     return 1.0 - scale * lr
 
 
+class TeacherEMA(Component):
+    """`Method.ema`: the teacher of step 4 above; a finished run is evaluated with it."""
+
+    def update(self, extras, params, lr):
+        m = ema_momentum(lr, self.method.config.method.ema_lr_scale)
+        return {"ema": jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})}
+
+    def weights(self, params, extras):
+        return dict(params, **extras["ema"])
+
+
 class CAPI(MaskedEncoderMethod):
-    eval_uses_extras = True     # a finished run is evaluated with its EMA teacher
     accumulation = "changes_method"
     accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
                          "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
@@ -57,6 +68,7 @@ class CAPI(MaskedEncoderMethod):
             drop_path_form=self.encoder.drop_path_form)   # official: one drop_path_type for both
         self.head = WeightNormHead(cfg.num_prototypes)
         self.clustering = ClusteringHead(cfg.num_prototypes)
+        self.ema = TeacherEMA(self)
         chunk = cfg.sinkhorn_chunk or self.num_patches
         self.sinkhorn_chunk = max(c for c in range(1, chunk + 1) if self.num_patches % c == 0)
 
@@ -87,14 +99,6 @@ class CAPI(MaskedEncoderMethod):
         # The teacher starts as an exact copy of the student.
         return {"ema": {k: params[k] for k in STUDENT}}
 
-    def update_extras(self, extras, params, step, lr):
-        m = ema_momentum(lr, self.config.method.ema_lr_scale)
-        ema = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extras["ema"], {k: params[k] for k in STUDENT})
-        return {"ema": ema}
-
-    def eval_params(self, params, extras):
-        return dict(params, **extras["ema"])
-
     def teacher_tokens(self, ema, images):
         """EMA encoder on the whole image, in eval mode: final-norm patch tokens [B, P, D]."""
         _, out = self.encoder.apply({"params": ema["encoder"]}, images)
@@ -120,7 +124,7 @@ class CAPI(MaskedEncoderMethod):
         metrics = {"capi_loss": capi_loss, "clustering_loss": clustering_loss,
                    "target_entropy": stats["target_entropy"], "prototypes_in_use": in_use.astype(jnp.float32),
                    "student_accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
-        return capi_loss + clustering_loss, metrics
+        return capi_loss + clustering_loss, (metrics, extras)
 
     # -- accounting and features -------------------------------------------------------------------
     def train_flops_per_example(self):

@@ -14,8 +14,8 @@ One step, for two views of each image that share ONE mask:
    L = rec(v1) + rec(v2) + pos(v1) + pos(v2) + 0.1 (l(q1, k2) + l(q2, k1)).
 ContrastiveCrop: after 20 % of training and then every 20 %, a full-token pass of the current
 encoder over the training set turns its last block's [CLS] attention into one box per image
-(`refresh_extras`); the host pipeline then confines both views' crop centres to that box. A run
-shorter than one epoch does not refresh (`refresh_steps`).
+(`ContrastiveCrop.run`); the host pipeline then confines both views' crop centres to that box. A
+run shorter than one epoch does not refresh (`ContrastiveCrop.steps`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import console, contrastive, flops, parallel
 from mim_jax.data import pipeline
-from mim_jax.methods.base import RefreshInterrupted
+from mim_jax.methods.base import Component, RefreshInterrupted
 from mim_jax.methods.mae import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
 from mim_jax.models.cmae import ContrastiveHead, MlpHead, PositionHead
@@ -48,6 +48,73 @@ def box_areas(boxes) -> np.ndarray:
     """Fractions of the image the (h_min, w_min, h_max, w_max) boxes cover."""
     boxes = np.asarray(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+class ContrastiveCrop(Component):
+    """`Method.refresh` and `Method.host_state` of CMAE: the per-example boxes in the extras
+    (`boxes`; `box_updates` counts the refreshes that made them)."""
+
+    def steps(self, total_steps):
+        """End of the warm-up (20 %) and then every interval (20 %), never at the last step
+        (ContrastiveCrop updates at epochs W, 2W, ... of 5W), as fractions of the run.
+
+        None in a run shorter than one epoch (total_steps x batch < training set): each refresh
+        encodes the whole training set, more images than such a run trains on, and most of the
+        boxes would never be drawn from (a 5-step run would pass over 60k images four times to
+        train on 640). Runs of an epoch or more, the recipe's and the local preset's (938 steps,
+        2 epochs: steps 188, 376, 564, 752) refresh as the schedule says."""
+        cc, n = self.method.config.method.ccrop, self.method.num_examples
+        if not cc.enabled or (n is not None and total_steps * self.method.config.input.batch_size < n):
+            return ()
+        first = max(int(round(cc.warmup_percent * total_steps)), 1)
+        every = max(int(round(cc.interval_percent * total_steps)), 1)
+        return tuple(range(first, total_steps, every))
+
+    def run(self, params, extras, source, mesh, should_stop=None):
+        """New boxes for every training example from the current encoder (ContrastiveCrop's
+        semantic-aware localisation), keyed by the stable source index."""
+        config = self.method.config
+        inp, cc = config.input, config.method.ccrop
+        boxes_of = jax.jit(lambda p, images: contrastive.heatmap_boxes(
+            self.method.heat_maps(p, images), inp.image_size, cc.threshold))
+        it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    transform=pipeline.ResizeTransform(inp.image_size, inp.mean, inp.std))
+        # A pass over the whole training set: minutes on a CPU, worth saying.
+        logging.info("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for %s training "
+                     "images.", f"{len(source):,}")
+        progress = console.Progress("ContrastiveCrop boxes", len(source), "images")
+        boxes, done = [], 0
+        with parallel.activate(mesh, tuple(tuple(r) for r in config.sharding_rules)):
+            for local in it:
+                if should_stop is not None and should_stop():
+                    it.close()
+                    raise RefreshInterrupted(done, len(source))
+                batch = parallel.host_batch_to_global(local, mesh)
+                found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
+                keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
+                boxes.append(np.asarray(found)[np.asarray(keep)])
+                done += len(boxes[-1])
+                progress.update(done)
+        boxes = np.concatenate(boxes)
+        areas = box_areas(boxes)
+        # The largest box is (0, 0, (S-1)/S, (S-1)/S) (ContrastiveCrop does not add 1 to the last
+        # index): the known failure is every box collapsing to it.
+        whole = ((inp.image_size - 1) / inp.image_size) ** 2
+        logs = {"box_area_mean": float(areas.mean()), "box_whole_image_fraction": float(np.mean(areas >= whole - 1e-6)),
+                "box_area": areas}
+        return dict(extras, boxes=boxes, box_updates=extras["box_updates"] + 1), logs
+
+    def applied(self, extras):
+        return int(jax.device_get(extras["box_updates"]))
+
+    def flops(self):
+        return self.method.encoder_flops(self.method.num_patches)
+
+    def read(self, extras):
+        if self.applied(extras) == 0:
+            return None       # warm-up: plain random-resized crops
+        return np.asarray(jax.device_get(extras["boxes"]))
 
 
 class CMAE(MAE):
@@ -75,6 +142,7 @@ class CMAE(MAE):
             out_dim=self.dim, dtype=enc.dtype, attention_impl=enc.attention_impl)
         self.predictor = MlpHead(num_layers=2, hidden_dim=ctr.hidden_dim, out_dim=self.dim)
         self.position_head = PositionHead(num_positions=self.num_patches, dtype=enc.dtype)
+        self.refresh = self.host_state = ContrastiveCrop(self)
 
     # -- state -----------------------------------------------------------------------------------
     def _decoded(self, params, batch):
@@ -120,7 +188,7 @@ class CMAE(MAE):
     def _negative_groups(self) -> int:
         return parallel.batch_shards() if self.config.contrastive.negatives == "device" else 1
 
-    def loss_and_extras(self, params, extras, frozen, batch, rng, step):
+    def loss(self, params, extras, frozen, batch, rng, step):
         cfg, ctr = self.config.method, self.config.contrastive
         prefix = self.encoder.num_prefix_tokens
         masks, visible, masked = self.sample_masks(rng, batch)       # one mask for both views
@@ -163,30 +231,7 @@ class CMAE(MAE):
                                                    + contrastive.info_nce_accuracy(online[1], keys[0], groups)))
         return loss, (metrics, dict(extras, momentum=momentum, batch_stats=stats))
 
-    def loss(self, params, extras, frozen, batch, rng, step):
-        loss, (metrics, _) = self.loss_and_extras(params, extras, frozen, batch, rng, step)
-        return loss, metrics
-
     # -- ContrastiveCrop ---------------------------------------------------------------------------
-    def refresh_steps(self, total_steps):
-        """End of the warm-up (20 %) and then every interval (20 %), never at the last step
-        (ContrastiveCrop updates at epochs W, 2W, ... of 5W), as fractions of the run.
-
-        None in a run shorter than one epoch (total_steps x batch < training set): each refresh
-        encodes the whole training set, more images than such a run trains on, and most of the
-        boxes would never be drawn from (a 5-step run would pass over 60k images four times to
-        train on 640). Runs of an epoch or more, the recipe's and the local preset's (938 steps,
-        2 epochs: steps 188, 376, 564, 752) refresh as the schedule says."""
-        cc = self.config.method.ccrop
-        if not cc.enabled or self._shorter_than_an_epoch(total_steps):
-            return ()
-        first = max(int(round(cc.warmup_percent * total_steps)), 1)
-        every = max(int(round(cc.interval_percent * total_steps)), 1)
-        return tuple(range(first, total_steps, every))
-
-    def _shorter_than_an_epoch(self, total_steps: int) -> bool:
-        return self.num_examples is not None and total_steps * self.config.input.batch_size < self.num_examples
-
     def heat_maps(self, encoder_params, images):
         """[B, grid_h, grid_w] per-image maps of the full-token encoder in eval mode: the last
         block's [CLS] attention over the patches (head mean), or the patch tokens' norm before
@@ -204,52 +249,7 @@ class CMAE(MAE):
         grid_h, grid_w = images.shape[1] // self.encoder.patch_size, images.shape[2] // self.encoder.patch_size
         return heat.reshape(images.shape[0], grid_h, grid_w)
 
-    def refresh_extras(self, params, extras, source, mesh, should_stop=None):
-        """New boxes for every training example from the current encoder (ContrastiveCrop's
-        semantic-aware localisation), keyed by the stable source index."""
-        inp, cc = self.config.input, self.config.method.ccrop
-        boxes_of = jax.jit(lambda p, images: contrastive.heatmap_boxes(
-            self.heat_maps(p, images), inp.image_size, cc.threshold))
-        it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
-                                    transform=pipeline.ResizeTransform(inp.image_size, inp.mean, inp.std))
-        # A pass over the whole training set: minutes on a CPU, worth saying.
-        logging.info("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for %s training "
-                     "images.", f"{len(source):,}")
-        progress = console.Progress("ContrastiveCrop boxes", len(source), "images")
-        boxes, done = [], 0
-        with parallel.activate(mesh, tuple(tuple(r) for r in self.config.sharding_rules)):
-            for local in it:
-                if should_stop is not None and should_stop():
-                    it.close()
-                    raise RefreshInterrupted(done, len(source))
-                batch = parallel.host_batch_to_global(local, mesh)
-                found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
-                keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
-                boxes.append(np.asarray(found)[np.asarray(keep)])
-                done += len(boxes[-1])
-                progress.update(done)
-        boxes = np.concatenate(boxes)
-        areas = box_areas(boxes)
-        # The largest box is (0, 0, (S-1)/S, (S-1)/S) (ContrastiveCrop does not add 1 to the last
-        # index): the known failure is every box collapsing to it.
-        whole = ((inp.image_size - 1) / inp.image_size) ** 2
-        logs = {"box_area_mean": float(areas.mean()), "box_whole_image_fraction": float(np.mean(areas >= whole - 1e-6)),
-                "box_area": areas}
-        return dict(extras, boxes=boxes, box_updates=extras["box_updates"] + 1), logs
-
-    def refreshes_applied(self, extras):
-        return int(jax.device_get(extras["box_updates"]))
-
-    def refresh_flops(self):
-        return self.encoder_flops(self.num_patches)
-
     # -- host side -------------------------------------------------------------------------------
-    def host_state(self, extras):
-        if int(jax.device_get(extras["box_updates"])) == 0:
-            return None       # warm-up: plain random-resized crops
-        return np.asarray(jax.device_get(extras["boxes"]))
-
     def batch_spec(self, global_batch_size):
         spec = super().batch_spec(global_batch_size)
         spec["image2"] = spec["image"]

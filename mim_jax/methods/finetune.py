@@ -148,7 +148,7 @@ class Finetune(Method):
         logits = self.head.apply({"params": params["head"]}, out["patch_mean"])
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return loss, {"ce_loss": loss, "train_accuracy": accuracy}
+        return loss, ({"ce_loss": loss, "train_accuracy": accuracy}, extras)
 
     def train_flops_per_example(self):
         enc = self.encoder

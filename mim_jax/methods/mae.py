@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, image_ops
+from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
 from mim_jax.models.layers import patchify
@@ -34,6 +35,48 @@ def masked_mse(pred, target, mask):
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
+class PixelReconstructions(Component):
+    """`Method.reconstructions` of a pixel decoder: the eval-mode forward on one batch with the run's
+    masks. A method whose encoder input or target is not the batch's image (Beyond Masking) overrides
+    - `frames(batch, rng)`: (encoder input, normalised; the target image in the space the loss
+      builds its targets in), for MAE and CMAE the normalised image twice;
+    - `target_pixels(target)`: a target-space image -> [0, 1] pixels;
+    - `denormalize(pred, target)`: predicted patches [B, N, p*p*C] -> target space."""
+
+    def frames(self, batch, rng):
+        return batch["image"], batch["image"]
+
+    def input_pixels(self, inputs):
+        """A normalised image -> [0, 1] pixels (with the data set's mean/std)."""
+        inp = self.method.config.input
+        return inputs * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
+
+    target_pixels = input_pixels
+
+    def denormalize(self, pred, target):
+        """With per-patch normalised targets (norm_pix_loss) each patch gets the mean and (unbiased,
+        as the loss) variance of its own target patch back, as the official MAE visualisation does."""
+        if not self.method.config.method.norm_pix_loss:
+            return pred
+        _, mean, var = patch_statistics(target, self.method.encoder.patch_size)
+        return pred * jnp.sqrt(var + 1e-6) + mean
+
+    def __call__(self, params, batch, rng):
+        """`images`: the target; `masked`: the encoder input, masked patches grey; `reconstruction`:
+        every patch predicted; `pasted`: the target's visible patches and the predicted masked ones."""
+        p, c, n = self.method.encoder.patch_size, self.method.config.input.channels, self.method.num_patches
+        masks, visible, masked = self.method.sample_masks(rng, batch)
+        inputs, target = self.frames(batch, rng)
+        tokens, _ = self.method.encoder.apply({"params": params["encoder"]}, inputs, visible)
+        pred = self.method.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
+        pred = self.denormalize(pred.astype(jnp.float32), target)
+        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
+        original = self.target_pixels(target.astype(jnp.float32))
+        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
+        return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
+                "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
+
+
 class MAE(MaskedEncoderMethod):
 
     def __init__(self, config, num_examples=None):
@@ -45,6 +88,7 @@ class MAE(MaskedEncoderMethod):
             num_heads=dec.num_heads, mlp_dim=dec.mlp_dim, num_prefix_tokens=self.encoder.num_prefix_tokens,
             dtype=self.encoder.dtype, attention_impl=self.encoder.attention_impl, remat=self.encoder.remat,
             **{k: dec[k] for k in ("posemb", "embed_bias", "linear_init", "keep_prefix") if k in dec})
+        self.reconstructions = PixelReconstructions(self)
 
     def init_params(self, rng, batch):
         enc_rng, dec_rng = jax.random.split(rng)
@@ -67,50 +111,7 @@ class MAE(MaskedEncoderMethod):
         pred = self.reconstruct(params, images, visible, masked, rng, step)
         target = normalized_pixel_targets(images, self.encoder.patch_size, self.config.method.norm_pix_loss)
         loss = masked_mse(pred, target, masks)
-        return loss, {"mae_loss": loss}
-
-    # -- reconstructions (mim_jax.visualize): the eval-mode forward on one batch ---------------
-    reconstructs_pixels = True
-
-    def reconstruction_frames(self, batch, rng, step):
-        """(encoder input, target image) of a batch, both in the space the loss builds its targets
-        in: for MAE (and CMAE) the normalised image itself."""
-        return batch["image"], batch["image"]
-
-    def target_pixels(self, target):
-        """A target-space image -> [0, 1] pixels (un-normalised with the data set's mean/std)."""
-        inp = self.config.input
-        return target * jnp.asarray(inp.std, jnp.float32) + jnp.asarray(inp.mean, jnp.float32)
-
-    def input_pixels(self, inputs):
-        return self.target_pixels(inputs)
-
-    def denormalize_prediction(self, pred, target):
-        """Predicted patches [B, N, p*p*C] -> target space: with per-patch normalised targets
-        (norm_pix_loss) each patch gets the mean and (unbiased, as the loss) variance of its own
-        target patch back, as the official MAE visualisation does."""
-        if not self.config.method.norm_pix_loss:
-            return pred
-        _, mean, var = patch_statistics(target, self.encoder.patch_size)
-        return pred * jnp.sqrt(var + 1e-6) + mean
-
-    def reconstructions(self, params, extras, batch, rng, step=0):
-        """Eval-mode reconstructions of a batch with the run's masks (keyed by `batch['index']`):
-        dict of [B, S, S, C] [0, 1] pixel images: `images` (the target: the original image),
-        `masked` (the encoder input, masked patches grey), `reconstruction` (every patch
-        predicted), `pasted` (the target on the visible patches, the prediction on the masked
-        ones), and `mask` [B, N] (True: masked)."""
-        p, c, n = self.encoder.patch_size, self.config.input.channels, self.num_patches
-        masks, visible, masked = self.sample_masks(rng, batch)
-        inputs, target = self.reconstruction_frames(batch, rng, step)
-        tokens, _ = self.encoder.apply({"params": params["encoder"]}, inputs, visible)
-        pred = self.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
-        pred = self.denormalize_prediction(pred.astype(jnp.float32), target)
-        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
-        original = self.target_pixels(target.astype(jnp.float32))
-        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
-        return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
-                "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
+        return loss, ({"mae_loss": loss}, extras)
 
     def decoder_flops(self) -> float:
         enc, dec = self.encoder, self.decoder
