@@ -1,6 +1,7 @@
 """Released-weight layouts in and out: timm (= official MAE), BEiT (CAE v2), MAE-pytorch (Beyond
 Masking) and Hugging Face ViT files give the same features here as in PyTorch; exports load in
 timm / transformers with strict key matching; every mismatch is named."""
+import gc
 import json
 
 import jax
@@ -446,15 +447,20 @@ def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_pa
         model.pos_embed.copy_(torch.from_numpy(table[None]))
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    images = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
+    expected = _torch_tokens(model, images)
+    del model   # 1.2 GB: the test's peak memory stays near one copy of the weights per framework
+    gc.collect()
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
     weights = pretrained.load(f"mae:{tmp_path / 'model.safetensors'}", mesh)
     assert weights.method.encoder.depth == 24
     qkv = weights.params["encoder"]["encoder"]["block_23"]["attn"]["qkv"]["kernel"]
     assert qkv.shape == (1024, 3072) and qkv.sharding.spec[0] == "fsdp"   # weights sharded, not replicated
     assert {s.data.shape for s in qkv.addressable_shards} == {(256, 3072)}
-    images = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
-    ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
-    np.testing.assert_allclose(np.asarray(ours), _torch_tokens(model, images), rtol=1e-4, atol=1e-4)
+    # Compiled as one program, as the evaluators run it: op-by-op dispatch of sharded arrays on
+    # jaxlib 0.10.2's CPU client aborted the process about one run in eight.
+    ours = jax.jit(weights.method.encode)(weights.params, jnp.asarray(images))["encoded"]
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fine_tuning_starts_from_a_released_file(tmp_path):
