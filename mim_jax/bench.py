@@ -49,7 +49,7 @@ def benchmark(config, steps: int, profile_dir: str | None = None) -> dict:
              for i, (name, spec) in enumerate(sorted(method.batch_spec(bs).items()))}
 
     start = time.perf_counter()
-    compiled = setup.lower_step(state, setup.frozen, batch).compile()
+    compiled = setup.train_step.lower(state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

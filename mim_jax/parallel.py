@@ -1,7 +1,8 @@
 """Device mesh, logical-axis rules and the shardings derived from them."""
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import logging
 
 import flax.linen as nn
@@ -97,11 +98,47 @@ def rules_for_mesh(rules, mesh):
     return type(rules)(adapted) if isinstance(rules, (list, tuple)) else adapted
 
 
-@contextlib.contextmanager
-def activate(mesh, rules):
-    """Mesh + logical rules for tracing: without both, logical constraints are silently no-ops."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
-        yield
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """The mesh and logical rules that every function of a run is traced under: flax's logical
+    constraints (activations, `nn.unbox`) are silently no-ops without both, so code jits through
+    `jit` and takes shapes through `abstract` instead of entering them by hand."""
+    mesh: jax.sharding.Mesh
+    rules: tuple      # config.sharding_rules, adapted to the mesh (rules_for_mesh)
+
+    @classmethod
+    def of(cls, config, mesh) -> Sharding:
+        return cls(mesh=mesh, rules=rules_for_mesh(tuple(tuple(r) for r in config.sharding_rules), mesh))
+
+    def traced(self, fn):
+        """`fn` run under the rules and the mesh (its abstract view: the one allowed inside a trace),
+        whoever calls it: jit, eval_shape, grad."""
+        @functools.wraps(fn)
+        def under_rules(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
+                return fn(*args, **kwargs)
+        return under_rules
+
+    def jit(self, fn, **jit_kwargs):
+        return jax.jit(self.traced(fn), **jit_kwargs)
+
+    def abstract(self, fn, *args):
+        """`fn(*args)` as ShapeDtypeStructs on the shardings their logical names give (leaves without
+        names, such as counters, replicated), flax boxes stripped: shapes only, nothing runs."""
+        boxed = jax.eval_shape(self.traced(fn), *args)
+        specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), self.rules)
+        return jax.tree.map(lambda spec, x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(self.mesh, _fit_to_shape(spec, x.shape, self.mesh))),
+            specs, unbox_abstract(boxed), is_leaf=lambda s: isinstance(s, P))
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+    """A PRNG key's shape and dtype, for shapes computed without creating a key on a device."""
+    return jax.eval_shape(jax.random.key, 0)
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def _fit_to_shape(spec: P, shape, mesh) -> P:
@@ -115,19 +152,6 @@ def _fit_to_shape(spec: P, shape, mesh) -> P:
             axes = None
         fitted.append(axes)
     return P(*fitted)
-
-
-def logical_shardings(abstract_tree, mesh, rules):
-    """NamedShardings for an (abstract) pytree whose leaves may be flax LogicallyPartitioned boxes.
-
-    Leaves without logical names (optimizer counters, scalars) are replicated.
-    """
-    specs = nn.get_partition_spec(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules_for_mesh(rules, mesh))
-    unboxed = unbox_abstract(abstract_tree)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit_to_shape(spec, x.shape, mesh)),
-        mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 
 def unbox_abstract(tree):

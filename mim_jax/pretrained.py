@@ -91,7 +91,6 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict:
     """{'params'[, 'extras']} of a fresh run of `method` as ShapeDtypeStructs carrying the
     shardings that the config's logical rules give on `mesh`."""
-    rules = tuple(tuple(r) for r in method.config.sharding_rules)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
     def init(rng, b):
@@ -99,11 +98,7 @@ def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict
             return {"params": method.init_params(rng, b)}
         return dict(zip(("params", "extras"), method.init_variables(rng, b)))
 
-    with parallel.activate(mesh, rules):
-        boxed = jax.eval_shape(init, jax.random.key(0), batch)
-        shardings = parallel.logical_shardings(boxed, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        parallel.unbox_abstract(boxed), shardings)
+    return parallel.Sharding.of(method.config, mesh).abstract(init, parallel.abstract_key(), batch)
 
 
 def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
@@ -137,16 +132,14 @@ def random_init(config: ml_collections.ConfigDict, mesh, seed: int | None = None
     parts = ("params", "extras") if method.ema else ("params",)
     abstract = abstract_variables(method, mesh, parts)
     batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
 
     def init(rng):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
         variables = method.init_variables(rng, zeros) if method.ema else (method.init_params(rng, zeros),)
         return nn.unbox(dict(zip(parts, variables)))
 
-    with parallel.activate(mesh, rules):
-        variables = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(
-            jax.random.key(config.seed if seed is None else seed))
+    init = parallel.Sharding.of(config, mesh).jit(init, out_shardings=parallel.shardings_of(abstract))
+    variables = init(jax.random.key(config.seed if seed is None else seed))
     params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=None, description="random init")
 

@@ -1,4 +1,5 @@
-"""Train state, its shardings, and the jitted train step: shared by the trainer and the benchmark."""
+"""Train state, its shardings, and the jitted train step: shared by the trainer and the benchmark.
+`build` reads in three steps: the abstract state, the initial state and the train step."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,14 +28,16 @@ class TrainState:
 @dataclasses.dataclass
 class Setup:
     """Everything derived from (config, method, mesh) that the loop needs."""
+    sharding: parallel.Sharding   # the run's mesh and logical rules, which every jitted function uses
+    abstract: TrainState      # ShapeDtypeStructs carrying their shardings on the mesh
     create: Callable          # rng -> TrainState, created directly on its shardings
-    abstract: TrainState      # ShapeDtypeStructs carrying the current mesh's shardings
-    shardings: TrainState
     frozen: Any               # frozen weights (e.g. a CLIP teacher), already on device
-    frozen_shardings: Any
-    train_step: Callable      # (state, frozen, batch) -> (state, metrics), jitted and donated
-    lower_step: Callable      # same arguments -> jax.stages.Lowered (cost analysis, AOT)
+    train_step: Callable      # (state, frozen, batch) -> (state, metrics), jitted and donated; .lower for AOT
     lr_schedule: Callable
+
+    @property
+    def shardings(self) -> TrainState:
+        return parallel.shardings_of(self.abstract)
 
 
 def _dict_path(path) -> tuple:
@@ -100,119 +103,123 @@ def split_micro_batches(batch: dict, k: int, mesh) -> dict:
 
 
 def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_batch_size: int) -> Setup:
-    """The train state, its optimizer and the jitted step of `method` on `mesh`. A state created
-    here (not restored) starts from `config.init`'s weights for the params named by
-    `config.init_keys` when `config.init` names a pre-training workdir (fine-tuning's warm start)."""
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    batch = method.batch_spec(global_batch_size)
-    batch_sharding = {k: parallel.batch_sharding(mesh) for k in batch}
+    """The train state, its optimizer and the jitted step of `method` on `mesh`. Nothing runs on a
+    device here but loading frozen weights (a teacher): the state is made by `Setup.create`."""
+    sharding = parallel.Sharding.of(config, mesh)
     peak_lr = optim.learning_rate(config.optax, global_batch_size)
     lr_schedule = optim.schedule(config.optax, peak_lr, total_steps, warmup_steps,
                                  decay_steps=int(config.optax.decay_percent * total_steps))
+    abstract, tx = abstract_state(config, method, sharding, lr_schedule)
+    frozen, frozen_shardings = frozen_weights(method, sharding)
+    step = train_step(config, method, sharding, tx, lr_schedule, abstract=abstract, frozen_shardings=frozen_shardings,
+                      global_batch_size=global_batch_size)
+    return Setup(sharding=sharding, abstract=abstract, create=initial_state(config, method, sharding, tx, abstract),
+                 frozen=frozen, train_step=step, lr_schedule=lr_schedule)
 
-    with parallel.activate(mesh, rules):
-        boxed_params, boxed_extras = jax.eval_shape(method.init_variables, jax.random.key(0), batch)
-        param_shardings = parallel.logical_shardings(boxed_params, mesh, rules)
-        extras_shardings = parallel.logical_shardings(boxed_extras, mesh, rules)
-        abstract_params = parallel.unbox_abstract(boxed_params)
-        tx = optim.make_optimizer(config.optax, abstract_params, lr_schedule)
-        opt_shape = jax.eval_shape(tx.init, abstract_params)
-        shardings = TrainState(step=parallel.replicated(mesh), params=param_shardings,
-                               opt_state=shardings_by_param_path(opt_shape, param_shardings, mesh),
-                               extras=extras_shardings)
 
-        boxed_frozen = jax.eval_shape(method.frozen.template, jax.random.key(0), batch) if method.frozen else {}
-        frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, rules)
-    frozen = method.frozen.load(parallel.unbox_abstract(boxed_frozen), frozen_shardings) if method.frozen else {}
+def _init_batch(method, mesh) -> dict:
+    # Params depend on shapes only: initialise on a batch as small as the mesh allows.
+    return method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
-    with parallel.activate(mesh, rules):
-        # Params depend on shapes only: initialise on a zero batch as small as the mesh allows.
-        init_batch = method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
-        def create(rng, loaded):
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch)
-            params, extras = nn.unbox(method.init_variables(rng, zeros))
-            params = dict(params, **loaded)     # warm start (config.init) before the optimizer sees them
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extras=extras)
+def abstract_state(config, method, sharding: parallel.Sharding, lr_schedule) -> tuple[TrainState, Any]:
+    """(the train state as ShapeDtypeStructs on their shardings, the optimizer): shapes only, with
+    an abstract PRNG key, so nothing runs on a device. Each optimizer-state leaf takes the sharding
+    of the parameter it mirrors."""
+    mesh = sharding.mesh
+    params, extras = sharding.abstract(method.init_variables, parallel.abstract_key(), _init_batch(method, mesh))
+    tx = optim.make_optimizer(config.optax, params, lr_schedule)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             opt_state, shardings_by_param_path(opt_state, parallel.shardings_of(params), mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, extras=extras), tx
 
-        create = jax.jit(create, out_shardings=shardings)
-        abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       abstract_params, param_shardings)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(create, jax.random.key(0), {}), shardings)
 
-    seed_key = jax.random.key(config.seed)
-    accum = accumulation_steps(config, method, mesh, global_batch_size)
+def frozen_weights(method, sharding: parallel.Sharding) -> tuple[Any, Any]:
+    """(the method's frozen weights on the device, their shardings); ({}, {}) for none."""
+    if not method.frozen:
+        return {}, {}
+    abstract = sharding.abstract(method.frozen.template, parallel.abstract_key(), _init_batch(method, sharding.mesh))
+    return method.frozen.load(abstract, parallel.shardings_of(abstract)), parallel.shardings_of(abstract)
 
-    def accumulated_grads(state, frozen, batch):
-        """Mean loss, metrics and gradients of the `accum` micro-batches, one at a time under
-        `lax.scan` (only one micro-batch's activations alive), and the extras as the last forward
-        pass leaves them. Masks are keyed by example index, so they are the global batch's; per-step
-        randomness (drop path) gets a distinct step per micro-batch, `step * accum + j`."""
-        micro = split_micro_batches(batch, accum, mesh)
-        batch_shardings = jax.tree.map(lambda _: parallel.batch_sharding(mesh), batch)
 
-        def grad_fn(extras, j, micro_batch):
-            micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_shardings)
+def initial_state(config, method, sharding: parallel.Sharding, tx, abstract: TrainState) -> Callable:
+    """rng -> a fresh TrainState on the shardings of `abstract`; the params named by
+    `config.init_keys` start from `config.init`'s weights when it names a pre-training workdir
+    (fine-tuning's warm start)."""
+    def create(rng, loaded):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _init_batch(method, sharding.mesh))
+        params, extras = nn.unbox(method.init_variables(rng, zeros))
+        params = dict(params, **loaded)     # warm start (config.init) before the optimizer sees them
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extras=extras)
 
-            def loss_fn(params):
-                return method.loss(params, extras, frozen, micro_batch, seed_key, state.step * accum + j)
-
-            (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            return grads, dict(metrics, loss=loss), extras
-
-        def body(carry, xs):
-            grad_sum, metric_sum, extras = carry
-            grads, metrics, extras = grad_fn(extras, *xs)
-            add = lambda a, b: a + b.astype(a.dtype)   # noqa: E731
-            return (jax.tree.map(add, grad_sum, grads), jax.tree.map(add, metric_sum, metrics), extras), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        grad_shape, metric_shape, _ = jax.eval_shape(grad_fn, state.extras, jnp.zeros((), jnp.int32), first)
-        zeros = lambda shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)   # noqa: E731
-        grad_sum = jax.lax.with_sharding_constraint(zeros(grad_shape), shardings.params)
-        (grad_sum, metric_sum, extras), _ = jax.lax.scan(
-            body, (grad_sum, zeros(metric_shape), state.extras), (jnp.arange(accum, dtype=jnp.int32), micro))
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
-        metrics = jax.tree.map(lambda m: m / accum, metric_sum)
-        return metrics.pop("loss"), metrics, extras, grads
-
-    def train_step(state, frozen, batch):
-        batch = image_ops.normalize_images(batch, config.input.mean, config.input.std)
-
-        if accum == 1:
-            def loss_fn(params):
-                return method.loss(params, state.extras, frozen, batch, seed_key, state.step)
-
-            (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        else:
-            loss, metrics, extras, grads = accumulated_grads(state, frozen, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        extras = method.ema.update(extras, params, lr_schedule(state.step)) if method.ema else extras
-        metrics = dict(metrics, loss=loss, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics
-
-    jitted = jax.jit(train_step, donate_argnums=(0,),
-                     in_shardings=(shardings, frozen_shardings, batch_sharding),
-                     out_shardings=(shardings, parallel.replicated(mesh)))
-
-    def step_fn(state, frozen, batch):
-        with parallel.activate(mesh, rules):  # logical constraints need both while tracing
-            return jitted(state, frozen, batch)
+    create = sharding.jit(create, out_shardings=parallel.shardings_of(abstract))
 
     def create_fn(rng):
         loaded = {}
         if config.init:
-            loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract_params)
-        with parallel.activate(mesh, rules):
-            return create(rng, loaded)
+            loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract.params)
+        return create(rng, loaded)
+    return create_fn
 
-    def lower(*args):
-        with parallel.activate(mesh, rules):
-            return jitted.lower(*args)
 
-    return Setup(create=create_fn, abstract=abstract, shardings=shardings, frozen=frozen,
-                 frozen_shardings=frozen_shardings, train_step=step_fn, lower_step=lower,
-                 lr_schedule=lr_schedule)
+def accumulated_gradients(loss, state: TrainState, batch, *, accum: int, mesh, param_shardings):
+    """The value and gradients of `loss` (`value_and_grad` of the method's loss) averaged over
+    `accum` micro-batches, one at a time under `lax.scan` (only one micro-batch's activations
+    alive), and the extras as the last forward pass leaves them. Masks are keyed by example index,
+    so they are the global batch's; per-step randomness (drop path) gets a distinct step per
+    micro-batch, `step * accum + j`."""
+    micro = split_micro_batches(batch, accum, mesh)
+    batch_shardings = jax.tree.map(lambda _: parallel.batch_sharding(mesh), batch)
+
+    def grad_fn(extras, j, micro_batch):
+        micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_shardings)
+        (value, (metrics, extras)), grads = loss(state.params, extras, micro_batch, state.step * accum + j)
+        return grads, dict(metrics, loss=value), extras
+
+    def body(carry, xs):
+        grad_sum, metric_sum, extras = carry
+        grads, metrics, extras = grad_fn(extras, *xs)
+        add = lambda a, b: a + b.astype(a.dtype)   # noqa: E731
+        return (jax.tree.map(add, grad_sum, grads), jax.tree.map(add, metric_sum, metrics), extras), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    grad_shape, metric_shape, _ = jax.eval_shape(grad_fn, state.extras, jnp.zeros((), jnp.int32), first)
+    zeros = lambda shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)   # noqa: E731
+    grad_sum = jax.lax.with_sharding_constraint(zeros(grad_shape), param_shardings)
+    (grad_sum, metric_sum, extras), _ = jax.lax.scan(
+        body, (grad_sum, zeros(metric_shape), state.extras), (jnp.arange(accum, dtype=jnp.int32), micro))
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    metrics = jax.tree.map(lambda m: m / accum, metric_sum)
+    return metrics.pop("loss"), metrics, extras, grads
+
+
+def train_step(config, method, sharding: parallel.Sharding, tx, lr_schedule, *, abstract: TrainState,
+               frozen_shardings, global_batch_size: int) -> Callable:
+    """(state, frozen, batch) -> (state, metrics), jitted with the state donated: one optimizer step
+    on the global batch, its gradients accumulated over `config.grad_accum_steps` micro-batches."""
+    mesh, shardings = sharding.mesh, parallel.shardings_of(abstract)
+    accum = accumulation_steps(config, method, mesh, global_batch_size)
+
+    def step_fn(state, frozen, batch):
+        batch = image_ops.normalize_images(batch, config.input.mean, config.input.std)
+        seed_key = jax.random.key(config.seed)   # made inside the trace: a constant of the program
+
+        loss = jax.value_and_grad(lambda params, extras, batch, step: method.loss(
+            params, extras, frozen, batch, seed_key, step), has_aux=True)
+        if accum == 1:
+            (value, (metrics, extras)), grads = loss(state.params, state.extras, batch, state.step)
+        else:
+            value, metrics, extras, grads = accumulated_gradients(loss, state, batch, accum=accum, mesh=mesh,
+                                                                  param_shardings=shardings.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        extras = method.ema.update(extras, params, lr_schedule(state.step)) if method.ema else extras
+        metrics = dict(metrics, loss=value, lr=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), metrics
+
+    batch_shardings = {k: parallel.batch_sharding(mesh) for k in method.batch_spec(global_batch_size)}
+    return sharding.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, frozen_shardings, batch_shardings),
+                        out_shardings=(shardings, parallel.replicated(mesh)))

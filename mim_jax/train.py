@@ -140,7 +140,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         # Steps only (no minimum duration), starting once the step is compiled.
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps,
                                               profile_duration_ms=None, first_profile=start + 3))
-    evals = PeriodicEvals(config, method, mesh=mesh, steps_per_epoch=steps["steps_per_epoch"])
+    evals = PeriodicEvals(config, method, sharding=setup.sharding, steps_per_epoch=steps["steps_per_epoch"])
     divergence = _DivergenceCheck(config.max_loss_ratio, start)
     stop = _StopSignal()
     pending = []
@@ -150,7 +150,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
         stopped = False
         if _refresh_missing(method, state.extras, refresh_at, start):   # a preemption stopped it
             logging.info("Step %d's refresh was stopped by a preemption before its checkpoint: doing it now.", start)
-            state, refreshed = _refresh(method, state, setup, source, mesh, writer, start, stop)
+            state, refreshed = _refresh(method, state, setup, source, writer, start, stop)
             if refreshed:
                 data.close()
                 data = data_iterator(start, state)
@@ -169,7 +169,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             for hook in hooks:
                 hook(step)
             if step in refresh_at:   # before this step's checkpoint, so a resume sees the new extras
-                state, refreshed = _refresh(method, state, setup, source, mesh, writer, step, stop)
+                state, refreshed = _refresh(method, state, setup, source, writer, step, stop)
                 if refreshed:
                     data.close()
                     data = data_iterator(step, state)
@@ -331,14 +331,15 @@ class _DivergenceCheck:
                 f"--config.resume_step={known[0]}, which restores it and deletes the later checkpoints.")
 
 
-def _refresh(method, state, setup, source, mesh, writer, step: int, stop: _StopSignal):
+def _refresh(method, state, setup, source, writer, step: int, stop: _StopSignal):
     """The method's refresh after `step` (a pass over the training set, minutes on a CPU), its
     extras placed on their shardings: (state, True); or (state unchanged, False) when a SIGTERM
     stopped it, so the step is saved without it and a resume redoes it (`_refresh_missing`).
     Multi-process runs leave SIGTERM to JAX's preemption sync manager: their refresh finishes
     before the preemption is acted on."""
     try:
-        extras, logs = method.refresh.run(state.params, state.extras, source, mesh, should_stop=lambda: stop.received)
+        extras, logs = method.refresh.run(state.params, state.extras, source, setup.sharding,
+                                           should_stop=lambda: stop.received)
     except RefreshInterrupted as interrupted:
         logging.warning("The refresh after step %d stopped at %d of %d examples for the preemption notice: step %d "
                         "is saved without it, and resuming redoes it.", step, interrupted.done, interrupted.total,

@@ -44,7 +44,7 @@ def visualize(workdir, *, num_images: int = 8, out=None, step: int | None = None
     mesh = parallel.make_mesh(config.mesh)
     weights = pretrained.load(workdir, mesh, step=step)   # encoder and decoder
     batch = eval_batch(weights.method, num_images, data_dir)
-    columns = reconstructor(weights.method, mesh, config.seed)(weights.params, batch)
+    columns = reconstructor(weights.method, parallel.Sharding.of(weights.config, mesh), config.seed)(weights.params, batch)
     image = grid(columns, scale or default_scale(columns["images"].shape[1]))
     return write_png(image, out or pathlib.Path(workdir) / "reconstructions.png")
 

@@ -86,10 +86,8 @@ def test_teacher_renormalises_the_student_view_and_runs_bf16_sharded(clip_dir):
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
     rules = (("embed", "fsdp"),)
     images = np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype(np.float32)
-    with parallel.activate(mesh, rules):
-        abstract = jax.eval_shape(teacher.init, jax.random.key(0), images)
-        shardings = parallel.logical_shardings(abstract, mesh, rules)
-    params = teacher.load(parallel.unbox_abstract(abstract), shardings)
+    abstract = parallel.Sharding(mesh=mesh, rules=rules).abstract(teacher.init, parallel.abstract_key(), images)
+    params = teacher.load(abstract, parallel.shardings_of(abstract))
     kernel = params["layers_0"]["fc1"]["kernel"]
     assert kernel.dtype == jnp.bfloat16 and kernel.sharding.spec[0] == "fsdp"
     ours = np.asarray(jax.jit(teacher)(params, jnp.asarray(images)))

@@ -132,8 +132,7 @@ def test_per_device_negatives_group_the_batch_by_its_shards():
     config = tiny_config(**{"contrastive.negatives": "device"})
     method = get_method(config, NUM_EXAMPLES)
     mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
-    with parallel.activate(mesh, config.sharding_rules):
-        assert method._negative_groups() == 8
+    assert parallel.Sharding.of(config, mesh).traced(method._negative_groups)() == 8
     assert get_method(tiny_config(), NUM_EXAMPLES)._negative_groups() == 1
 
 
@@ -168,7 +167,7 @@ def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, ca
     state = _setup(config, mesh).create(jax.random.key(0))
     monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
     with caplog.at_level(logging.INFO):
-        extras, logs = method.refresh.run(state.params, state.extras, _source(), mesh)
+        extras, logs = method.refresh.run(state.params, state.extras, _source(), parallel.Sharding.of(config, mesh))
     # The pass says what it does and how far it is (it takes minutes on a CPU).
     assert caplog.messages[0] == ("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for 48 "
                                   "training images.")

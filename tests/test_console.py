@@ -35,7 +35,7 @@ def test_periodic_evaluations_know_what_is_left_of_them():
     config = tiny_mae_config()
     config.evals = {"knn": periodic_eval("knn", every_epochs=0.0, every_steps=3),
                     "linear": periodic_eval("linear_probe", every_epochs=0.0, every_steps=5)}
-    evals = PeriodicEvals(config, method=None, mesh=None, steps_per_epoch=10)
+    evals = PeriodicEvals(config, method=None, sharding=None, steps_per_epoch=10)
     assert evals.remaining(1, 10) == (0.0, 6)      # knn at 3, 6, 9, 10; linear at 5, 10; none has run
     assert evals.estimate(["knn"]) is None
     evals._seconds.update(knn=2.0, linear=10.0)    # as run() records them

@@ -116,10 +116,10 @@ def test_subset_runs_on_each_devices_own_examples_without_collectives():
                     norm="rmsnorm", posemb="rope", drop_path=0.25, drop_path_uniform=True, drop_path_form="subset")
     images = jnp.zeros((32, 16, 16, 1))
     params = model.init(jax.random.key(0), images[:1])
-    with parallel.activate(mesh, ()):
-        forward = jax.jit(lambda p, im: model.apply(p, im, train=True, rngs={"dropout": jax.random.key(1)})[0],
-                          in_shardings=(parallel.replicated(mesh), NamedSharding(mesh, P(("data", "fsdp")))))
-        hlo = forward.lower(params, images).compile().as_text()
+    forward = parallel.Sharding(mesh=mesh, rules=()).jit(
+        lambda p, im: model.apply(p, im, train=True, rngs={"dropout": jax.random.key(1)})[0],
+        in_shardings=(parallel.replicated(mesh), NamedSharding(mesh, P(("data", "fsdp")))))
+    hlo = forward.lower(params, images).compile().as_text()
     for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
         assert collective not in hlo, collective
 

@@ -39,6 +39,14 @@ def test_a_run_written_by_an_older_version_restores_exactly_onto_an_fsdp_mesh(ru
     np.testing.assert_allclose(features, expected["feature/patch_tokens"], rtol=1e-5, atol=1e-6)
 
 
+def test_the_evaluators_encoder_runs_under_the_runs_sharding_rules():
+    """Feature extraction jits through the run's `parallel.Sharding`, so the encoder's activation
+    constraints are in its program (the features equal the older version's: the test above)."""
+    images = _expected("mae")["images"]
+    encoder = encoder_lib.load(str(FIXTURES / "mae"), parallel.make_mesh([("data", 2), ("fsdp", 4)]))
+    assert "sharding_constraint" in jax.jit(encoder.features).lower(images).as_text()
+
+
 @pytest.mark.parametrize("run", ("mae", "capi"))
 def test_every_restored_leaf_equals_what_the_older_version_restored(run):
     expected = _expected(run)

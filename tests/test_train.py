@@ -113,6 +113,22 @@ def test_checkpoint_written_on_8_devices_restores_on_2(tmp_path):
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(restored.params))
 
 
+def test_the_abstract_state_is_built_without_running_anything_on_a_device():
+    """`state.build` takes shapes and shardings from `jax.eval_shape` alone (no PRNG key or array on
+    a device: it serves devices that cannot run code), and they are the created state's."""
+    config = tiny_mae_config()
+    mesh = parallel.make_mesh([("data", 2), ("fsdp", 4)])
+    with jax.transfer_guard("disallow"):   # any array put on a device would raise
+        setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2,
+                                global_batch_size=16)
+
+    def described(tree):
+        return [(jax.tree_util.keystr(path), x.shape, x.dtype, x.sharding)
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert described(setup.abstract) == described(setup.create(jax.random.key(0)))
+    assert any("fsdp" in x.sharding.spec for x in jax.tree.leaves(setup.abstract.params))
+
+
 @pytest.mark.slow   # a profiled run (about 15 s)
 def test_profiling_on_request_writes_a_trace(tmp_path, synthetic_data):
     config = tiny_mae_config(profile_steps=2)

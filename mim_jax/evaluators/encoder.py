@@ -46,7 +46,8 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
         fn = jax.jit(lambda images: select(pixel_features(images, patch), feature))
         return Encoder(fn, base_config, "raw pixels")
     weights = pretrained.random_init(base_config, mesh) if init == "random" else pretrained.load(init, mesh)
-    encode = jax.jit(lambda p, images: select(weights.method.encode(p, images), feature))
+    sharding = parallel.Sharding.of(weights.config, mesh)
+    encode = sharding.jit(lambda p, images: select(weights.method.encode(p, images), feature))
     return Encoder(lambda images: encode(weights.params, images), weights.config, weights.description)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import time
 
-import jax
-
 from mim_jax import config_lib
 from mim_jax.data import pipeline
 from mim_jax.evaluators import common, encoder as encoder_lib, reconstructions, get as get_evaluator, run
@@ -20,8 +18,8 @@ from mim_jax.evaluators import common, encoder as encoder_lib, reconstructions, 
 
 class PeriodicEvals:
 
-    def __init__(self, config, method, mesh, steps_per_epoch: float):
-        self.config, self.method, self.mesh = config, method, mesh
+    def __init__(self, config, method, sharding, steps_per_epoch: float):
+        self.config, self.method, self.sharding = config, method, sharding
         self.evals = {}
         for name, cfg in config.evals.items():
             every = config_lib.steps(cfg, "every", steps_per_epoch=steps_per_epoch)
@@ -68,16 +66,16 @@ class PeriodicEvals:
             start = time.perf_counter()
             cfg, _, evaluator = self.evals[name]
             if cfg.feature not in self._encode:
-                self._encode[cfg.feature] = jax.jit(
+                self._encode[cfg.feature] = self.sharding.jit(
                     lambda p, images, f=cfg.feature: encoder_lib.select(self.method.encode(p, images), f))
             encoder = encoder_lib.Encoder(lambda images, f=cfg.feature: self._encode[f](params, images),
                                           self.config, "live encoder")
-            feats = {split: encoder_lib.extract(encoder, source, self.mesh, batch_size=cfg.batch_size,
+            feats = {split: encoder_lib.extract(encoder, source, self.sharding.mesh, batch_size=cfg.batch_size,
                                                 image_size=inp.image_size, mean=inp.mean, std=inp.std,
                                                 max_examples=cfg[f"max_{split}_examples"],
                                                 what=f"{name}: {split} features")
                      for split, source in self._sources(evaluator.SPLITS).items()}
-            results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.mesh)
+            results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.sharding.mesh)
             scalars.update({f"eval/{name}/{k}": v for k, v in common.scalars(results).items()})
             self._seconds[name] = time.perf_counter() - start
         return scalars
@@ -88,7 +86,7 @@ class PeriodicEvals:
         if not count or self.method.reconstructions is None:
             return {}
         if self._reconstruct is None:   # the same images and masks at every step: progress shows
-            self._reconstruct = (reconstructions.reconstructor(self.method, self.mesh, self.config.seed),
+            self._reconstruct = (reconstructions.reconstructor(self.method, self.sharding, self.config.seed),
                                  reconstructions.eval_batch(self.method, count))
         reconstruct, batch = self._reconstruct
         columns = reconstruct(params, batch)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from mim_jax import parallel
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import run as run_lib
@@ -41,13 +41,13 @@ def eval_batch(method, num_images: int, data_dir: str | None = None) -> dict:
             "index": np.arange(len(examples), dtype=np.int32)}
 
 
-def reconstructor(method, mesh, seed: int):
+def reconstructor(method, sharding: parallel.Sharding, seed: int):
     """params, batch -> host arrays of `method.reconstructions`. The params stay where they are
-    (sharded over `mesh`); the small batch and the outputs are replicated, so every process of a
+    (sharded over the mesh); the small batch and the outputs are replicated, so every process of a
     multi-host run can read them."""
     check_pixels(method)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(lambda p, b: method.reconstructions(p, b, jax.random.key(seed)), out_shardings=replicated)
+    replicated = parallel.replicated(sharding.mesh)
+    fn = sharding.jit(lambda p, b: method.reconstructions(p, b, jax.random.key(seed)), out_shardings=replicated)
 
     def reconstruct(params, batch: dict) -> dict:
         batch = {k: jax.device_put(v, replicated) for k, v in batch.items()}

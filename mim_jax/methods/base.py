@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax import parallel
 from mim_jax.data import pipeline
 
 PyTree = Any
@@ -79,11 +80,12 @@ class Refresh(Protocol):
     """`Method.refresh`: a pass over the training set after the `steps` it names (CMAE's boxes from
     heat maps). `run`: (new extras, whose leaves may be host arrays; host arrays to log: scalars,
     and 1-D arrays as histograms) from the current params and the training `source` (random access
-    by stable example index); it asks `should_stop()` between batches and raises RefreshInterrupted
-    when told to (a long pass must not hold up a preemption). `applied`: how many refreshes the
-    extras hold, so a resume redoes one a preemption stopped; `flops`: per training example."""
+    by stable example index), jitting through the run's `sharding`; it asks `should_stop()` between
+    batches and raises RefreshInterrupted when told to (a long pass must not hold up a preemption).
+    `applied`: how many refreshes the extras hold, so a resume redoes one a preemption stopped;
+    `flops`: per training example."""
     def steps(self, total_steps: int) -> tuple[int, ...]: ...
-    def run(self, params: PyTree, extras: PyTree, source, mesh,
+    def run(self, params: PyTree, extras: PyTree, source, sharding: parallel.Sharding,
             should_stop: Callable[[], bool] | None = None) -> tuple[PyTree, dict]: ...
     def applied(self, extras: PyTree) -> int: ...
     def flops(self) -> float: ...

@@ -70,12 +70,12 @@ class ContrastiveCrop(Component):
         every = max(int(round(cc.interval_percent * total_steps)), 1)
         return tuple(range(first, total_steps, every))
 
-    def run(self, params, extras, source, mesh, should_stop=None):
+    def run(self, params, extras, source, sharding, should_stop=None):
         """New boxes for every training example from the current encoder (ContrastiveCrop's
         semantic-aware localisation), keyed by the stable source index."""
         config = self.method.config
         inp, cc = config.input, config.method.ccrop
-        boxes_of = jax.jit(lambda p, images: contrastive.heatmap_boxes(
+        boxes_of = sharding.jit(lambda p, images: contrastive.heatmap_boxes(
             self.method.heat_maps(p, images), inp.image_size, cc.threshold))
         it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
                                     process_count=jax.process_count(),
@@ -85,17 +85,16 @@ class ContrastiveCrop(Component):
                      "images.", f"{len(source):,}")
         progress = console.Progress("ContrastiveCrop boxes", len(source), "images")
         boxes, done = [], 0
-        with parallel.activate(mesh, tuple(tuple(r) for r in config.sharding_rules)):
-            for local in it:
-                if should_stop is not None and should_stop():
-                    it.close()
-                    raise RefreshInterrupted(done, len(source))
-                batch = parallel.host_batch_to_global(local, mesh)
-                found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
-                keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
-                boxes.append(np.asarray(found)[np.asarray(keep)])
-                done += len(boxes[-1])
-                progress.update(done)
+        for local in it:
+            if should_stop is not None and should_stop():
+                it.close()
+                raise RefreshInterrupted(done, len(source))
+            batch = parallel.host_batch_to_global(local, sharding.mesh)
+            found = multihost_utils.process_allgather(boxes_of(params["encoder"], batch["image"]), tiled=True)
+            keep = multihost_utils.process_allgather(local["_mask"], tiled=True)
+            boxes.append(np.asarray(found)[np.asarray(keep)])
+            done += len(boxes[-1])
+            progress.update(done)
         boxes = np.concatenate(boxes)
         areas = box_areas(boxes)
         # The largest box is (0, 0, (S-1)/S, (S-1)/S) (ContrastiveCrop does not add 1 to the last
