@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mim_jax import teachers
-from mim_jax.interop import openai_clip, tensors as tensors_lib
-from mim_jax.models import clip, clip_weights
+from mim_jax.models import clip
+from mim_jax.weights import clip as clip_weights, openai_clip, tensors as tensors_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
