@@ -1,6 +1,6 @@
 """OpenAI's own CLIP files (`ViT-B-16.pt`, ...) as CAE v2's teacher: a small random transformers CLIP
 vision model, rewritten here into OpenAI's layout (clip/model.py's names, mapped independently of
-`interop/openai_clip.py`), saved as a plain state dict and as a TorchScript archive like the
+`weights/openai_clip.py`), saved as a plain state dict and as a TorchScript archive like the
 released files, loads into the Linen tower and gives transformers' outputs; broken files name
 what is wrong."""
 import re
