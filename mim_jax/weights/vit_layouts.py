@@ -21,14 +21,16 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
 
 class ViTLayout(Layout):
-    """What the ViT layouts share: the import into `params["encoder"]` (and MAE's decoder)."""
+    """What the ViT layouts share: the import into `params["encoder"]` (and MAE's decoder) from the
+    subclass's `encoder_entries(encoder, grid, channels, prefix)` and `ignored(desc, keys)`."""
+    with_decoder = False          # exports MAE's decoder too (the official *_full.pth layout)
 
-    def encoder_entries(self, encoder, grid, channels: int, prefix: str) -> list[tensor_maps.Entry]:
-        raise NotImplementedError
-
-    def ignored(self, desc: Description, keys) -> tuple[str, ...]:
-        """Regexes of the tensors an import of the params `keys` deliberately leaves out."""
-        raise NotImplementedError
+    def _entries(self, method, channels: int, prefix: str, keys) -> list[tensor_maps.Entry]:
+        entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid, channels, prefix))
+        if "decoder" in keys:
+            entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder,
+                                                                            method.encoder.num_prefix_tokens))
+        return entries
 
     def to_params(self, tensors, desc, method, abstract, keys=None):
         keys = tuple(keys or ("encoder",))
@@ -36,21 +38,17 @@ class ViTLayout(Layout):
         if unknown or ("decoder" in keys and not desc.has_decoder):
             raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
                              f"; params {unknown or ['decoder']} cannot be loaded from it.")
-        encoder = method.encoder
-        entries = tensor_maps.under("encoder", self.encoder_entries(encoder, method.grid, desc.channels, desc.prefix))
-        if "decoder" in keys:
-            entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder, encoder.num_prefix_tokens))
         target = jax.eval_shape(layers.unstack_blocks, {k: abstract[k] for k in keys})
-        params = tensor_maps.to_params(tensors, entries, target, ignore=self.ignored(desc, keys),
-                                       source=f"{desc.path} ({desc.layout} layout)")
-        if encoder.scan:
-            params = {k: layers.stack_blocks(v, encoder.depth) for k, v in params.items()}
+        params = tensor_maps.to_params(tensors, self._entries(method, desc.channels, desc.prefix, keys), target,
+                                       ignore=self.ignored(desc, keys), source=f"{desc.path} ({desc.layout} layout)")
+        if method.encoder.scan:
+            params = {k: layers.stack_blocks(v, method.encoder.depth) for k, v in params.items()}
         return params
 
     def from_params(self, params, method):
-        channels = method.config.input.channels
-        entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid, channels, ""))
-        return tensor_maps.to_tensors({"encoder": params["encoder"]}, entries)
+        keys = ("encoder", "decoder") if self.with_decoder else ("encoder",)
+        return tensor_maps.to_tensors({k: params[k] for k in keys},
+                                      self._entries(method, method.config.input.channels, "", keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +59,7 @@ class TimmFamily(ViTLayout):
     naming: vit.Naming
     evaluated_by: str = "mae"
     posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
-    with_decoder: bool = False    # exports MAE's decoder too (the official *_full.pth layout)
+    with_decoder: bool = False
 
     def detect(self, tensors):
         p = self.naming.prefix
@@ -100,14 +98,6 @@ class TimmFamily(ViTLayout):
 
     def encoder_entries(self, encoder, grid, channels, prefix):
         return vit.encoder_entries(encoder, grid, channels, self.naming)
-
-    def from_params(self, params, method):
-        if not self.with_decoder:
-            return super().from_params(params, method)
-        entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid,
-                                                                    method.config.input.channels, ""))
-        entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder, method.encoder.num_prefix_tokens))
-        return tensor_maps.to_tensors({k: params[k] for k in ("encoder", "decoder")}, entries)
 
     def checkpoint_info(self, method):
         return {"decoder_num_heads": method.decoder.num_heads} if self.with_decoder else {}
