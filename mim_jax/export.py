@@ -30,47 +30,10 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# timm's plain-ViT sizes by width, with their standard depth and heads (an exact match is that model).
-TIMM_SIZES = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16),
-              1280: ("huge", 32, 16)}
-# timm's registered plain-ViT entry points (timm 1.0: vit_<size>_patch<P>_<res>). model_args override
-# every field they set, so a model of another depth, patch or resolution is built from the nearest.
-TIMM_ARCHS = {"vit_tiny_patch16_224", "vit_tiny_patch16_384",
-              "vit_small_patch8_224", "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
-              "vit_small_patch32_384",
-              "vit_base_patch8_224", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
-              "vit_base_patch32_384",
-              "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
-              "vit_large_patch32_384",
-              "vit_huge_patch14_224"}
-_SHORT_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
-# For a width timm has no name for: a registered name to build from (model_args set every field).
-TIMM_GENERIC = "vit_base_patch16_224"
-
-
-def timm_architecture(encoder, image_size: int) -> str:
-    """timm's name for the model where it has one (vit_base_patch16_224 for a ViT-B/16 at 224), else
-    the registered name nearest to it (same width, then same patch size) that timm builds it from:
-    timm.create_model needs a registered name, model_args carry the rest (`timm_description`)."""
-    size = TIMM_SIZES.get(encoder.width, ("",))[0]
-    candidates = [f"vit_{size}_patch{encoder.patch_size}_{image_size}", f"vit_{size}_patch{encoder.patch_size}_224",
-                  f"vit_{size}_patch16_224", f"vit_{size}_patch14_224"]
-    return next((name for name in candidates if name in TIMM_ARCHS), TIMM_GENERIC)
-
-
-def timm_description(encoder, image_size: int, channels: int) -> str:
-    """What the export holds, which `architecture` alone may not say: 'ViT-Ti/4, 4 blocks (timm's tiny
-    has 12), 28x28 pixels, 1 channel; built as vit_tiny_patch16_224 with model_args'."""
-    architecture = timm_architecture(encoder, image_size)
-    size, depth, heads = TIMM_SIZES.get(encoder.width, (None, None, None))
-    parts = [f"ViT-{_SHORT_NAMES[size]}/{encoder.patch_size}" if size
-             else f"ViT of width {encoder.width}, patch {encoder.patch_size}"]
-    if encoder.depth != depth:
-        parts.append(f"{encoder.depth} blocks" + (f" (timm's {size} has {depth})" if size else ""))
-    if size and encoder.num_heads != heads:
-        parts.append(f"{encoder.num_heads} heads (timm's {size} has {heads})")
-    parts.append(f"{image_size}x{image_size} pixels, {channels} channel{'s' if channels > 1 else ''}")
-    return ", ".join(parts) + f"; built as {architecture} with model_args"
+# --format -> (the layout, None for the method's own `Method.weight_layout`; the weights file; the
+# layout's method that gives the JSON files beside it).
+FORMATS = {"timm": ("timm", "model.safetensors", "folder_config"), "hf": ("hf", "model.safetensors", "folder_config"),
+           "official": (None, "checkpoint.pth", "checkpoint_config")}
 
 
 def provenance(weights) -> dict:
@@ -80,101 +43,35 @@ def provenance(weights) -> dict:
             "weights": "ema teacher" if method.ema is not None else "student"}
 
 
-def _unstacked(params):
-    """Loop-layout params (a `model.scan=True` run stacks its blocks)."""
+def write(weights, fmt: str, out: pathlib.Path) -> tuple[pathlib.Path, dict[str, dict]]:
+    """`weights` in the layout of `fmt` under `out`: (the weights file, the JSON files beside it)."""
     from mim_jax.models import layers
-    return {k: layers.unstack_blocks(v) for k, v in params.items()}
+    from mim_jax.weights import files, registry
 
-
-def _encoder_params(weights):
-    return _unstacked(weights.params)["encoder"]
-
-
-def timm_model_args(encoder, image_size: int, channels: int) -> dict:
-    return dict(img_size=image_size, patch_size=encoder.patch_size, in_chans=channels, embed_dim=encoder.width,
-                depth=encoder.depth, num_heads=encoder.num_heads, mlp_ratio=encoder.mlp_dim / encoder.width,
-                qkv_bias=encoder.use_bias, class_token=encoder.cls_token, num_classes=0,
-                global_pool="token" if encoder.cls_token else "avg", fc_norm=False,
-                init_values=encoder.layerscale, no_embed_class=False)
+    method, inp = weights.method, weights.config.input
+    layout_name, filename, configs_of = FORMATS[fmt]
+    layout = registry.get(layout_name or method.weight_layout)
+    # Loop layout (a `model.scan=True` run stacks its blocks).
+    params = {k: layers.unstack_blocks(v) for k, v in weights.params.items()}
+    meta = provenance(weights)
+    path = out / filename
+    files.write(layout.from_params(params, method), path, meta)
+    configs = getattr(layout, configs_of)(method, inp, meta)
+    for name, content in configs.items():
+        (out / name).write_text(json.dumps(content, indent=2))
+    return path, configs
 
 
 def export_timm(weights, out: pathlib.Path) -> dict:
-    from mim_jax.interop import files, tensors, vit
-
-    method, inp = weights.method, weights.config.input
-    encoder = method.encoder
-    state = tensors.to_tensors({"encoder": _encoder_params(weights)}, tensors.under(
-        "encoder", vit.encoder_entries(encoder, method.grid, inp.channels, vit.TIMM)))
-    meta = provenance(weights)
-    files.write_safetensors(state, out / "model.safetensors", {k: str(v) for k, v in meta.items()})
-    config = {
-        "architecture": timm_architecture(encoder, inp.image_size),
-        "num_classes": 0,
-        "model_args": timm_model_args(encoder, inp.image_size, inp.channels),
-        "pretrained_cfg": {"input_size": [inp.channels, inp.image_size, inp.image_size], "mean": list(inp.mean),
-                           "std": list(inp.std), "num_classes": 0, "interpolation": "bicubic",
-                           "crop_pct": 0.875, "license": "see the run's data and recipe",
-                           "description": timm_description(encoder, inp.image_size, inp.channels)},
-        "mim_jax": meta,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return config
-
-
-def official_state(weights) -> dict:
-    """The method's official PyTorch state dict."""
-    from mim_jax.interop import tensors, vit
-
-    method, name = weights.method, weights.config.method.name
-    encoder, channels = method.encoder, weights.config.input.channels
-    if name == "capi":
-        from mim_jax.interop import capi
-        return capi.export_backbone(_unstacked(weights.params), method)
-    naming = {"cae_v2": vit.BEIT, "beyond_masking": vit.MAE_PYTORCH}.get(name, vit.TIMM)
-    entries = tensors.under("encoder", vit.encoder_entries(encoder, method.grid, channels, naming))
-    params = {"encoder": _encoder_params(weights)}
-    if name == "mae":
-        entries += tensors.under("decoder", vit.mae_decoder_entries(method.decoder, encoder.num_prefix_tokens))
-        params["decoder"] = _unstacked(weights.params)["decoder"]
-    return tensors.to_tensors(params, entries)
-
-
-def export_official(weights, out: pathlib.Path) -> pathlib.Path:
-    from mim_jax.interop import files
-    path = out / "checkpoint.pth"
-    files.write_torch(official_state(weights), path, {"mim_jax": provenance(weights)})
-    # Not read by the official code; it tells an import what the tensors do not (head count; the
-    # resolution where no position table is stored).
-    encoder = weights.method.encoder
-    inp = weights.config.input
-    info = {"num_heads": encoder.num_heads, "image_size": inp.image_size, "mean": list(inp.mean), "std": list(inp.std)}
-    if getattr(weights.method, "decoder", None) is not None and weights.config.method.name == "mae":
-        info["decoder_num_heads"] = weights.method.decoder.num_heads
-    (out / "config.json").write_text(json.dumps({**info, "mim_jax": provenance(weights)}, indent=2))
-    return path
+    return write(weights, "timm", out)[1]["config.json"]
 
 
 def export_hf(weights, out: pathlib.Path) -> dict:
-    from mim_jax.interop import files, tensors, vit
+    return write(weights, "hf", out)[1]["config.json"]
 
-    method, inp = weights.method, weights.config.input
-    encoder = method.encoder
-    state = tensors.to_tensors({"encoder": _encoder_params(weights)}, tensors.under(
-        "encoder", vit.hf_entries(encoder, method.grid, inp.channels)))
-    meta = provenance(weights)
-    files.write_safetensors(state, out / "model.safetensors", {"format": "pt", **{k: str(v) for k, v in meta.items()}})
-    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": encoder.width,
-              "num_hidden_layers": encoder.depth, "num_attention_heads": encoder.num_heads,
-              "intermediate_size": encoder.mlp_dim, "hidden_act": "gelu", "layer_norm_eps": encoder.norm_eps,
-              "image_size": inp.image_size, "patch_size": encoder.patch_size, "num_channels": inp.channels,
-              "qkv_bias": encoder.use_bias, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-              "mim_jax": meta}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": inp.image_size,
-                                                                                 "width": inp.image_size},
-        "do_normalize": True, "image_mean": list(inp.mean), "image_std": list(inp.std)}, indent=2))
-    return config
+
+def export_official(weights, out: pathlib.Path) -> pathlib.Path:
+    return write(weights, "official", out)[0]
 
 
 def export(workdir, fmt: str, out) -> pathlib.Path:
@@ -186,12 +83,7 @@ def export(workdir, fmt: str, out) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])   # the rules name both axes
     weights = pretrained.load(workdir, mesh)
-    if fmt == "timm":
-        export_timm(weights, out)
-    elif fmt == "hf":
-        export_hf(weights, out)
-    else:
-        export_official(weights, out)
+    write(weights, fmt, out)
     logging.info("Exported %s (%s) to %s as %s.", workdir, provenance(weights)["weights"], out, fmt)
     return out
 
@@ -215,7 +107,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
     fresh FlagValues in tests/test_docs.py)."""
     flags.DEFINE_string("workdir", None, "Pre-training workdir (its newest checkpoint is exported).",
                         flag_values=flag_values)
-    flags.DEFINE_enum(name="format", default="timm", enum_values=["timm", "official", "hf"], help="Output layout.",
+    flags.DEFINE_enum(name="format", default="timm", enum_values=list(FORMATS), help="Output layout.",
                       flag_values=flag_values)
     flags.DEFINE_string("out", None, "Output folder (created).", flag_values=flag_values)
 

@@ -7,11 +7,12 @@ nothing computed), and restores only `params` and `extras` onto it: no optimizer
 step, no teacher. Evaluators, fine-tuning's warm start (`config.init`) and run teachers all load
 through here.
 
-Where a workdir is accepted, so is a weights spec from another codebase (`mae:/path/file.pth`, a
-timm or Hugging Face file or folder, `capi:`, `cae_v2:`, `beyond_masking:`; see `interop.imports`):
-its config is built from the library's defaults, the settings its method's released weights were
-trained with and the encoder the file holds, and the file is converted on the host with
-every tensor accounted for, then placed on the mesh like a checkpoint.
+Where a workdir is accepted, so is any weights spec (`weights.spec`): a file of another codebase
+(`mae:/path/file.pth`, a timm or Hugging Face file or folder, `capi:`, `cae_v2:`,
+`beyond_masking:`) has its config built from the library's defaults, the settings its method's
+released weights were trained with and the encoder the file holds (`weights.registry`), and is
+converted on the host by its layout with every tensor accounted for, then placed on the mesh like a
+checkpoint.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from etils import epath
 
 from mim_jax import checkpoint, config_defaults, parallel
 from mim_jax.errors import WeightsNotFoundError
-from mim_jax.interop import imports as interop, tensors as tensor_maps, vit as vit_layouts
 from mim_jax.methods import Method, get_method
-from mim_jax.models import layers
+from mim_jax.weights import registry, spec as weight_spec, vit as vit_layouts
+from mim_jax.weights.layout import Description
 
 PyTree = object
 
@@ -69,6 +70,11 @@ class Weights:
     description: str
 
 
+def _run_dir(spec) -> str:
+    # A hub id names only a CLIP teacher: here it is a workdir that is not there.
+    return spec.path if isinstance(spec, weight_spec.Run) else spec.id
+
+
 def _checkpoints(workdir) -> checkpoint.Checkpointer:
     # orbax reads metadata only through absolute local paths.
     directory = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir)) / "checkpoints"
@@ -82,9 +88,10 @@ def _checkpoints(workdir) -> checkpoint.Checkpointer:
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The config of the newest checkpoint of a pre-training workdir, or the config that builds
     the encoder of a weights spec."""
-    if interop.is_weights(str(workdir)):
-        return imported_config(interop.describe(str(workdir)))
-    ckpt = _checkpoints(workdir)
+    spec = weight_spec.parse(workdir)
+    if isinstance(spec, weight_spec.File):
+        return imported_config(registry.describe(spec.path, spec.layout))
+    ckpt = _checkpoints(_run_dir(spec))
     return ckpt.restore_config(ckpt.latest_step())
 
 
@@ -101,7 +108,7 @@ def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict
     return parallel.Sharding.of(method.config, mesh).abstract(init, parallel.abstract_key(), batch)
 
 
-def imported_config(desc: interop.Description) -> ml_collections.ConfigDict:
+def imported_config(desc: Description) -> ml_collections.ConfigDict:
     """The config of a weight file's model at its resolution: the library's defaults, its method's
     `RELEASED` settings and the encoder the file holds; data stay ImageNet (whose statistics
     released weights expect) unless the file records its normalisation."""
@@ -149,8 +156,10 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
     mesh it was written on; `keys` (e.g. ('encoder',)) restores only those params (not a decoder
     or heads). A checkpoint whose tree does not match its own config is an error that lists the
     missing, unexpected and mis-shaped entries."""
-    if interop.is_weights(str(workdir)):
-        return load_file(str(workdir), mesh, keys)
+    spec = weight_spec.parse(workdir)
+    if isinstance(spec, weight_spec.File):
+        return load_file(spec, mesh, keys)
+    workdir = _run_dir(spec)
     ckpt = _checkpoints(workdir)
     if step is None:
         step = ckpt.latest_step()
@@ -174,52 +183,19 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")
 
 
-def load_file(spec: str, mesh, keys=None) -> Weights:
+def load_file(spec, mesh, keys=None) -> Weights:
     """The encoder (and, for keys=('encoder', 'decoder'), MAE's decoder; for CAPI the whole
-    released backbone) of a weights spec on `mesh`."""
-    desc = interop.describe(spec)
+    released backbone) of a weights file spec on `mesh`."""
+    spec = weight_spec.parse(spec)
+    desc = registry.describe(spec.path, spec.layout)
     config = imported_config(desc)
     method = get_method(config)
     abstract = abstract_variables(method, mesh, ("params",))["params"]
-    tensors = interop.read(desc.path)
-    if desc.family == "capi":
-        from mim_jax.interop import capi as capi_layout
-        keys = tuple(keys or capi_layout.COVERED)
-        params = capi_layout.import_backbone(tensors, method, {k: abstract[k] for k in keys}, keys=keys,
-                                             ignore=capi_layout.HEADS, source=f"{desc.path} (capi layout)")
-    else:
-        keys = tuple(keys or ("encoder",))
-        entries = _file_entries(desc, method, keys)
-        target = {k: abstract[k] for k in keys}
-        loop_target = jax.eval_shape(layers.unstack_blocks, target)
-        params = tensor_maps.to_params(tensors, entries, loop_target, ignore=interop.ignored(desc, keys),
-                                       source=f"{desc.path} ({desc.layout} layout)")
-        if method.encoder.scan:
-            params = {k: layers.stack_blocks(v, method.encoder.depth) for k, v in params.items()}
+    params = registry.get(desc.layout).to_params(registry.read(desc.path), desc, method, abstract, keys)
     params = jax.tree.map(lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), params,
                           {k: abstract[k] for k in params})
     logging.info("Loaded %s from %s (%s layout).", sorted(params), desc.path, desc.layout)
     return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}")
-
-
-def _file_entries(desc, method, keys):
-    encoder, grid, channels = method.encoder, method.grid, desc.channels
-    unknown = sorted(set(keys) - {"encoder", "decoder"})
-    if unknown or ("decoder" in keys and not desc.has_decoder):
-        raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}; "
-                         f"params {unknown or ['decoder']} cannot be loaded from it.")
-    entries = []
-    if "encoder" in keys:
-        if desc.family == "hf":
-            encoder_entries = vit_layouts.hf_entries(encoder, grid, channels, prefix=desc.prefix)
-        else:
-            naming = {"timm": vit_layouts.TIMM, "beit": vit_layouts.BEIT, "mae_pytorch": vit_layouts.MAE_PYTORCH}
-            encoder_entries = vit_layouts.encoder_entries(encoder, grid, channels, naming[desc.family])
-        entries += tensor_maps.under("encoder", encoder_entries)
-    if "decoder" in keys:
-        entries += tensor_maps.under("decoder", vit_layouts.mae_decoder_entries(method.decoder,
-                                                                               encoder.num_prefix_tokens))
-    return entries
 
 
 def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:

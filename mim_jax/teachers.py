@@ -4,14 +4,14 @@ A teacher turns the student's batch into per-token target features [B, (1+)N, D]
 patch grid as the student. It lives in the method's `frozen` tree: sharded by logical axis names
 like the student, run in its own dtype, with no gradients and no optimizer state.
 
-`source` picks one:
+`source` is a weights spec (`weights.spec`) that picks one:
 - `run:DIR`: the encoder of any pre-training workdir of this project (its newest checkpoint), so
   distillation works offline with a teacher trained here;
 - `<layout>:FILE`: the encoder of a released ViT checkpoint of another codebase
-  (`mae:/ckpt/mae_pretrain_vit_base.pth`, `timm:`, `hf:`, `capi:`, ...; see `interop/imports.py`);
+  (`mae:/ckpt/mae_pretrain_vit_base.pth`, `timm:`, `hf:`, `capi:`, ...; see `weights/registry.py`);
 - anything else is a CLIP checkpoint: Hugging Face (`openai/clip-vit-base-patch16`, a folder with
   model.safetensors + config.json, or the .safetensors file itself) or one of OpenAI's own files
-  (`ViT-B-16.pt`): see `models/clip_weights.py`.
+  (`ViT-B-16.pt`): see `weights/clip.py`.
 
 A run records the teacher's output width in `config.teacher.dim` (`output_dim`, called once when
 the run starts, by `CAEv2.resolve_config`); the weights are read only by `load`, so building a
@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import flops, parallel, pretrained
-from mim_jax.interop import imports as interop
 from mim_jax.methods import get_method
 from mim_jax.models import vit
+from mim_jax.weights import clip as clip_weights, spec as weight_spec
 
-RUN_PREFIX = "run:"
 # The recipes' teachers (projection widths): no hub request for their config.json.
 CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
 
@@ -57,7 +56,7 @@ class ClipTeacher:
 
     @functools.cached_property
     def _fields(self) -> dict:
-        from mim_jax.models import clip, clip_weights
+        from mim_jax.models import clip
         return clip.clip_config_from_hf(clip_weights.read_config(self.source))
 
     @functools.cached_property
@@ -83,7 +82,6 @@ class ClipTeacher:
         return self.tower.init(rng, jnp.zeros((1, self.input_size, self.input_size, 3), jnp.float32))["params"]
 
     def load(self, abstract, shardings):
-        from mim_jax.models import clip_weights
         _, params = clip_weights.load_clip_vision(self.source)
         _check_same_shapes(params, abstract, f"CLIP weights from {self.source}")
         return parallel.place(jax.tree.map(lambda x: np.asarray(x, self.dtype), params), shardings)
@@ -181,11 +179,6 @@ def _check_same_shapes(params, abstract, what: str):
         raise ValueError(f"{what} have the wrong shapes for the teacher: {bad[:5]}.")
 
 
-def _is_vit_spec(source: str) -> bool:
-    """A released ViT file is named by its layout (`mae:/path.pth`); unprefixed files are CLIP."""
-    return interop.parse(source)[0] is not None
-
-
 def _check_source(source: str) -> None:
     if not source:
         raise ValueError("config.teacher.source is empty: give a CLIP checkpoint (e.g. "
@@ -200,10 +193,10 @@ def output_dim(source: str) -> int:
     _check_source(source)
     if source in CLIP_DIMS:
         return CLIP_DIMS[source]
-    if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
-        model = pretrained.read_config(source.removeprefix(RUN_PREFIX)).model
+    if weight_spec.names_an_encoder(weight_spec.parse(source)):
+        model = pretrained.read_config(source).model
         return model.width or vit.decode_variant(model.variant)["width"]
-    from mim_jax.models import clip, clip_weights
+    from mim_jax.models import clip
     fields = clip.clip_config_from_hf(clip_weights.read_config(source))
     return fields["proj_dim"] or fields["width"]
 
@@ -213,6 +206,6 @@ def from_config(teacher_config, *, grid, student_mean, student_std):
     source = teacher_config.source
     _check_source(source)
     common = dict(grid=grid, student_mean=student_mean, student_std=student_std, out_dim=teacher_config.dim)
-    if source.startswith(RUN_PREFIX) or _is_vit_spec(source):
-        return RunTeacher(source.removeprefix(RUN_PREFIX), **common)
+    if weight_spec.names_an_encoder(weight_spec.parse(source)):
+        return RunTeacher(source, **common)
     return ClipTeacher(source, dtype=teacher_config.dtype, **common)

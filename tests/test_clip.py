@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mim_jax import parallel, teachers
-from mim_jax.models import clip, clip_weights
+from mim_jax.models import clip
+from mim_jax.weights import clip as clip_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,6 +1,6 @@
 """OpenAI's own CLIP files (`ViT-B-16.pt`, ...) as CAE v2's teacher: a small random transformers CLIP
 vision model, rewritten here into OpenAI's layout (clip/model.py's names, mapped independently of
-`interop/openai_clip.py`), saved as a plain state dict and as a TorchScript archive like the
+`weights/openai_clip.py`), saved as a plain state dict and as a TorchScript archive like the
 released files, loads into the Linen tower and gives transformers' outputs; broken files name
 what is wrong."""
 import re
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mim_jax import teachers
-from mim_jax.interop import openai_clip, tensors as tensors_lib
-from mim_jax.models import clip, clip_weights
+from mim_jax.models import clip
+from mim_jax.weights import clip as clip_weights, openai_clip, tensors as tensors_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

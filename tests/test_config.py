@@ -15,8 +15,8 @@ from mim_jax.data.catalog import DATASETS
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import run
 from mim_jax.methods import resolve_config
-from mim_jax.models import clip_weights
 from mim_jax.models.vit import vit_from_config
+from mim_jax.weights import clip as clip_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints_9ddba71"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mim_jax import parallel, pretrained
-from mim_jax.interop import files, imports, tensors as tensor_maps
 from mim_jax.models import layers
+from mim_jax.weights import files, tensors as tensor_maps
 
 timm = pytest.importorskip("timm")
 
@@ -303,9 +303,9 @@ def test_the_timm_export_names_the_models_size_and_loads_strictly(tmp_path):
 def test_timm_architecture_is_timms_own_name_or_the_nearest_registered(width, patch, size, name):
     from types import SimpleNamespace
 
-    from mim_jax import export
-    assert export.timm_architecture(SimpleNamespace(width=width, patch_size=patch), size) == name
-    assert all(timm.is_model(arch) for arch in export.TIMM_ARCHS)
+    from mim_jax.weights import folders
+    assert folders.timm_architecture(SimpleNamespace(width=width, patch_size=patch), size) == name
+    assert all(timm.is_model(arch) for arch in folders.TIMM_ARCHS)
 
 
 @pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking"])

@@ -12,9 +12,9 @@ from torch.nn import functional as F  # noqa: E402
 
 from configs import capi as capi_config  # noqa: E402
 from mim_jax import parallel  # noqa: E402
-from mim_jax.interop import capi as layout  # noqa: E402
-from mim_jax.interop.tensors import MismatchError  # noqa: E402
 from mim_jax.methods import get_method  # noqa: E402
+from mim_jax.weights import capi as layout  # noqa: E402
+from mim_jax.weights.tensors import MismatchError  # noqa: E402
 
 WIDTH, DEPTH, HEADS, PATCH, REGISTERS, PRED_DEPTH, CHANNELS = 64, 2, 4, 4, 4, 2, 3
 

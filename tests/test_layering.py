@@ -11,20 +11,21 @@ LAYERS = [
     ("mim_jax.config_lib", "mim_jax.config_defaults", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data",
      "mim_jax.masking", "mim_jax.image_ops", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
      "mim_jax.storage", "mim_jax.peers", "mim_jax.compile_cache", "mim_jax.console"),
-    # 1. Linen models and their weight readers; weight layouts of other codebases (interop reads
-    #    the models' param trees, models' CLIP loader reads OpenAI's files through it)
-    ("mim_jax.models", "mim_jax.interop"),
-    # 2. losses and targets on model outputs
+    # 1. Linen modules only
+    ("mim_jax.models",),
+    # 2. weight specs and the layouts of other codebases (they read the models' param trees)
+    ("mim_jax.weights",),
+    # 3. losses and targets on model outputs
     ("mim_jax.sinkhorn", "mim_jax.contrastive"),
-    # 3. the method interface and registry (concrete methods load by name, lazily)
+    # 4. the method interface and registry (concrete methods load by name, lazily)
     ("mim_jax.methods", "mim_jax.methods.base", "mim_jax.methods.masked"),
-    # 4. trained weights of runs, frozen teachers
+    # 5. trained weights of runs, frozen teachers
     ("mim_jax.pretrained", "mim_jax.teachers"),
-    # 5. the methods
+    # 6. the methods
     ("mim_jax.methods.*",),
-    # 6. train state and step; evaluators
+    # 7. train state and step; evaluators
     ("mim_jax.state", "mim_jax.evaluators"),
-    # 7. entry points
+    # 8. entry points
     ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export", "mim_jax.visualize"),
 ]
 
@@ -89,13 +90,26 @@ def test_imports_only_go_downward():
 
 
 def test_the_rules_that_matter_most_hold():
-    """Methods never import evaluators or the trainer; models never import methods."""
+    """Methods never import evaluators or the trainer; models are Linen modules that import no
+    methods, teachers, evaluators or weight files."""
     for name, path in modules():
         imported = set(imports_of(name, path))
         if name.startswith("mim_jax.methods"):
             assert not {m for m in imported if m.startswith(("mim_jax.evaluators", "mim_jax.train", "mim_jax.state"))}
         if name.startswith("mim_jax.models"):
-            assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators"))}
+            assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators",
+                                                              "mim_jax.weights"))}
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or through others (function-level imports
+    included): layers allow imports within a layer, so this is checked on its own."""
+    import graphlib
+    graph = {name: {m for m in imports_of(name, path) if m != name and m != "mim_jax"} for name, path in modules()}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle: {' -> '.join(e.args[1])}") from None
 
 
 def test_the_library_imports_no_config_file():

@@ -125,6 +125,10 @@ class Method(abc.ABC):
     accumulation: str = "exact"
     accumulation_note: str = ""
 
+    # The layout (`weights.registry` name) of the method's official code, which `mim_jax.export
+    # --format=official` writes; timm's where there is no official code.
+    weight_layout: str = "timm"
+
     @classmethod
     def resolve_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """`config` with the fields that depend on files filled in where they are still unset (a

@@ -64,6 +64,7 @@ class DegradedReconstructions(PixelReconstructions):
 
 
 class BeyondMasking(MAE):
+    weight_layout = "beyond_masking"
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

@@ -88,6 +88,7 @@ class FrozenTeacher(Component):
 
 
 class CAEv2(MaskedEncoderMethod):
+    weight_layout = "cae_v2"
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

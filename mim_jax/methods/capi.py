@@ -48,6 +48,7 @@ class TeacherEMA(Component):
 
 
 class CAPI(MaskedEncoderMethod):
+    weight_layout = "capi"
     accumulation = "changes_method"
     accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
                          "(each prototype gets an equal share of it); with grad_accum_steps={k} each "

@@ -117,6 +117,8 @@ class ContrastiveCrop(Component):
 
 
 class CMAE(MAE):
+    # No official code: the encoder alone, in MAE's (= timm's) names, which SDMAE's encoder shares.
+    weight_layout = "timm"
     accumulation = "changes_method"
     accumulation_note = ("CMAE's InfoNCE takes its negatives from the batch and its heads' BatchNorm (SyncBN) "
                          "normalises over it; with grad_accum_steps={k} both would see 1/{k} of it ({micro} of "

@@ -78,6 +78,7 @@ class PixelReconstructions(Component):
 
 
 class MAE(MaskedEncoderMethod):
+    weight_layout = "mae"
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

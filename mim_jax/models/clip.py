@@ -1,6 +1,6 @@
 """The OpenAI CLIP vision tower in Linen, laid out like Hugging Face's
 `CLIPVisionModelWithProjection` so its `model.safetensors` loads one tensor per parameter
-(`clip_weights.py`). It is a frozen teacher here: `__call__` returns every token after the final
+(`weights/clip.py`). It is a frozen teacher here: `__call__` returns every token after the final
 LayerNorm and the visual projection (CAE v2's targets), not only the pooled [CLS] embedding.
 
 Differences from the student ViT that matter for exactness: QuickGELU (x * sigmoid(1.702 x)), a

@@ -92,3 +92,28 @@ def write_torch(tensors: dict[str, np.ndarray], path, extra: dict | None = None)
     torch = _torch()
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}   # writable copies
     torch.save({"model": state, **(extra or {})}, str(path))
+
+
+def normalisation(path, config_json: dict | None):
+    """(mean, std) from timm's pretrained_cfg, this project's exports or a Hugging Face
+    preprocessor_config.json; (None, None) where nothing records them."""
+    cfg = (config_json or {}).get("pretrained_cfg", config_json or {})
+    if "mean" in cfg and "std" in cfg:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    path = pathlib.Path(path)
+    pre = (path if path.is_dir() else path.parent) / "preprocessor_config.json"
+    if pre.is_file():
+        data = json.loads(pre.read_text())
+        if "image_mean" in data:
+            return tuple(data["image_mean"]), tuple(data["image_std"])
+    return None, None
+
+
+def write(tensors: dict[str, np.ndarray], path, meta: dict) -> None:
+    """A state dict as `path`'s suffix says: safetensors with `meta` as metadata, or a `.pth` as the
+    official training scripts save it ({"model": state_dict, "mim_jax": meta})."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        write_safetensors(tensors, path, {"format": "pt", **{k: str(v) for k, v in meta.items()}})
+    else:
+        write_torch(tensors, path, {"mim_jax": meta})

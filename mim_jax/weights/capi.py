@@ -21,8 +21,8 @@ side stores anything for them. Everything else of our params (the student head `
 clustering head `clustering`) is not part of the backbone: an importer fills `COVERED` and leaves
 the rest (`ours_not_in_backbone`). The training script's evaluation dumps of the student (EMA)
 also hold `head.*` (its weight-normalised head); pass `ignore=HEADS` to import such a file.
-`describe` reads the architecture of such a file (for `interop.imports`); the number of heads is
-stored only as the RoPE frequencies' head_dim.
+`LAYOUT` is the registry entry; its `describe` reads the architecture of such a file (the number of
+heads is stored only as the RoPE frequencies' head_dim).
 
 How the official code and this model differ, none of it visible in the tensors:
 - RoPE frequencies are an `nn.Parameter` in every attention module (trained with lr 0, so they
@@ -46,10 +46,11 @@ import re
 import jax
 import numpy as np
 
-from mim_jax.interop.tensors import (Entry, MismatchError, linear, norm, patch_conv, same, split_qkv, to_params,
+from mim_jax.weights.tensors import (Entry, MismatchError, linear, norm, patch_conv, same, split_qkv, to_params,
                                      to_tensors)
 from mim_jax.models import layers
 from mim_jax.models import rope as rope_lib
+from mim_jax.weights.layout import Description, Layout
 
 PREFIX = "backbone."
 COVERED = ("encoder", "predictor")       # top-level params subtrees the official backbone holds
@@ -229,10 +230,8 @@ def export_backbone(params: dict, method, prefix: str = PREFIX) -> dict[str, np.
 
 
 def describe(tensors: dict, path):
-    """The architecture of an official backbone file (`interop.imports.Description`): sizes from
-    the tensors (heads from the RoPE frequencies' head_dim; nothing else stores them)."""
-    from mim_jax.interop.imports import Description
-
+    """The architecture of an official backbone file: sizes from the tensors (heads from the RoPE
+    frequencies' head_dim; nothing else stores them)."""
     p = PREFIX
     conv = tensors.get(f"{p}patch_embed.weight")
     if conv is None or conv.ndim != 4:
@@ -263,5 +262,23 @@ def describe(tensors: dict, path):
                        extra={"predictor": dict(depth=pred_depth, num_heads=pred_heads, mlp_ratio=pred_mlp / width)})
 
 
-__all__ = ["COVERED", "HEADS", "PREFIX", "describe", "entries", "export_backbone", "import_backbone",
-           "ours_not_in_backbone", "rope_table"]
+class CapiLayout(Layout):
+    """The registry entry: released files and training dumps (with `head.*`, left out)."""
+    name = family = evaluated_by = "capi"
+
+    def detect(self, tensors):
+        return any(n.startswith(PREFIX) for n in tensors)
+
+    def describe(self, tensors, path, config_json):
+        return describe(tensors, path)
+
+    def to_params(self, tensors, desc, method, abstract, keys=None):
+        keys = tuple(keys or COVERED)
+        return import_backbone(tensors, method, {k: abstract[k] for k in keys}, keys=keys, ignore=HEADS,
+                               source=f"{desc.path} (capi layout)")
+
+    def from_params(self, params, method):
+        return export_backbone(params, method)
+
+
+LAYOUT = CapiLayout()

@@ -25,9 +25,14 @@ Everything not under `visual.` is the text tower (and `input_resolution`, `conte
 in the released models but read from `c_fc`), with QuickGELU and LayerNorm eps 1e-5 (torch's
 default) throughout, i.e. Hugging Face's `hidden_act="quick_gelu"`, `layer_norm_eps=1e-5`. The
 ResNet models (`RN50.pt`, ...) have no `visual.proj` and are refused.
+
+`LAYOUT` is the registry entry: it recognises such a file among the encoder layouts and refuses it
+there (a CLIP tower is a teacher, not an encoder to evaluate); `load(path)` reads one for a teacher.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 
 import jax
@@ -35,8 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import parallel
-from mim_jax.interop.tensors import Entry, MismatchError, linear, norm, patch_conv, same, to_params as _to_params
-from mim_jax.interop.tensors import to_tensors as _to_tensors
+from mim_jax.errors import WeightsNotFoundError
+from mim_jax.weights import files
+from mim_jax.weights.layout import Layout
+from mim_jax.weights.tensors import Entry, MismatchError, linear, norm, patch_conv, same, to_params as _to_params
+from mim_jax.weights.tensors import to_tensors as _to_tensors
 
 PREFIX = "visual."
 BLOCKS = PREFIX + "transformer.resblocks."
@@ -44,6 +52,7 @@ BLOCK = BLOCKS + "{}."
 IGNORE = (r"(?!visual\.).*",)       # the text tower and the archives' scalars
 LAYER_NORM_EPS = 1e-5               # clip/model.py's LayerNorm(d_model): torch's default eps
 HEAD_DIM = 64                       # clip/model.py: vision_heads = vision_width // 64
+SUFFIXES = (".pt", ".pth")          # OpenAI's released files are .pt; .pth for a re-saved state dict
 
 # The released ViT files (clip/clip.py::_MODELS), for error messages.
 URLS = {
@@ -147,3 +156,62 @@ def to_params(tensors: dict, fields: dict, source: str = "the checkpoint") -> di
 def to_tensors(params: dict, fields: dict) -> dict[str, np.ndarray]:
     """CLIPVisionTower params -> the vision half of an OpenAI CLIP state dict (float32 numpy)."""
     return _to_tensors(params, entries(fields))
+
+
+class OpenAIClip(Layout):
+    name = family = "openai_clip"
+    refusal = ("this is an OpenAI CLIP checkpoint: use it as CAE v2's teacher "
+               "(configs/cae_v2.py:teacher=/path/ViT-B-16.pt), not as an encoder to evaluate.")
+
+    def detect(self, tensors):
+        return is_openai_clip(tensors)
+
+
+LAYOUT = OpenAIClip()
+
+
+def is_openai_file(source: str) -> bool:
+    """True for a path to one of OpenAI's CLIP files (by its suffix: `.pt` / `.pth`)."""
+    return pathlib.Path(os.path.expanduser(source)).suffix in SUFFIXES
+
+
+def existing_path(source: str) -> pathlib.Path:
+    path = pathlib.Path(os.path.expanduser(source))
+    if not path.is_file():
+        url = URLS.get(path.name)
+        where = (f"download {url} (openai/CLIP's clip/clip.py _MODELS) to {path}" if url else
+                 "download the file from the URL openai/CLIP's clip/clip.py _MODELS lists for it, e.g. "
+                 + URLS["ViT-B-16.pt"])
+        raise WeightsNotFoundError(f"OpenAI CLIP weights {path} do not exist: {where}, and pass its path as the "
+                                   f"teacher: --config=configs/cae_v2.py:teacher={path} (or set config.teacher.source).")
+    return path
+
+
+def _read(path: pathlib.Path) -> dict:
+    tensors = files.read(path)
+    if not is_openai_clip(tensors):
+        raise ValueError(f"{path} is not an OpenAI CLIP file (no visual.* tensors; "
+                         f"first tensors: {sorted(tensors)[:5]}). A Hugging Face CLIP checkpoint is a folder with "
+                         "model.safetensors + config.json, or the .safetensors file itself.")
+    return tensors
+
+
+_FIELDS: dict = {}   # (path, mtime, size) -> fields: config time, build and load each ask
+
+
+def fields_of(source: str, tensors: dict | None = None) -> dict:
+    """The tower fields of an OpenAI CLIP file, read once per file version."""
+    path = existing_path(source)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _FIELDS:
+        _FIELDS[key] = fields_from_tensors(_read(path) if tensors is None else tensors, source=str(path))
+    return dict(_FIELDS[key])
+
+
+def load(source: str) -> tuple[dict, dict]:
+    """(CLIPVisionTower fields, params) of an OpenAI CLIP file."""
+    path = existing_path(source)
+    tensors = _read(path)
+    fields = fields_of(source, tensors)
+    return fields, to_params(tensors, fields, source=str(path))

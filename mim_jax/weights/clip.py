@@ -1,4 +1,4 @@
-"""CLIP checkpoints -> CLIPVisionTower fields and params.
+"""A CLIP teacher's weights -> CLIPVisionTower fields and params.
 
 `source` is one of
 - a Hugging Face hub repo id (`openai/clip-vit-base-patch16`, downloaded once into the HF cache),
@@ -7,7 +7,7 @@
   and where to point the config;
 - one of OpenAI's own released files, `ViT-B-16.pt`, `ViT-L-14.pt`, ... (TorchScript archives as
   openai/CLIP downloads them; a `torch.save`d state dict in the same layout, `.pt` or `.pth`, too):
-  no config, the architecture is read from the tensor shapes (`interop/openai_clip.py`).
+  no config, the architecture is read from the tensor shapes (`openai_clip.py`).
 
 `vision_fields(source)` gives the tower fields of either kind, `load_clip_vision(source)` fields and
 params; `read_config(source)` a Hugging Face style config.json (synthesised for an OpenAI file).
@@ -21,9 +21,10 @@ import pathlib
 import numpy as np
 
 from mim_jax.errors import WeightsNotFoundError
+from mim_jax.weights import openai_clip
+from mim_jax.weights.openai_clip import is_openai_file
 
 FILES = ("model.safetensors", "config.json")
-OPENAI_SUFFIXES = (".pt", ".pth")   # OpenAI's released files are .pt; .pth for a re-saved state dict
 
 
 def _offline_help(repo: str) -> str:
@@ -32,50 +33,6 @@ def _offline_help(repo: str) -> str:
             f"HF_HUB_OFFLINE is set, and it is not in the HF cache). Download {urls} into a folder, "
             f"e.g. /data/{repo.split('/')[-1]}/, and pass that folder as the teacher: "
             f"--config=configs/cae_v2.py:teacher=/data/{repo.split('/')[-1]} (or set config.teacher.source).")
-
-
-def is_openai_file(source: str) -> bool:
-    """True for a path to one of OpenAI's CLIP files (by its suffix: `.pt` / `.pth`)."""
-    return pathlib.Path(os.path.expanduser(source)).suffix in OPENAI_SUFFIXES
-
-
-def _openai_path(source: str) -> pathlib.Path:
-    from mim_jax.interop import openai_clip
-
-    path = pathlib.Path(os.path.expanduser(source))
-    if not path.is_file():
-        url = openai_clip.URLS.get(path.name)
-        where = (f"download {url} (openai/CLIP's clip/clip.py _MODELS) to {path}" if url else
-                 "download the file from the URL openai/CLIP's clip/clip.py _MODELS lists for it, e.g. "
-                 + openai_clip.URLS["ViT-B-16.pt"])
-        raise WeightsNotFoundError(f"OpenAI CLIP weights {path} do not exist: {where}, and pass its path as the teacher: "
-                                f"--config=configs/cae_v2.py:teacher={path} (or set config.teacher.source).")
-    return path
-
-
-def _read_openai(path: pathlib.Path) -> dict:
-    from mim_jax.interop import files, openai_clip
-
-    tensors = files.read(path)
-    if not openai_clip.is_openai_clip(tensors):
-        raise ValueError(f"{path} is not an OpenAI CLIP file (no visual.* tensors; "
-                         f"first tensors: {sorted(tensors)[:5]}). A Hugging Face CLIP checkpoint is a folder with "
-                         "model.safetensors + config.json, or the .safetensors file itself.")
-    return tensors
-
-
-_OPENAI_FIELDS: dict = {}   # (path, mtime, size) -> fields: config time, build and load each ask
-
-
-def _openai_fields(path: pathlib.Path, tensors: dict | None = None) -> dict:
-    from mim_jax.interop import openai_clip
-
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _OPENAI_FIELDS:
-        _OPENAI_FIELDS[key] = openai_clip.fields_from_tensors(_read_openai(path) if tensors is None else tensors,
-                                                              source=str(path))
-    return dict(_OPENAI_FIELDS[key])
 
 
 def hf_config(fields: dict) -> dict:
@@ -92,7 +49,7 @@ def resolve(source: str, cache_dir: str | None = None, files=FILES) -> pathlib.P
     OpenAI `.pt` file, the folder it is in (after checking it exists)."""
     path = pathlib.Path(os.path.expanduser(source))
     if is_openai_file(source):
-        return _openai_path(source).parent
+        return openai_clip.existing_path(source).parent
     if path.suffix == ".safetensors":
         folder = path.parent
         if not path.is_file():
@@ -135,14 +92,14 @@ def read_config(source: str, cache_dir: str | None = None) -> dict:
     """The Hugging Face config.json of `source` (online, a hub id fetches only that file); for an
     OpenAI `.pt` file, the equivalent config built from its tensor shapes."""
     if is_openai_file(source):
-        return hf_config(_openai_fields(_openai_path(source)))
+        return hf_config(openai_clip.fields_of(source))
     return json.loads((resolve(source, cache_dir, files=("config.json",)) / "config.json").read_text())
 
 
 def vision_fields(source: str, cache_dir: str | None = None) -> dict:
     """CLIPVisionTower fields of any CLIP `source` (HF: from config.json; OpenAI: from the shapes)."""
     if is_openai_file(source):
-        return _openai_fields(_openai_path(source))
+        return openai_clip.fields_of(source)
     from mim_jax.models.clip import clip_config_from_hf
     return clip_config_from_hf(read_config(source, cache_dir))
 
@@ -156,11 +113,7 @@ def load_clip_vision(source: str, cache_dir: str | None = None) -> tuple[dict, d
     from mim_jax.models.clip import clip_config_from_hf
 
     if is_openai_file(source):
-        from mim_jax.interop import openai_clip
-        path = _openai_path(source)
-        tensors = _read_openai(path)
-        fields = _openai_fields(path, tensors)
-        return fields, openai_clip.to_params(tensors, fields, source=str(path))
+        return openai_clip.load(source)
     folder = resolve(source, cache_dir)
     fields = clip_config_from_hf(json.loads((folder / "config.json").read_text()))
     tensors = load_file(str(_weights_file(source, folder)))

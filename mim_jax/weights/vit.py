@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from mim_jax.interop.tensors import Entry, MismatchError, fixed, fold_qv_bias, linear, norm, patch_conv, same, split_qkv
+from mim_jax.weights.tensors import Entry, MismatchError, fixed, fold_qv_bias, linear, norm, patch_conv, same, split_qkv
 from mim_jax.models import layers
 
 

@@ -1,0 +1,214 @@
+"""The ViT layouts of other codebases as registry entries: timm (= the official MAE files), CAE v2's
+BEiT, Beyond Masking's MAE-pytorch and Hugging Face ViT / ViTMAE. Each detects its files by their
+tensor names, reads the encoder's architecture (width, depth, heads, patch, positions, biases,
+LayerScale, [CLS]) from the tensors (and config.json where there is one), so no config is needed to
+evaluate a file, and converts both ways through the `Entry` lists of `vit.py`."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+
+from mim_jax.models import layers
+from mim_jax.weights import folders, tensors as tensor_maps, vit
+from mim_jax.weights.layout import Description, Layout
+
+VARIANT_BY_WIDTH = {192: "Ti", 384: "S", 512: "M", 768: "B", 1024: "L", 1280: "H", 1408: "g"}
+# Standard ViT head counts by width (ViT, DeiT, MAE); files without a config.json need them.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+
+
+class ViTLayout(Layout):
+    """What the ViT layouts share: the import into `params["encoder"]` (and MAE's decoder) from the
+    subclass's `encoder_entries(encoder, grid, channels, prefix)` and `ignored(desc, keys)`."""
+    with_decoder = False          # exports MAE's decoder too (the official *_full.pth layout)
+
+    def _entries(self, method, channels: int, prefix: str, keys) -> list[tensor_maps.Entry]:
+        entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid, channels, prefix))
+        if "decoder" in keys:
+            entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder,
+                                                                            method.encoder.num_prefix_tokens))
+        return entries
+
+    def to_params(self, tensors, desc, method, abstract, keys=None):
+        keys = tuple(keys or ("encoder",))
+        unknown = sorted(set(keys) - {"encoder", "decoder"})
+        if unknown or ("decoder" in keys and not desc.has_decoder):
+            raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
+                             f"; params {unknown or ['decoder']} cannot be loaded from it.")
+        target = jax.eval_shape(layers.unstack_blocks, {k: abstract[k] for k in keys})
+        params = tensor_maps.to_params(tensors, self._entries(method, desc.channels, desc.prefix, keys), target,
+                                       ignore=self.ignored(desc, keys), source=f"{desc.path} ({desc.layout} layout)")
+        if method.encoder.scan:
+            params = {k: layers.stack_blocks(v, method.encoder.depth) for k, v in params.items()}
+        return params
+
+    def from_params(self, params, method):
+        keys = ("encoder", "decoder") if self.with_decoder else ("encoder",)
+        return tensor_maps.to_tensors({k: params[k] for k in keys},
+                                      self._entries(method, method.config.input.channels, "", keys))
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmFamily(ViTLayout):
+    """timm's VisionTransformer names and the forks that prefix them (`encoder.`, BEiT's q/v biases)."""
+    name: str
+    family: str
+    naming: vit.Naming
+    evaluated_by: str = "mae"
+    posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
+    with_decoder: bool = False
+
+    def detect(self, tensors):
+        p = self.naming.prefix
+        # The prefixed forks differ in whether they store their fixed position table.
+        return f"{p}patch_embed.proj.weight" in tensors and (not p or (f"{p}pos_embed" in tensors) ==
+                                                              self.naming.stores_fixed_pos)
+
+    def describe(self, tensors, path, config_json):
+        prefix = self.naming.prefix
+        block = f"{prefix}blocks.{{}}."
+        depth = sum(1 for n in tensors if re.fullmatch(rf"{re.escape(prefix)}blocks\.\d+\.norm1\.weight", n))
+        qkv_bias = "qv" if block.format(0) + "attn.q_bias" in tensors else "dense"
+        if qkv_bias == "dense" and _zero_key_biases(tensors, [block.format(i) + "attn.qkv.bias" for i in range(depth)]):
+            qkv_bias = "qv"    # a BEiT-style encoder exported with its q/v biases folded into qkv.bias
+        cls = f"{prefix}cls_token"
+        has_decoder = not prefix and "decoder_embed.weight" in tensors
+        return _description(
+            self, path, config_json, conv=tensors[f"{prefix}patch_embed.proj.weight"], depth=depth,
+            mlp_dim=tensors[block.format(0) + "mlp.fc1.weight"].shape[0],
+            has_cls=cls in tensors and not any(re.fullmatch(p, cls) for p in self.naming.ignore),
+            table=tensors.get(f"{prefix}pos_embed"), qkv_bias=qkv_bias,
+            use_bias=block.format(0) + "attn.proj.bias" in tensors,
+            layerscale=0.1 if any(block.format(0) + n in tensors for n in ("gamma_1", "ls1.gamma")) else None,
+            eps=1e-6,   # timm, MAE, BEiT/CAE and MAE-pytorch all build LayerNorm(eps=1e-6)
+            prefix=prefix, has_decoder=has_decoder,
+            extra={"decoder": _mae_decoder(tensors, config_json)} if has_decoder else {})
+
+    def ignored(self, desc, keys):
+        p = self.naming.prefix
+        # A supervised classifier on top of the encoder; the prefixed forks' full checkpoints also
+        # hold a regressor, decoder or teacher beside the encoder.
+        out = (rf"{re.escape(p)}head\..*",) + ((rf"(?!{re.escape(p)}).*",) if p else (r"fc_norm\..*",))
+        if "decoder" not in keys:
+            out += (r"mask_token", r"decoder_.*")
+        return out + self.naming.ignore
+
+    def encoder_entries(self, encoder, grid, channels, prefix):
+        return vit.encoder_entries(encoder, grid, channels, self.naming)
+
+    def checkpoint_info(self, method):
+        return {"decoder_num_heads": method.decoder.num_heads} if self.with_decoder else {}
+
+    def folder_config(self, method, inp, meta):
+        return {"config.json": folders.timm_config(method.encoder, inp, meta)}
+
+
+class HuggingFaceViT(ViTLayout):
+    """transformers' `ViTModel` / `ViTMAEModel`, alone or inside `*ForPreTraining` /
+    `*ForImageClassification` (the encoder then under `vit.`)."""
+    name = family = "hf"
+    evaluated_by = "mae"
+
+    def detect(self, tensors):
+        return self._prefix(tensors) is not None
+
+    @staticmethod
+    def _prefix(tensors):
+        for n in tensors:
+            m = re.fullmatch(r"(.*)embeddings\.patch_embeddings\.projection\.weight", n)
+            if m:
+                return m.group(1)
+        return None
+
+    def describe(self, tensors, path, config_json):
+        p = self._prefix(tensors)
+        block = f"{p}encoder.layer.{{}}."
+        depth = sum(1 for n in tensors if re.fullmatch(rf"{re.escape(p)}encoder\.layer\.\d+\.layernorm_before\.weight", n))
+        k_biases = [tensors.get(block.format(i) + "attention.attention.key.bias") for i in range(depth)]
+        return _description(
+            self, path, config_json, conv=tensors[f"{p}embeddings.patch_embeddings.projection.weight"], depth=depth,
+            mlp_dim=tensors[block.format(0) + "intermediate.dense.weight"].shape[0],
+            has_cls=f"{p}embeddings.cls_token" in tensors, table=tensors.get(f"{p}embeddings.position_embeddings"),
+            qkv_bias="qv" if all(b is not None and not np.any(b) for b in k_biases) else "dense",
+            use_bias=block.format(0) + "attention.output.dense.bias" in tensors, layerscale=None,
+            eps=float((config_json or {}).get("layer_norm_eps", 1e-12)), prefix=p)
+
+    def ignored(self, desc, keys):
+        p = re.escape(desc.prefix)
+        return (rf"(?!{p}embeddings\.|{p}encoder\.|{p}layernorm\.).*", rf"{p}embeddings\.mask_token")
+
+    def encoder_entries(self, encoder, grid, channels, prefix):
+        return vit.hf_entries(encoder, grid, channels, prefix=prefix)
+
+    def folder_config(self, method, inp, meta):
+        return folders.hf_config(method.encoder, inp, meta)
+
+
+TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM)
+MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, with_decoder=True)
+CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"))
+BEYOND_MASKING = TimmFamily(name="beyond_masking", family="mae_pytorch", naming=vit.MAE_PYTORCH,
+                            evaluated_by="beyond_masking")
+HF = HuggingFaceViT()
+
+
+def _description(layout, path, config_json, *, conv, depth, mlp_dim, has_cls, table, qkv_bias, use_bias, layerscale,
+                 eps, prefix, has_decoder=False, extra=None) -> Description:
+    width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
+    if table is not None:
+        grid = _square_grid(table.shape[1] - int(has_cls), f"{path}: the position table")
+        posemb = _posemb_of(table[0, int(has_cls):], grid, width, getattr(layout, "posembs", TIMM.posembs))
+    else:   # MAE-pytorch does not store its fixed 1-D table
+        size = int((config_json or {}).get("image_size", 224))
+        grid, posemb = (size // patch, size // patch), "sincos1d"
+    model = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=_heads(width, config_json, str(path)),
+                 variant=f"{VARIANT_BY_WIDTH.get(width, 'B')}/{patch}", cls_token=has_cls, posemb=posemb,
+                 qkv_bias=qkv_bias, use_bias=use_bias, layerscale=layerscale, norm="layernorm", norm_eps=eps,
+                 num_registers=0)
+    return Description(layout=layout.name, family=layout.family, path=path, config_name=layout.evaluated_by, model=model,
+                       image_size=grid[0] * patch, channels=channels, prefix=prefix, has_decoder=has_decoder,
+                       extra=extra or {})
+
+
+def _posemb_of(table: np.ndarray, grid, width: int, candidates) -> str:
+    for kind in candidates:
+        if np.allclose(table, layers.positions(kind, grid, width), atol=1e-4):
+            return kind
+    return "learn"
+
+
+def _square_grid(n: int, what: str) -> tuple[int, int]:
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"{what} has {n} positions, not a square grid.")
+    return side, side
+
+
+def _heads(width: int, config_json: dict | None, spec: str) -> int:
+    if config_json:
+        for key in ("num_attention_heads", "num_heads"):
+            if key in config_json:
+                return int(config_json[key])
+        if "num_heads" in config_json.get("model_args", {}):
+            return int(config_json["model_args"]["num_heads"])
+    if width not in HEADS_BY_WIDTH:
+        raise ValueError(f"{spec}: a {width}-wide ViT is not a standard size and there is no config.json beside it "
+                         "saying how many attention heads it has.")
+    return HEADS_BY_WIDTH[width]
+
+
+def _mae_decoder(tensors, config_json) -> dict:
+    """MAE's decoder size from a *_full.pth (heads: config.json, else MAE's 16)."""
+    width = tensors["decoder_embed.weight"].shape[0]
+    depth = sum(1 for n in tensors if re.fullmatch(r"decoder_blocks\.\d+\.norm1\.weight", n))
+    heads = int((config_json or {}).get("decoder_num_heads", 16))
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+
+
+def _zero_key_biases(tensors, names) -> bool:
+    """Every block's key bias exactly zero: trained dense biases never are, folded q/v ones always."""
+    biases = [tensors.get(n) for n in names]
+    return all(b is not None and not np.any(np.split(b, 3)[1]) for b in biases)
