@@ -23,7 +23,7 @@ from ml_collections.config_dict import placeholder
 from configs import common
 from mim_jax import config_defaults as defaults
 from mim_jax.config_lib import parse_arg
-from mim_jax.methods import finetune
+from mim_jax.methods.finetune import method as finetune
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mim_jax import image_ops, optim, parallel, pretrained
+from mim_jax import optim, parallel, pretrained
 from mim_jax.methods.base import ACCUMULATION
 
 
@@ -38,6 +38,15 @@ class Setup:
     @property
     def shardings(self) -> TrainState:
         return parallel.shardings_of(self.abstract)
+
+
+def normalize_images(batch: dict, mean, std) -> dict:
+    """uint8 image arrays of a batch (what the input workers deliver: a quarter of float32's bytes
+    to copy and to move to the device) -> float32 (x / 255 - mean) / std, the same operations in
+    the same order as the host's `transforms.normalize`; other entries are left as they are."""
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    return {k: (v.astype(jnp.float32) / 255.0 - mean) / std if v.dtype == jnp.uint8 and v.ndim == 4 else v
+            for k, v in batch.items()}
 
 
 def _dict_path(path) -> tuple:
@@ -203,7 +212,7 @@ def train_step(config, method, sharding: parallel.Sharding, tx, lr_schedule, *, 
     accum = accumulation_steps(config, method, mesh, global_batch_size)
 
     def step_fn(state, frozen, batch):
-        batch = image_ops.normalize_images(batch, config.input.mean, config.input.std)
+        batch = normalize_images(batch, config.input.mean, config.input.std)
         seed_key = jax.random.key(config.seed)   # made inside the trace: a constant of the program
 
         loss = jax.value_and_grad(lambda params, extras, batch, step: method.loss(

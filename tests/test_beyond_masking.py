@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import run_steps, synthetic_batches
 
 from configs import beyond_masking as bm_config
-from mim_jax import image_ops, optim, parallel
-from mim_jax.methods import beyond_masking, get_method
+from mim_jax import optim, parallel
+from mim_jax.methods.beyond_masking import degradations
+from mim_jax.methods import get_method
+from mim_jax.methods.beyond_masking import method as beyond_masking
 from mim_jax.models import layers
 
 torch = pytest.importorskip("torch")
@@ -33,14 +34,14 @@ def nhwc(t):
 @pytest.mark.parametrize("n_in,n_out", [(36, 28), (28, 36), (288, 224), (224, 288), (20, 28), (28, 20), (7, 7)])
 def test_area_resize_matches_torch_area_interpolation(n_in, n_out):
     x = np.random.default_rng(0).normal(size=(2, n_in, n_in, 3))
-    got = np.asarray(image_ops.area_resize(jnp.asarray(x, jnp.float32), n_out))
+    got = np.asarray(degradations.area_resize(jnp.asarray(x, jnp.float32), n_out))
     want = nhwc(F.interpolate(nchw(x), (n_out, n_out), mode="area"))
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_patch_channel_normalize_matches_the_official_rearrange():
     x = np.random.default_rng(1).uniform(size=(2, 8, 8, 3))
-    got = np.asarray(image_ops.patch_channel_normalize(jnp.asarray(x, jnp.float32), 4))
+    got = np.asarray(degradations.patch_channel_normalize(jnp.asarray(x, jnp.float32), 4))
     # 'b c (h p1) (w p2) -> b (h w) (p1 p2) c', normalise over the pixels, '-> b n (p c)'.
     sq = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16, 3)
     want = (sq - sq.mean(2, keepdims=True)) / (sq.std(2, ddof=1, keepdims=True) + 1e-6)
@@ -53,7 +54,7 @@ def test_patch_channel_normalize_matches_the_official_rearrange():
 
 def test_unpatchify_inverts_patchify():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 12, 3)), jnp.float32)
-    np.testing.assert_array_equal(image_ops.unpatchify(layers.patchify(x, 4), 4, 3), x)
+    np.testing.assert_array_equal(layers.unpatchify(layers.patchify(x, 4), 4, 3), x)
 
 
 def official_mirror(x, size, left, top):
@@ -76,7 +77,7 @@ def official_mirror(x, size, left, top):
 @pytest.mark.parametrize("top,left", [(0, 0), (3, 5), (7, 1), (4, 7)])
 def test_symmetric_place_matches_the_official_mirror_padding(top, left):
     x = np.random.default_rng(3).normal(size=(2, 20, 20, 3))
-    got = np.asarray(image_ops.symmetric_place(jnp.asarray(x, jnp.float32), 28, jnp.int32(top), jnp.int32(left)))
+    got = np.asarray(degradations.symmetric_place(jnp.asarray(x, jnp.float32), 28, jnp.int32(top), jnp.int32(left)))
     np.testing.assert_allclose(got, nhwc(official_mirror(nchw(x), 28, left, top)), atol=1e-6)
 
 
@@ -91,8 +92,8 @@ def official_fisheye(size, center, magnitude):
 @pytest.mark.parametrize("center,magnitude", [((0.3, -0.6), 0.2), ((-0.9, 0.95), 0.25), ((0.0, 0.0), 0.15)])
 def test_fisheye_distortion_matches_torch_grid_sample(center, magnitude):
     x = np.random.default_rng(4).normal(size=(1, 28, 28, 3))
-    grid = image_ops.fisheye_grid(28, jnp.asarray(center, jnp.float32), magnitude)
-    got = np.asarray(image_ops.grid_sample(jnp.asarray(x[0], jnp.float32), grid))
+    grid = degradations.fisheye_grid(28, jnp.asarray(center, jnp.float32), magnitude)
+    got = np.asarray(degradations.grid_sample(jnp.asarray(x[0], jnp.float32), grid))
     want = F.grid_sample(nchw(x), official_fisheye(28, center, magnitude), mode="bilinear",
                          padding_mode="zeros", align_corners=True)
     np.testing.assert_allclose(got, nhwc(want)[0], atol=1e-5)
@@ -101,7 +102,7 @@ def test_fisheye_distortion_matches_torch_grid_sample(center, magnitude):
 def test_blur_conv_matches_torch_conv2d():
     rng = np.random.default_rng(5)
     x, kernel = rng.normal(size=(1, 14, 14, 3)), 1 / 49 + 0.02 * rng.normal(size=(7, 7, 3, 3))
-    got = np.asarray(image_ops.conv_same(jnp.asarray(x[0], jnp.float32), jnp.asarray(kernel, jnp.float32)))
+    got = np.asarray(degradations.conv_same(jnp.asarray(x[0], jnp.float32), jnp.asarray(kernel, jnp.float32)))
     want = F.conv2d(nchw(x), torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()), padding=3)
     np.testing.assert_allclose(got, nhwc(want)[0], atol=1e-5)
 
@@ -212,7 +213,7 @@ def test_single_degradations_change_the_input_and_target_the_clean_image():
         inputs, loss_fn = method.degrade(batch["image"], batch, jax.random.key(0), jnp.int32(0))
         assert inputs.shape == batch["image"].shape
         assert not np.allclose(inputs, batch["image"], atol=0.1), degradation
-        clean = image_ops.patch_channel_normalize(batch["image"] * method.std + method.mean, 4)
+        clean = degradations.patch_channel_normalize(batch["image"] * method.std + method.mean, 4)
         loss, _ = loss_fn(clean, jnp.ones((4, 49), bool))
         assert float(loss) < 1e-8, degradation               # predicting the clean image costs nothing
     # De-colourisation: all channels equal one mix a*R + b*G + c*B, weights in [0, 0.667).

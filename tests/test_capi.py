@@ -5,15 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from conftest import run_steps, synthetic_batches
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import capi as capi_config
-from mim_jax import optim, parallel, sinkhorn, state as state_lib
-from mim_jax.methods import capi, get_method
-from mim_jax.models import capi as capi_models, rope
-
+from mim_jax import optim, parallel
+from mim_jax import state as state_lib
+from mim_jax.methods import get_method
+from mim_jax.methods.capi import heads as capi_models
+from mim_jax.methods.capi import method as capi
+from mim_jax.methods.capi import sinkhorn
+from mim_jax.models import rope
 
 # ---- Sinkhorn-Knopp ----------------------------------------------------------------------------
 

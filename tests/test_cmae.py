@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from configs import cmae as cmae_config
-from mim_jax import checkpoint, console, contrastive, flops, parallel, state as state_lib, train
+from mim_jax import checkpoint, console, flops, parallel, train
+from mim_jax import state as state_lib
 from mim_jax.data import pipeline
-from mim_jax.methods import cmae, get_method
+from mim_jax.methods import get_method
+from mim_jax.methods.cmae import contrastive, views
+from mim_jax.methods.cmae import method as cmae
 
 NUM_EXAMPLES = 48
 
@@ -173,7 +176,7 @@ def test_refresh_computes_one_box_per_example_from_the_heat_maps(monkeypatch, ca
                                   "training images.")
     assert caplog.messages[1].startswith("ContrastiveCrop boxes: 32/48 images (66%), ")
     assert extras["boxes"].shape == (NUM_EXAMPLES, 4) and int(extras["box_updates"]) == 1
-    view = pipeline.ResizeTransform(16, config.input.mean, config.input.std)
+    view = views.ResizeTransform(16, config.input.mean, config.input.std)
     images = np.stack([view(_source()[i], None)["image"] for i in range(NUM_EXAMPLES)])
     params = jax.device_get(state.params["encoder"])
     heat = method.heat_maps(params, jnp.asarray(images))
@@ -311,7 +314,7 @@ def test_views_are_drawn_from_each_examples_own_box():
     bottom rows. Small crops centred in the box show it: view means follow the box."""
     rows = np.repeat(np.arange(64, dtype=np.uint8)[:, None], 64, axis=1)[..., None] * 4
     boxes = np.array([[0.0, 0.0, 0.1, 1.0], [0.9, 0.0, 1.0, 1.0]], np.float32)
-    view = pipeline.ContrastiveViewsTransform(image_size=8, crop_scale=(0.01, 0.02), crop_ratio=(1.0, 1.0),
+    view = views.ContrastiveViewsTransform(image_size=8, crop_scale=(0.01, 0.02), crop_ratio=(1.0, 1.0),
                                               mean=(0.0,), std=(1.0,), boxes=boxes, alpha=1.0, jitter_prob=0.0)
     for index, (lo, hi) in ((0, (0, 0.3)), (1, (0.7, 1.0))):
         for seed in range(20):
@@ -320,7 +323,7 @@ def test_views_are_drawn_from_each_examples_own_box():
             for v in ("image", "image2"):      # uint8 views (normalised on the device)
                 assert lo <= out[v].mean() / 255 <= hi, (index, seed, v, out[v].mean())
     # Before the first update (no boxes): plain random-resized crops anywhere in the image.
-    plain = pipeline.ContrastiveViewsTransform(image_size=8, crop_scale=(0.01, 0.02), crop_ratio=(1.0, 1.0),
+    plain = views.ContrastiveViewsTransform(image_size=8, crop_scale=(0.01, 0.02), crop_ratio=(1.0, 1.0),
                                                mean=(0.0,), std=(1.0,), jitter_prob=0.0)
     means = [plain({"image": rows, "label": 0, pipeline.SOURCE_INDEX: 0}, np.random.default_rng(s))["image"].mean() / 255
              for s in range(40)]

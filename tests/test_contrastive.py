@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mim_jax import contrastive
+from mim_jax.methods.cmae import contrastive
 
 try:
     import torch

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mim_jax.data import contrastive_crop as cc
 from mim_jax.data import transforms
+from mim_jax.methods.cmae import contrastive_crop as cc
 
 ALPHA = 1e-4
 N = 20_000

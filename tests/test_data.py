@@ -283,10 +283,10 @@ def test_fashion_mnist_missing_sources_is_a_clear_error(tmp_path):
 def test_the_train_step_normalises_the_workers_uint8_images_as_the_host_did():
     import jax.numpy as jnp
 
-    from mim_jax import image_ops
+    from mim_jax.state import normalize_images
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    on_device = image_ops.normalize_images({"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)}, mean, std)
+    on_device = normalize_images({"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)}, mean, std)
     host = transforms.normalize(images, mean, std)
     np.testing.assert_allclose(np.asarray(on_device["image"]), host, rtol=1e-6, atol=1e-6)   # float32 rounding
     assert on_device["label"].dtype == jnp.int32 and on_device["image"].dtype == jnp.float32

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mim_jax import flops, parallel
-from mim_jax.models import capi as capi_models, layers, vit
+from mim_jax.methods.capi import heads as capi_models
+from mim_jax.models import layers, vit
 
 
 def test_subset_residual_matches_numpy_index_add():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from conftest import tiny_mae_config
 
-from mim_jax import optim, parallel, pretrained, state as state_lib, train
+from mim_jax import optim, parallel, pretrained, train
+from mim_jax import state as state_lib
 from mim_jax.data import pipeline
-from mim_jax.methods import finetune, get_method, resolve_config
+from mim_jax.methods import get_method, resolve_config
+from mim_jax.methods.finetune import method as finetune
 
 
 def test_mix_batch_targets_are_soft_labels_matching_the_pasted_area():

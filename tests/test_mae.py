@@ -5,7 +5,7 @@ import numpy as np
 from conftest import tiny_mae_config
 
 from mim_jax import bench
-from mim_jax.methods import mae
+from mim_jax.methods.mae import method as mae
 
 
 def test_analytic_flops_match_xla_cost_analysis():

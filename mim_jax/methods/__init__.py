@@ -7,12 +7,12 @@ from mim_jax.methods.base import Method
 
 # name -> "module:Class", imported lazily so a method's optional dependencies load only when used.
 REGISTRY = {
-    "mae": "mim_jax.methods.mae:MAE",
-    "finetune": "mim_jax.methods.finetune:Finetune",
-    "cae_v2": "mim_jax.methods.cae_v2:CAEv2",
-    "capi": "mim_jax.methods.capi:CAPI",
-    "beyond_masking": "mim_jax.methods.beyond_masking:BeyondMasking",
-    "cmae": "mim_jax.methods.cmae:CMAE",
+    "mae": "mim_jax.methods.mae.method:MAE",
+    "finetune": "mim_jax.methods.finetune.method:Finetune",
+    "cae_v2": "mim_jax.methods.cae_v2.method:CAEv2",
+    "capi": "mim_jax.methods.capi.method:CAPI",
+    "beyond_masking": "mim_jax.methods.beyond_masking.method:BeyondMasking",
+    "cmae": "mim_jax.methods.cmae.method:CMAE",
 }
 
 

@@ -49,6 +49,16 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
+def unpatchify(patches, patch: int, channels: int):
+    """Inverse of `patchify` for a square grid: [B, N, p*p*C] -> [B, H, W, C]."""
+    b, n, _ = patches.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"unpatchify needs a square grid, got {n} patches.")
+    x = patches.reshape(b, side, side, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, side * patch, side * patch, channels)
+
+
 def sincos_2d(grid_h: int, grid_w: int, width: int, row_first: bool = False) -> np.ndarray:
     """Fixed 2-D sin-cos positions [grid_h*grid_w, width], each half as [sin | cos].
 

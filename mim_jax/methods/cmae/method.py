@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import console, contrastive, flops, parallel
+from mim_jax import console, flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.methods.base import Component, RefreshInterrupted
-from mim_jax.methods.mae import MAE, masked_mse, normalized_pixel_targets
+from mim_jax.methods.cmae import contrastive, views
+from mim_jax.methods.cmae.heads import ContrastiveHead, MlpHead, PositionHead
+from mim_jax.methods.mae.method import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
-from mim_jax.models.cmae import ContrastiveHead, MlpHead, PositionHead
 
 HEATMAPS = ("cls_attention", "token_norm")
 NEGATIVES = ("global", "device")
@@ -79,7 +80,7 @@ class ContrastiveCrop(Component):
             self.method.heat_maps(p, images), inp.image_size, cc.threshold))
         it = pipeline.eval_iterator(source, global_batch_size=cc.batch_size, process_index=jax.process_index(),
                                     process_count=jax.process_count(),
-                                    transform=pipeline.ResizeTransform(inp.image_size, inp.mean, inp.std))
+                                    transform=views.ResizeTransform(inp.image_size, inp.mean, inp.std))
         # A pass over the whole training set: minutes on a CPU, worth saying.
         logging.info("Refreshing the ContrastiveCrop boxes: heat maps of the current encoder for %s training "
                      "images.", f"{len(source):,}")
@@ -258,7 +259,7 @@ class CMAE(MAE):
 
     def train_transform(self, host_state=None):
         inp, cc, v2 = self.config.input, self.config.method.ccrop, self.config.method.view2
-        return pipeline.ContrastiveViewsTransform(
+        return views.ContrastiveViewsTransform(
             image_size=inp.image_size, crop_scale=inp.crop_scale, crop_ratio=inp.crop_ratio, mean=tuple(inp.mean),
             std=tuple(inp.std), boxes=host_state, alpha=cc.alpha, interpolation=inp.interpolation, flip=inp.flip,
             view2_flip=v2.flip, jitter=tuple(v2.jitter), jitter_prob=v2.jitter_prob, gray_prob=v2.gray_prob)

@@ -3,7 +3,7 @@
 
 Images are HWC uint8 with C = 1 or 3, as in `transforms`. Randomness comes only from the numpy
 Generator passed in. Boxes are normalised (h_min, w_min, h_max, w_max), as produced by
-`mim_jax.contrastive.heatmap_boxes` and stored per example index.
+`mim_jax.methods.cmae.contrastive.heatmap_boxes` and stored per example index.
 
 Reference: xyupeng/ContrastiveCrop `datasets/transforms/ContrastiveCrop.py`
 (`ContrastiveCrop.get_params`); the draws come in the same order as there (area fraction, log

@@ -1,6 +1,5 @@
-"""Batched image operations on device (jnp, NHWC) for degradation-based pre-training (Beyond
-Masking): area resampling, patch/pixel layout, symmetric padding, fisheye warps, random blur and
-de-colourisation. They run inside the jitted train step, so every shape is static and every random
+"""Beyond Masking's batched image operations on device (jnp, NHWC): area resampling, per-patch
+per-channel targets, symmetric padding, fisheye warps, random blur and de-colourisation. They run inside the jitted train step, so every shape is static and every random
 choice comes from a key.
 """
 from __future__ import annotations
@@ -26,16 +25,6 @@ def area_resize(images, size: int):
     rows = jnp.asarray(area_matrix(images.shape[1], size))
     cols = jnp.asarray(area_matrix(images.shape[2], size))
     return jnp.einsum("ih,bhwc,jw->bijc", rows, images, cols, precision=jax.lax.Precision.HIGHEST)
-
-
-def unpatchify(patches, patch: int, channels: int):
-    """Inverse of `models.layers.patchify` for a square grid: [B, N, p*p*C] -> [B, H, W, C]."""
-    b, n, _ = patches.shape
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"unpatchify needs a square grid, got {n} patches.")
-    x = patches.reshape(b, side, side, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, side * patch, side * patch, channels)
 
 
 def patch_channel_statistics(images, patch: int):
@@ -103,12 +92,3 @@ def conv_same(image, kernel):
     return jax.lax.conv_general_dilated(image[None], kernel, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST)[0]
-
-
-def normalize_images(batch: dict, mean, std) -> dict:
-    """uint8 image arrays of a batch (what the input workers deliver: a quarter of float32's bytes
-    to copy and to move to the device) -> float32 (x / 255 - mean) / std, the same operations in
-    the same order as the host's `transforms.normalize`; other entries are left as they are."""
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    return {k: (v.astype(jnp.float32) / 255.0 - mean) / std if v.dtype == jnp.uint8 and v.ndim == 4 else v
-            for k, v in batch.items()}

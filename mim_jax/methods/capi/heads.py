@@ -16,8 +16,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mim_jax.models import rope as rope_lib
-from mim_jax.models.layers import (DropPath, Dtype, Mlp, attention, check_drop_path_form, constrain, l2_normalize,
-                                   make_norm, param_init, residual, trunc_normal)
+from mim_jax.models.layers import (
+    DropPath,
+    Dtype,
+    Mlp,
+    attention,
+    check_drop_path_form,
+    constrain,
+    l2_normalize,
+    make_norm,
+    param_init,
+    residual,
+    trunc_normal,
+)
 
 
 class CrossAttentionBlock(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, image_ops
+from mim_jax import flops
 from mim_jax.methods.base import Component
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.decoder import PixelDecoder
-from mim_jax.models.layers import patchify
+from mim_jax.models.layers import patchify, unpatchify
 
 
 def patch_statistics(images, patch_size: int):
@@ -70,9 +70,9 @@ class PixelReconstructions(Component):
         tokens, _ = self.method.encoder.apply({"params": params["encoder"]}, inputs, visible)
         pred = self.method.decoder.apply({"params": params["decoder"]}, tokens, visible, masked)[:, -n:]
         pred = self.denormalize(pred.astype(jnp.float32), target)
-        recon = self.target_pixels(image_ops.unpatchify(pred, p, c))
+        recon = self.target_pixels(unpatchify(pred, p, c))
         original = self.target_pixels(target.astype(jnp.float32))
-        hidden = image_ops.unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
+        hidden = unpatchify(jnp.broadcast_to(masks[..., None], masks.shape + (p * p * c,)), p, c)
         return {"images": original, "masked": jnp.where(hidden, 0.5, self.input_pixels(inputs.astype(jnp.float32))),
                 "reconstruction": recon, "pasted": jnp.where(hidden, recon, original), "mask": masks}
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mim_jax import image_ops
-from mim_jax.methods.mae import MAE, PixelReconstructions, masked_mse
-from mim_jax.models.layers import patchify
+from mim_jax.methods.beyond_masking import degradations
+from mim_jax.methods.mae.method import MAE, PixelReconstructions, masked_mse
+from mim_jax.models.layers import patchify, unpatchify
 
 DEGRADATIONS = ("none", "zoom_in", "zoom_out", "distort", "blur", "decolorize")
 
@@ -51,15 +51,15 @@ class DegradedReconstructions(PixelReconstructions):
         inputs, _ = method.degrade(view, batch, rng, 0)    # step 0's per-batch draws, at every evaluation
         pixels = view * method.std + method.mean
         size = method.config.input.image_size
-        return inputs, (pixels if pixels.shape[1] == size else image_ops.area_resize(pixels, size))
+        return inputs, (pixels if pixels.shape[1] == size else degradations.area_resize(pixels, size))
 
     def target_pixels(self, target):
         return target
 
     def denormalize(self, pred, target):
         """Each patch AND channel gets its target's mean and (unbiased std + 1e-6) back, the
-        inverse of `image_ops.patch_channel_normalize`."""
-        t, mean, std = image_ops.patch_channel_statistics(target, self.method.encoder.patch_size)
+        inverse of `degradations.patch_channel_normalize`."""
+        t, mean, std = degradations.patch_channel_statistics(target, self.method.encoder.patch_size)
         return (pred.reshape(t.shape) * (std + 1e-6) + mean).reshape(pred.shape)
 
 
@@ -123,14 +123,14 @@ class BeyondMasking(MAE):
         if self.degradation == "zoom_in":
             b = (self.view_size - size) // 2
             inputs = view[:, b:b + size, b:b + size]
-            centre_target = image_ops.patch_channel_normalize(pixels[:, b:b + size, b:b + size], p)
+            centre_target = degradations.patch_channel_normalize(pixels[:, b:b + size, b:b + size], p)
             # The whole view at the input's resolution, normalised on that grid, back at the view's.
-            full_target = image_ops.area_resize(image_ops.unpatchify(
-                image_ops.patch_channel_normalize(image_ops.area_resize(pixels, size), p), p, self.channels),
+            full_target = degradations.area_resize(unpatchify(
+                degradations.patch_channel_normalize(degradations.area_resize(pixels, size), p), p, self.channels),
                 self.view_size)
 
             def zoom_in_loss(pred, weights):
-                pred_view = image_ops.area_resize(image_ops.unpatchify(pred, p, self.channels), self.view_size)
+                pred_view = degradations.area_resize(unpatchify(pred, p, self.channels), self.view_size)
                 centre = masked_mse(patchify(pred_view[:, b:b + size, b:b + size], p), centre_target, weights)
                 edge = ring_mse(pred_view, full_target, b)
                 return (cfg.centre_weight * centre + cfg.edge_weight * edge,
@@ -141,24 +141,24 @@ class BeyondMasking(MAE):
             # The view sits at a random offset of a mirror-padded canvas; the prediction (the view
             # enlarged to the canvas) and the target are mapped back to that canvas for the loss.
             top, left = self.zoom_out_offset(per_batch)
-            place = lambda x: image_ops.symmetric_place(x, size, top, left)   # noqa: E731
-            to_input_frame = lambda x: patchify(place(image_ops.area_resize(x, self.view_size)), p)  # noqa: E731
-            target = to_input_frame(image_ops.unpatchify(
-                image_ops.patch_channel_normalize(image_ops.area_resize(pixels, size), p), p, self.channels))
+            place = lambda x: degradations.symmetric_place(x, size, top, left)   # noqa: E731
+            to_input_frame = lambda x: patchify(place(degradations.area_resize(x, self.view_size)), p)  # noqa: E731
+            target = to_input_frame(unpatchify(
+                degradations.patch_channel_normalize(degradations.area_resize(pixels, size), p), p, self.channels))
 
             def zoom_out_loss(pred, weights):
-                value = masked_mse(to_input_frame(image_ops.unpatchify(pred, p, self.channels)), target, weights)
+                value = masked_mse(to_input_frame(unpatchify(pred, p, self.channels)), target, weights)
                 return value, {"pixel_loss": value}
             return place(view), zoom_out_loss
 
-        target = token_loss(image_ops.patch_channel_normalize(pixels, p))
+        target = token_loss(degradations.patch_channel_normalize(pixels, p))
         if self.degradation == "distort":
             k_center, k_mag = jax.vmap(lambda k: jax.random.split(k), out_axes=1)(per_example)
             centers = jax.vmap(lambda k: jax.random.uniform(k, (2,), minval=-1.0, maxval=1.0))(k_center)
             mags = jax.vmap(lambda k: jax.random.uniform(k, (), minval=cfg.distort_magnitude[0],
                                                           maxval=cfg.distort_magnitude[1]))(k_mag)
-            grids = jax.vmap(lambda c, m: image_ops.fisheye_grid(size, c, m))(centers, mags)
-            return jax.vmap(image_ops.grid_sample)(view, grids), target
+            grids = jax.vmap(lambda c, m: degradations.fisheye_grid(size, c, m))(centers, mags)
+            return jax.vmap(degradations.grid_sample)(view, grids), target
         if self.degradation == "blur":
             # docs/methods/beyond_masking.md §3: the released line is a broken 1x1 3->7 conv; its
             # evident intent is a 7x7 kernel with weights ~ N(1/49, 0.02), redrawn per image, mixing
@@ -166,7 +166,7 @@ class BeyondMasking(MAE):
             k = cfg.blur_kernel
             kernels = jax.vmap(lambda key: 1.0 / k ** 2 + cfg.blur_std * jax.random.normal(
                 key, (k, k, self.channels, self.channels)))(per_example)
-            return jax.vmap(image_ops.conv_same)(view, kernels), target
+            return jax.vmap(degradations.conv_same)(view, kernels), target
         if self.degradation == "decolorize":
             # One random mix a*R + b*G + c*B per batch (a, b, c ~ U(0, 0.667)) of the normalised
             # image. The official encoder takes it as 1 channel; it is repeated over the channels

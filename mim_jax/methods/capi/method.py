@@ -21,10 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, masking, sinkhorn
+from mim_jax import flops, masking
 from mim_jax.methods.base import Component
+from mim_jax.methods.capi import sinkhorn
+from mim_jax.methods.capi.heads import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
-from mim_jax.models.capi import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
 from mim_jax.models.rope import grid_coords
 
 STUDENT = ("encoder", "predictor", "head")     # what the EMA teacher tracks

@@ -1,0 +1,2 @@
+"""CAPI: `method.py` (the Method, its EMA teacher as a component), `heads.py` (the predictor and
+clustering heads' Linen modules) and `sinkhorn.py` (positionwise Sinkhorn-Knopp)."""
