@@ -30,8 +30,9 @@ def benchmark(config, steps: int, profile_dir: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mim_jax import flops, parallel, state as state_lib
+    from mim_jax import flops, parallel
     from mim_jax.methods import get_method, resolve_config
+    from mim_jax.training import state as state_lib
 
     config = resolve_config(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -172,5 +173,5 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
 
 if __name__ == "__main__":
     define_flags()
-    from mim_jax import console
+    from mim_jax.runtime import console
     app.run(main, flags_parser=console.parse_flags)

@@ -93,7 +93,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required.")
-    from mim_jax import console
+    from mim_jax.runtime import console
     console.quiet_unless_verbose()
     try:
         export(FLAGS.workdir, FLAGS.format, FLAGS.out)

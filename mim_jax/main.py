@@ -32,7 +32,7 @@ def initialize_distributed(peer_timeout_s: float):
     Returns the watch over the other processes (peers.py), or None for a single process."""
     import jax
 
-    from mim_jax import peers
+    from mim_jax.runtime import peers
     if multiprocessing.parent_process() is not None:
         return None
     # JAX's own heartbeat check is the backstop: it aborts with a C++ fatal error that only names a
@@ -52,7 +52,7 @@ def initialize_distributed(peer_timeout_s: float):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from mim_jax import console
+    from mim_jax.runtime import console
     console.quiet_unless_verbose()
     import tensorflow as tf  # TFDS/clu need TF; keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
@@ -60,8 +60,8 @@ def main(argv):
     import jax
     logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
-    from mim_jax import compile_cache
     from mim_jax.errors import UserFacingError
+    from mim_jax.runtime import compile_cache
     # Before anything compiles: a restarted or resumed job reuses the compiled steps.
     compile_cache.enable(FLAGS.workdir, FLAGS.config.compilation_cache_dir)
     try:
@@ -69,7 +69,7 @@ def main(argv):
             from mim_jax.evaluators import run
             run.evaluate(FLAGS.config, FLAGS.workdir)
         else:
-            from mim_jax import train
+            from mim_jax.training import train
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
         logging.error("%s", e)
@@ -97,6 +97,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
 
 
 if __name__ == "__main__":
-    from mim_jax import console
+    from mim_jax.runtime import console
     define_flags()
     app.run(main, flags_parser=console.parse_flags)

@@ -24,14 +24,17 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 from etils import epath
 
-from mim_jax import checkpoint, config_defaults, parallel
+from mim_jax import config_defaults, parallel
 from mim_jax.errors import WeightsNotFoundError
 from mim_jax.methods import Method, get_method
-from mim_jax.weights import registry, spec as weight_spec, vit as vit_layouts
+from mim_jax.runtime import checkpoint
+from mim_jax.weights import registry
+from mim_jax.weights import spec as weight_spec
+from mim_jax.weights import vit as vit_layouts
 from mim_jax.weights.layout import Description
 
 PyTree = object

@@ -21,9 +21,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print a
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from mim_jax import console, parallel, pretrained  # noqa: E402
+from mim_jax import parallel, pretrained
 from mim_jax.errors import UserFacingError  # noqa: E402
 from mim_jax.evaluators.reconstructions import check_pixels, default_scale, eval_batch, grid, reconstructor  # noqa: E402
+from mim_jax.runtime import console
 
 FLAGS = flags.FLAGS
 

@@ -7,7 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the whole session, shared by pytest-xdist's workers and the
-# runs the tests start as subprocesses (mim_jax.compile_cache honours the variable): many tests
+# runs the tests start as subprocesses (mim_jax.runtime.compile_cache honours the variable): many tests
 # build the same small programs, and compiling dominates their time. Every program is cached.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mim_jax_tests_xla_cache_")
@@ -74,8 +74,9 @@ def run_steps(config, mesh, batches):
     """Fresh state on `mesh`, one train step per batch: (final state, per-step metrics on host)."""
     import jax
 
-    from mim_jax import parallel, state as state_lib
+    from mim_jax import parallel
     from mim_jax.methods import get_method
+    from mim_jax.training import state as state_lib
     setup = state_lib.build(config, get_method(config), mesh, total_steps=10, warmup_steps=2,
                             global_batch_size=config.input.batch_size)
     state, history = setup.create(jax.random.key(0)), []

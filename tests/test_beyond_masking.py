@@ -9,11 +9,12 @@ import pytest
 from conftest import run_steps, synthetic_batches
 
 from configs import beyond_masking as bm_config
-from mim_jax import optim, parallel
-from mim_jax.methods.beyond_masking import degradations
+from mim_jax import parallel
 from mim_jax.methods import get_method
+from mim_jax.methods.beyond_masking import degradations
 from mim_jax.methods.beyond_masking import method as beyond_masking
 from mim_jax.models import layers
+from mim_jax.training import optim
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -10,14 +10,15 @@ import pytest
 from conftest import run_steps, synthetic_batches, tiny_mae_config
 
 from configs import cae_v2 as cae_v2_config
-from mim_jax import masking, optim, parallel, pretrained, train
-from mim_jax import state as state_lib
+from mim_jax import masking, parallel, pretrained
 from mim_jax.data import pipeline, transforms
 from mim_jax.errors import WeightsNotFoundError
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.cae_v2 import method as cae_v2
 from mim_jax.methods.cae_v2 import regressor
 from mim_jax.models import layers, vit
+from mim_jax.training import optim, train
+from mim_jax.training import state as state_lib
 
 # ---- reference helpers (float64 NumPy) --------------------------------------------------------
 

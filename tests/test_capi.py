@@ -10,13 +10,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import capi as capi_config
-from mim_jax import optim, parallel
-from mim_jax import state as state_lib
+from mim_jax import parallel
 from mim_jax.methods import get_method
 from mim_jax.methods.capi import heads as capi_models
 from mim_jax.methods.capi import method as capi
 from mim_jax.methods.capi import sinkhorn
 from mim_jax.models import rope
+from mim_jax.training import optim
+from mim_jax.training import state as state_lib
 
 # ---- Sinkhorn-Knopp ----------------------------------------------------------------------------
 

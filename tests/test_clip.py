@@ -125,8 +125,8 @@ def test_checkpoint_of_another_size_is_a_clear_error(clip_dir, tmp_path):
 
 def test_cae_v2_offline_without_teacher_weights_stops_before_training(tmp_path, monkeypatch):
     from configs import cae_v2
-    from mim_jax import state as state_lib
     from mim_jax.methods import get_method, resolve_config
+    from mim_jax.training import state as state_lib
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty cache
     config = resolve_config(cae_v2.get_config("variant=Ti"))   # the recipe's CLIP: its width is known

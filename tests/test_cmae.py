@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from configs import cmae as cmae_config
-from mim_jax import checkpoint, console, flops, parallel, train
-from mim_jax import state as state_lib
+from mim_jax import flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method
 from mim_jax.methods.cmae import contrastive, views
 from mim_jax.methods.cmae import method as cmae
+from mim_jax.runtime import checkpoint, console
+from mim_jax.training import state as state_lib
+from mim_jax.training import train
 
 NUM_EXAMPLES = 48
 

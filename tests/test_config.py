@@ -10,12 +10,13 @@ import pytest
 from absl import flags
 
 from configs import common, mae
-from mim_jax import config_lib, export, optim, parallel, pretrained, train
+from mim_jax import config_lib, export, parallel, pretrained
 from mim_jax.data.catalog import DATASETS
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import run
 from mim_jax.methods import resolve_config
 from mim_jax.models.vit import vit_from_config
+from mim_jax.training import optim, train
 from mim_jax.weights import clip as clip_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

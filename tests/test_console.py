@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mim_jax import console, metrics
+from mim_jax.runtime import console, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_only_this_packages_info_reaches_the_console():
 
 _LOG_ONE_INFO_LINE = """
 from absl import app
-from mim_jax import compile_cache, console
+from mim_jax.runtime import compile_cache, console
 def main(argv):
     console.quiet_unless_verbose()
     compile_cache.enable({workdir!r}, None)   # logs one INFO line from this package

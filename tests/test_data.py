@@ -248,11 +248,12 @@ def _read_idx(name, offset, shape):
 
 def test_fashion_mnist_prepared_offline_matches_the_original_files(fashion_mnist_dir):
     import tensorflow_datasets as tfds
+
     from mim_jax.data.fashion_mnist import prepare_fashion_mnist
     train = pipeline.open_source("fashion_mnist", "train", fashion_mnist_dir)
     assert len(train) == 60_000 and len(tfds.data_source("fashion_mnist", split="test", data_dir=fashion_mnist_dir)) == 10_000
     records = train.__getitems__(range(len(train)))
-    from mim_jax.data import decode    # sources keep images encoded; the workers decode them
+    from mim_jax.data import decode  # sources keep images encoded; the workers decode them
     images = np.stack([decode.image(r["image"], 1) for r in records])
     labels = np.array([r["label"] for r in records])
     assert images.shape == (60_000, 28, 28, 1) and images.dtype == np.uint8
@@ -283,7 +284,7 @@ def test_fashion_mnist_missing_sources_is_a_clear_error(tmp_path):
 def test_the_train_step_normalises_the_workers_uint8_images_as_the_host_did():
     import jax.numpy as jnp
 
-    from mim_jax.state import normalize_images
+    from mim_jax.training.state import normalize_images
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     on_device = normalize_images({"image": jnp.asarray(images), "label": jnp.zeros(4, jnp.int32)}, mean, std)

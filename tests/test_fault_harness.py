@@ -50,7 +50,7 @@ import pytest
 from test_e2e import ROOT
 from test_faults import FAST
 
-from mim_jax import checkpoint
+from mim_jax.runtime import checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,10 @@ import pytest
 from conftest import tiny_mae_config
 from test_e2e import ROOT, TINY, run_main, steps_saved
 
-from mim_jax import checkpoint, flops, metrics, storage, train
+from mim_jax import flops
 from mim_jax.data import pipeline
+from mim_jax.runtime import checkpoint, metrics, storage
+from mim_jax.training import train
 
 # The e2e tiny model without the periodic probes, and without Grain worker processes (a SIGKILL
 # would orphan them, and they would hold the test's output pipes open).

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import tiny_mae_config
 
-from mim_jax import optim, parallel, pretrained, train
-from mim_jax import state as state_lib
+from mim_jax import parallel, pretrained
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.finetune import method as finetune
+from mim_jax.training import optim, train
+from mim_jax.training import state as state_lib
 
 
 def test_mix_batch_targets_are_soft_labels_matching_the_pasted_area():

@@ -12,7 +12,8 @@ import torch
 
 from mim_jax import parallel, pretrained
 from mim_jax.models import layers
-from mim_jax.weights import files, tensors as tensor_maps
+from mim_jax.weights import files
+from mim_jax.weights import tensors as tensor_maps
 
 timm = pytest.importorskip("timm")
 
@@ -349,8 +350,9 @@ def test_the_export_command_records_run_step_and_weights(tmp_path):
 
 
 def test_a_warm_start_continues_mae_pretraining_from_the_official_full_layout(tmp_path):
-    from mim_jax import export, state as state_lib
+    from mim_jax import export
     from mim_jax.methods import get_method
+    from mim_jax.training import state as state_lib
     weights = _random_weights("mae")
     path = export.export_official(weights, tmp_path)
     config = _tiny("mae")
@@ -397,8 +399,9 @@ def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion
 def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
     """teacher=mae:FILE distils the file's encoder: its targets are that encoder's tokens."""
     from configs import cae_v2
-    from mim_jax import export, state as state_lib
+    from mim_jax import export
     from mim_jax.methods import get_method, resolve_config
+    from mim_jax.training import state as state_lib
     weights = _random_weights("mae")
     path = export.export_official(weights, tmp_path)
     config = cae_v2.get_config(f"local,teacher=mae:{path}")
@@ -419,8 +422,8 @@ def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
 
 def test_a_warm_start_at_another_resolution_resamples_learned_positions_as_timm(tmp_path):
     from configs import common
-    from mim_jax import state as state_lib
     from mim_jax.methods import get_method
+    from mim_jax.training import state as state_lib
     model = _timm_vit(in_chans=1)
     with torch.no_grad():
         model.pos_embed.normal_(0, 0.5)
@@ -465,8 +468,9 @@ def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_pa
 
 def test_fine_tuning_starts_from_a_released_file(tmp_path):
     from configs import finetune
-    from mim_jax import export, state as state_lib
+    from mim_jax import export
     from mim_jax.methods import get_method, resolve_config
+    from mim_jax.training import state as state_lib
     weights = _random_weights("mae")
     export.export_timm(weights, tmp_path)
     config = finetune.get_config(f"init=timm:{tmp_path / 'model.safetensors'},dataset=fashion_mnist,local")

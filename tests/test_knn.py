@@ -5,8 +5,9 @@ import logging
 import jax
 import numpy as np
 
-from mim_jax import console, parallel
+from mim_jax import parallel
 from mim_jax.evaluators import knn
+from mim_jax.runtime import console
 
 
 def numpy_knn(queries, bank, labels, num_classes, k, t):
@@ -41,10 +42,10 @@ def test_bank_containing_the_queries_returns_their_labels():
 def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tmp_path, monkeypatch, caplog):
     from conftest import tiny_mae_config
 
-    from mim_jax import train
     from mim_jax.data import pipeline
     from mim_jax.evaluators import encoder as encoder_lib
     from mim_jax.methods import get_method
+    from mim_jax.training import train
 
     source = pipeline.SyntheticSource(64, image_shape=(16, 16, 1), seed=0)
     monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)

@@ -7,10 +7,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    # 0. utilities, data and sharding: no models, no methods
+    # 0. utilities, data, sharding and the run's files and processes: no models, no methods
     ("mim_jax.config_lib", "mim_jax.config_defaults", "mim_jax.flops", "mim_jax.parallel", "mim_jax.data",
-     "mim_jax.masking", "mim_jax.optim", "mim_jax.metrics", "mim_jax.checkpoint", "mim_jax.errors",
-     "mim_jax.storage", "mim_jax.peers", "mim_jax.compile_cache", "mim_jax.console"),
+     "mim_jax.masking", "mim_jax.errors", "mim_jax.runtime"),
     # 1. Linen modules two or more methods share
     ("mim_jax.models",),
     # 2. weight specs and the layouts of other codebases (they read the models' param trees)
@@ -21,10 +20,11 @@ LAYERS = [
     ("mim_jax.pretrained", "mim_jax.teachers"),
     # 5. the methods, one folder each
     ("mim_jax.methods.*",),
-    # 6. train state and step; evaluators
-    ("mim_jax.state", "mim_jax.evaluators"),
-    # 7. entry points
-    ("mim_jax.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export", "mim_jax.visualize"),
+    # 6. optimizer, train state and step; evaluators
+    ("mim_jax.training", "mim_jax.evaluators"),
+    # 7. the training loop and the entry points
+    ("mim_jax.training.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export",
+     "mim_jax.visualize"),
 ]
 
 
@@ -93,7 +93,7 @@ def test_the_rules_that_matter_most_hold():
     for name, path in modules():
         imported = set(imports_of(name, path))
         if name.startswith("mim_jax.methods"):
-            assert not {m for m in imported if m.startswith(("mim_jax.evaluators", "mim_jax.train", "mim_jax.state"))}
+            assert not {m for m in imported if m.startswith(("mim_jax.evaluators", "mim_jax.training"))}
         if name.startswith(("mim_jax.models", "mim_jax.weights")):
             assert not {m for m in imported if m.startswith("mim_jax.methods")}, name
         if name.startswith("mim_jax.models"):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mim_jax import compile_cache, parallel
+from mim_jax import parallel
+from mim_jax.runtime import compile_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "tpu_pod.sh"
@@ -20,7 +21,7 @@ SCRIPT = ROOT / "launch" / "tpu_pod.sh"
 
 _CACHE_RUN = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp
-    from mim_jax import compile_cache
+    from mim_jax.runtime import compile_cache
     events = []
     jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
     path = compile_cache.enable(sys.argv[1], None, min_compile_time_secs=0)

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from configs import common
-from mim_jax import checkpoint, config_defaults, parallel, pretrained, state as state_lib, train
+from mim_jax import config_defaults, parallel, pretrained
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators import encoder as encoder_lib
 from mim_jax.methods import get_method
+from mim_jax.runtime import checkpoint
+from mim_jax.training import state as state_lib
+from mim_jax.training import train
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "checkpoints_9ddba71"
 RUNS = ("mae", "capi", "cae_v2", "finetune")

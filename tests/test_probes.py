@@ -4,8 +4,8 @@ import logging
 
 import numpy as np
 
-from mim_jax import console
 from mim_jax.evaluators import probes
+from mim_jax.runtime import console
 
 
 def separable(n, d=8, classes=3, seed=0, spread=4.0):

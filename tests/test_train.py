@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from conftest import run_steps, synthetic_batches, tiny_mae_config
 
-from mim_jax import checkpoint, flops, parallel, state as state_lib, train
+from mim_jax import flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.methods import get_method
+from mim_jax.runtime import checkpoint
+from mim_jax.training import state as state_lib
+from mim_jax.training import train
 
 
 @pytest.fixture

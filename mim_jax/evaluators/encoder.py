@@ -6,13 +6,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from mim_jax import console, parallel, pretrained
+from mim_jax import parallel, pretrained
 from mim_jax.data import pipeline
 from mim_jax.models import layers, vit
+from mim_jax.runtime import console
 
 
 @dataclasses.dataclass

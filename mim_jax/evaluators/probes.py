@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mim_jax import console
 from mim_jax.evaluators.common import topk_accuracy
+from mim_jax.runtime import console
 
 
 class LinearHead(nn.Module):

@@ -7,10 +7,13 @@ import logging
 import jax
 from etils import epath
 
-from mim_jax import metrics, parallel, pretrained
+from mim_jax import parallel, pretrained
 from mim_jax.data import catalog, pipeline
-from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evaluator
+from mim_jax.evaluators import common
+from mim_jax.evaluators import encoder as encoder_lib
+from mim_jax.evaluators import get as get_evaluator
 from mim_jax.methods import resolve_config
+from mim_jax.runtime import metrics
 
 
 def split_names(data_config, splits, *, train_split: str | None = None, eval_split: str | None = None) -> dict:

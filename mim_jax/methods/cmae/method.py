@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import console, flops, parallel
+from mim_jax import flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.methods.base import Component, RefreshInterrupted
 from mim_jax.methods.cmae import contrastive, views
 from mim_jax.methods.cmae.heads import ContrastiveHead, MlpHead, PositionHead
 from mim_jax.methods.mae.method import MAE, masked_mse, normalized_pixel_targets
 from mim_jax.methods.masked import dropout_key
+from mim_jax.runtime import console
 
 HEATMAPS = ("cls_attention", "token_norm")
 NEGATIVES = ("global", "device")

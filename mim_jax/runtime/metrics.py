@@ -10,7 +10,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from mim_jax.console import duration
+from mim_jax.runtime.console import duration
 
 
 class JsonlWriter(metric_writers.MetricWriter):

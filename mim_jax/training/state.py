@@ -11,10 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mim_jax import optim, parallel, pretrained
+from mim_jax import parallel, pretrained
 from mim_jax.methods.base import ACCUMULATION
+from mim_jax.training import optim
 
 
 @flax.struct.dataclass

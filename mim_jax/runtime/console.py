@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep   # mim_jax/
 
 
 # Warnings orbax gives for every read of a finished run's checkpoints (evaluation, export), which

@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mim_jax import config_defaults, storage
+from mim_jax import config_defaults
 from mim_jax.errors import UserFacingError
+from mim_jax.runtime import storage
 
 
 class CheckpointError(UserFacingError, RuntimeError):

@@ -13,12 +13,14 @@ import numpy as np
 from clu import periodic_actions
 from etils import epath
 
-from mim_jax import checkpoint, config_lib, console, flops, metrics, parallel, state as state_lib, storage
+from mim_jax import config_lib, flops, parallel
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.base import RefreshInterrupted
+from mim_jax.runtime import checkpoint, console, metrics, storage
+from mim_jax.training import state as state_lib
 
 
 class DivergenceError(UserFacingError, FloatingPointError):
