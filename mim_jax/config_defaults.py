@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import ml_collections
+import numpy as np
 from ml_collections.config_dict import placeholder
 
 from mim_jax.data.catalog import DATASETS, IMAGENET_MEAN, IMAGENET_STD
@@ -38,6 +39,16 @@ EVALUATORS = {
     "attentive_probe": dict(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3), sweep_extensions=3, epochs=10,
                             probe_batch_size=256, weight_decay=0.05, num_heads=4, feature="patch_tokens"),
     "classification": dict(feature="logits"),
+    # CAPI's eval_segmentation.py: kNN (k, distance) and L2 logistic regression (C: 10^-6 .. 10^5 in
+    # 8 steps) chosen on 10 % of the training images. dense_dataset: None = the dense task of the
+    # pre-training data (catalog.DENSE_TASK); mask_key/ignore_labels/num_classes/resolution: None =
+    # the known data set's.
+    "segmentation_probe": dict(
+        feature="patch_tokens", dense_dataset=placeholder(str), mask_key=placeholder(str),
+        ignore_labels=placeholder(tuple), num_classes=placeholder(int), resolution=placeholder(int),
+        classifiers=("knn", "logreg"), knn_k=(1, 3, 10, 30), knn_distances=("cosine", "L2"),
+        logreg_C=tuple(float(c) for c in 10 ** np.linspace(-6, 5, 8)), logreg_max_iter=1000, logreg_tol=1e-6,
+        train_subsampling=1, val_fraction=0.1, upsample_logits=False),
 }
 
 

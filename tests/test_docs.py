@@ -25,7 +25,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # Entry points shown in the docs -> how many positional arguments their main() takes. mim_jax.plot
 # reads sys.argv itself (one workdir) and defines no flags.
 ENTRY_POINTS = {"mim_jax.main": 0, "mim_jax.bench": 0, "mim_jax.export": 0, "mim_jax.visualize": 1,
-                "mim_jax.data.fashion_mnist": 0, "mim_jax.data.prepare_folder": 0, "mim_jax.plot": 1}
+                "mim_jax.data.fashion_mnist": 0, "mim_jax.data.fashion_mnist_mosaic": 0, "mim_jax.data.prepare_folder": 0,
+                "mim_jax.plot": 1}
 SHELL_LANGUAGES = ("", "bash", "sh", "shell", "console")
 
 

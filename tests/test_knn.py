@@ -60,8 +60,8 @@ def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tm
     np.testing.assert_allclose(np.asarray(encoder.features(images)), expected, rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(console, "Progress", functools.partial(console.Progress, every_s=0.0))   # every tenth
     with caplog.at_level(logging.INFO):
-        feats, labels = encoder_lib.extract(encoder, source, mesh, batch_size=16, image_size=16, mean=(0.5,),
-                                            std=(0.25,), what="train features")
+        feats, labels = encoder_lib.extract(encoder, source, mesh, batch_size=16, what="train features",
+                                            transform=pipeline.EvalTransform(16, (0.5,), (0.25,)))
     assert feats.shape == (64, 64) and labels.shape == (64,)
     assert [m.split(",")[0] for m in caplog.messages if m.startswith("train features")] == [
         "train features: 16/64 images (25%)", "train features: 32/64 images (50%)", "train features: 48/64 images (75%)"]

@@ -153,7 +153,7 @@ def test_scanned_encoder_trains_sharded_like_single_device():
     assert kernel.shape == (2, 32, 64) and kernel.sharding.spec[:2] == (None, "fsdp")
 
 
-def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_path, synthetic_data, caplog):
+def test_evaluation_steps_write_the_reconstructions_and_patch_features_as_tensorboard_images(tmp_path, synthetic_data, caplog):
     """At each step config.evals runs, a pixel method's reconstructions of the first evaluation
     images go to TensorBoard: at the last step, the grid of the returned (sharded) params, computed
     here on the host."""
@@ -188,3 +188,12 @@ def test_evaluation_steps_write_the_reconstructions_as_a_tensorboard_image(tmp_p
     assert got.shape[:2] == want.shape[:2] == (3 * (64 + 2) + 2, 4 * (64 + 2) + 2)
     np.testing.assert_allclose(got.reshape(want.shape).astype(int), want.astype(int), atol=1)
     assert not np.array_equal(np.asarray(Image.open(io.BytesIO(stored[3]))).reshape(want.shape), want)
+    # Every method's patch features, drawn at the same steps from the same images.
+    from mim_jax.evaluators import patch_pca
+    pictures = {e.step: e.tensor_proto.string_val[2] for e in events.Tensors("patch_pca")}
+    assert sorted(pictures) == [3, 6]
+    tokens = jax.device_get(method.encode(jax.device_get(state.params), batch["image"])["patch_tokens"])
+    shown = batch["image"] * np.asarray(config.input.std) + np.asarray(config.input.mean)
+    want = patch_pca.picture(shown, patch_pca.pca_rgb(np.asarray(tokens)), reconstructions.default_scale(16))
+    got = np.asarray(Image.open(io.BytesIO(pictures[6])))
+    np.testing.assert_allclose(got.reshape(want.shape).astype(int), want.astype(int), atol=1)

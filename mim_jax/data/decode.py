@@ -49,6 +49,18 @@ def image(record_image, channels: int) -> np.ndarray:
     return _imdecode(record_image, _FULL[channels], channels)
 
 
+def label_map(record_mask) -> np.ndarray:
+    """[H, W] integer labels from a record's per-pixel label (an encoded PNG or an array), taken as
+    stored: never converted to grey (a colour PNG's first channel holds the label, as in ADE20K)."""
+    if is_encoded(record_mask):
+        out = cv2.imdecode(_buffer(record_mask), cv2.IMREAD_UNCHANGED)
+        if out is None:
+            raise ValueError("A record's label map could not be decoded: re-prepare the data set.")
+    else:
+        out = np.asarray(record_mask)
+    return out[..., 0] if out.ndim == 3 else out
+
+
 def header(record_image) -> tuple[int, int, str]:
     """(height, width, format) from the encoded image's header, without decoding it."""
     with Image.open(io.BytesIO(bytes(_buffer(record_image)))) as im:

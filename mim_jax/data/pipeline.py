@@ -234,6 +234,23 @@ class EvalTransform:
         return {"image": transforms.normalize(image, self.mean, self.std), "label": np.int32(record["label"])}
 
 
+class DenseTransform:
+    """Deterministic view of an image with a per-pixel label (the segmentation probe): the image
+    resized to resolution x resolution bicubic and normalised, its label map resized nearest
+    (`label`, [resolution, resolution] int32)."""
+
+    def __init__(self, *, resolution, mean, std, image_key="image", mask_key="segmentation"):
+        self.resolution, self.mean, self.std = resolution, mean, std
+        self.image_key, self.mask_key = image_key, mask_key
+
+    def __call__(self, record, rng):
+        del rng
+        image = transforms.resize(decode.image(record[self.image_key], len(self.mean)), self.resolution, "bicubic")
+        mask = decode.label_map(record[self.mask_key])[..., None]
+        mask = transforms.resize(mask, self.resolution, "nearest")[..., 0]
+        return {"image": transforms.normalize(image, self.mean, self.std), "label": mask.astype(np.int32)}
+
+
 class _LoadLocal:
     """Local element i of process p -> the transformed example at its global stream position."""
 

@@ -15,13 +15,16 @@ from mim_jax.data import decode
 
 def resize(image: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:
     """'auto': area averaging when shrinking (no aliasing), bilinear when enlarging; 'bicubic' as
-    the BEiT/CAE recipes (torchvision's bicubic, values clipped back to uint8)."""
+    the BEiT/CAE recipes (torchvision's bicubic, values clipped back to uint8); 'nearest' for
+    label maps (the source pixel at floor(i * scale), as torchvision's)."""
     if interpolation == "bicubic":
         flag = cv2.INTER_CUBIC
+    elif interpolation == "nearest":
+        flag = cv2.INTER_NEAREST
     elif interpolation == "auto":
         flag = cv2.INTER_AREA if image.shape[0] > size or image.shape[1] > size else cv2.INTER_LINEAR
     else:
-        raise ValueError(f"Unknown interpolation {interpolation!r}: use 'auto' or 'bicubic'.")
+        raise ValueError(f"Unknown interpolation {interpolation!r}: use 'auto', 'bicubic' or 'nearest'.")
     out = cv2.resize(image, (size, size), interpolation=flag)
     return out.reshape(size, size, image.shape[2])  # cv2 drops a single channel axis
 

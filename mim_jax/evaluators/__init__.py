@@ -1,5 +1,7 @@
 """Evaluation of pre-trained encoders. Each evaluator is a module here that declares the `SPLITS`
-it reads ('train' and/or 'eval') and `evaluate(config, feats, num_classes, mesh) -> dict`; its
+it reads ('train' and/or 'eval') and `evaluate(config, feats, view, mesh) -> dict` (`views.View`: what
+was read, its class count); one that reads other data than the encoder's centre views defines
+`view(config, inp, split_overrides)`; its
 options' defaults (the paper protocol) are `config_defaults.EVALUATORS[name]`; `get(name)` finds it
 by name."""
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import importlib
 import types
 
-EVALUATORS = ("knn", "linear_probe", "attentive_probe", "classification")
+EVALUATORS = ("knn", "linear_probe", "attentive_probe", "classification", "segmentation_probe")
 
 
 def get(name: str) -> types.ModuleType:

@@ -7,7 +7,8 @@ from mim_jax.evaluators import probes
 SPLITS = ("train", "eval")
 
 
-def evaluate(config, feats, num_classes, mesh) -> dict:
+def evaluate(config, feats, view, mesh) -> dict:
+    num_classes = view.classes(feats)
     (x, y), (x_eval, y_eval) = feats["train"], feats["eval"]
     return probes.sweep(probes.AttentiveHead(num_classes, config.num_heads), (x, y), (x_eval, y_eval),
                         prefix="attentive", learning_rates=tuple(config.learning_rates),

@@ -7,6 +7,7 @@ from mim_jax.evaluators.common import topk_accuracy
 SPLITS = ("eval",)
 
 
-def evaluate(config, feats, num_classes, mesh) -> dict:
+def evaluate(config, feats, view, mesh) -> dict:
+    del view, mesh
     logits, labels = feats["eval"]
     return {f"classification_{k}": v for k, v in topk_accuracy(logits, labels).items()}

@@ -52,15 +52,15 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
     return Encoder(lambda images: encode(weights.params, images), weights.config, weights.description)
 
 
-def extract(encoder: Encoder, source, mesh, *, batch_size: int, image_size: int, mean, std,
-            max_examples: int | None = None, what: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a whole split (centre view), gathered on the host in order; a long
-    pass logs its progress as `what: n/N images`."""
+def extract(encoder: Encoder, source, mesh, *, batch_size: int, transform, max_examples: int | None = None,
+            what: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a whole split (the views `transform` makes: the centre view, or an
+    image and its label map), gathered on the host in order; a long pass logs its progress as
+    `what: n/N images`."""
     if max_examples:
         source = _Head(source, max_examples)
     it = pipeline.eval_iterator(source, global_batch_size=batch_size, process_index=jax.process_index(),
-                                process_count=jax.process_count(),
-                                transform=pipeline.EvalTransform(image_size, mean, std))
+                                process_count=jax.process_count(), transform=transform)
     progress = console.Progress(what, len(source), "images")
     feats, labels = [], []
     for local in it:

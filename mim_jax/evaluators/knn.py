@@ -20,21 +20,40 @@ from mim_jax.models.layers import l2_normalize
 SPLITS = ("train", "eval")
 
 
+def nearest(queries, bank, bank_values, valid, *, k: int, mesh, axes):
+    """The k highest scores `queries @ bank.T` over a bank sharded along its rows on `axes`, and the
+    bank values (labels, or label vectors) of those k: each device finds its local top k and only
+    those k candidates per query are gathered (padding rows, `valid` False, never win)."""
+    def per_shard(q, b, values, ok):
+        scores = jnp.where(ok[None, :], q @ b.T, -jnp.inf)
+        top, idx = jax.lax.top_k(scores, k)
+        top = jax.lax.all_gather(top, axes, axis=1, tiled=True)
+        values = jax.lax.all_gather(values[idx], axes, axis=1, tiled=True)
+        best, pos = jax.lax.top_k(top, k)
+        pos = pos.reshape(pos.shape + (1,) * (values.ndim - 2))
+        return best, jnp.take_along_axis(values, pos, axis=1)
+
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axes), P(axes), P(axes)), out_specs=(P(), P()),
+                         check_vma=False)(queries, bank, bank_values, valid)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_classes", "mesh", "axes"))
 def _knn_logits(queries, bank, bank_labels, valid, temperature, *, k, num_classes, mesh, axes):
-    def per_shard(q, b, labels, ok):
-        sims = jnp.where(ok[None, :], q @ b.T, -jnp.inf)  # padding rows never win
-        top, idx = jax.lax.top_k(sims, k)
-        lab = labels[idx]
-        # Gather every shard's candidates, then keep the global top k.
-        top = jax.lax.all_gather(top, axes, axis=1, tiled=True)
-        lab = jax.lax.all_gather(lab, axes, axis=1, tiled=True)
-        best, pos = jax.lax.top_k(top, k)
-        votes = jax.nn.one_hot(jnp.take_along_axis(lab, pos, axis=1), num_classes) * jnp.exp(best / temperature)[..., None]
-        return votes.sum(axis=1)
+    best, labels = nearest(queries, bank, bank_labels, valid, k=k, mesh=mesh, axes=axes)
+    votes = jax.nn.one_hot(labels, num_classes) * jnp.exp(best / temperature)[..., None]
+    return votes.sum(axis=1)
 
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axes), P(axes), P(axes)), out_specs=P(),
-                         check_vma=False)(queries, bank, bank_labels, valid)
+
+def shard_rows(mesh, *arrays):
+    """`arrays` (same length) padded to a multiple of the mesh size and placed along every mesh
+    axis, plus the sharded `valid` mask of the real rows."""
+    axes = tuple(mesh.axis_names)
+    n = len(arrays[0])
+    pad = (-n) % mesh.size
+    sharding = NamedSharding(mesh, P(axes))
+    padded = [np.concatenate([np.asarray(a), np.zeros((pad,) + np.shape(a)[1:], np.asarray(a).dtype)]) for a in arrays]
+    valid = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
+    return [jax.device_put(a, sharding) for a in padded] + [jax.device_put(valid, sharding)]
 
 
 class KnnClassifier:
@@ -44,17 +63,10 @@ class KnnClassifier:
                  k: int = 20, temperature: float = 0.07):
         self.mesh, self.k, self.temperature, self.num_classes = mesh, k, temperature, num_classes
         self.axes = tuple(mesh.axis_names)
-        shards = mesh.size
-        pad = (-len(bank)) % shards
-        if len(bank) // shards + (pad > 0) < k:
-            raise ValueError(f"kNN with k={k} needs at least k bank entries per device ({len(bank)} on {shards}).")
-        valid = np.concatenate([np.ones(len(bank), bool), np.zeros(pad, bool)])
-        bank = np.concatenate([np.asarray(bank, np.float32), np.zeros((pad, bank.shape[1]), np.float32)])
-        labels = np.concatenate([np.asarray(bank_labels, np.int32), np.zeros(pad, np.int32)])
-        sharding = NamedSharding(mesh, P(self.axes))
-        self.bank = jax.device_put(l2_normalize(jnp.asarray(bank)), sharding)
-        self.labels = jax.device_put(labels, sharding)
-        self.valid = jax.device_put(valid, sharding)
+        if -(-len(bank) // mesh.size) < k:
+            raise ValueError(f"kNN with k={k} needs at least k bank entries per device ({len(bank)} on {mesh.size}).")
+        bank = np.asarray(l2_normalize(jnp.asarray(bank, jnp.float32)))
+        self.bank, self.labels, self.valid = shard_rows(mesh, bank, np.asarray(bank_labels, np.int32))
 
     def predict(self, queries: np.ndarray) -> jax.Array:
         q = l2_normalize(jnp.asarray(queries, jnp.float32))
@@ -62,7 +74,8 @@ class KnnClassifier:
                            num_classes=self.num_classes, mesh=self.mesh, axes=self.axes)
 
 
-def evaluate(config, feats, num_classes, mesh) -> dict:
+def evaluate(config, feats, view, mesh) -> dict:
+    num_classes = view.classes(feats)
     (bank, bank_labels), (queries, labels) = feats["train"], feats["eval"]
     classifier = KnnClassifier(bank, bank_labels, num_classes=num_classes, mesh=mesh, k=config.k,
                                temperature=config.temperature)

@@ -8,7 +8,8 @@ from mim_jax.evaluators import probes
 SPLITS = ("train", "eval")
 
 
-def evaluate(config, feats, num_classes, mesh) -> dict:
+def evaluate(config, feats, view, mesh) -> dict:
+    num_classes = view.classes(feats)
     (x, y), (x_eval, y_eval) = feats["train"], feats["eval"]
     x, x_eval = probes.standardize(x, x_eval)
     return probes.sweep(probes.LinearHead(num_classes), (x, y), (x_eval, y_eval), prefix="linear",

@@ -4,16 +4,17 @@
 
 Each entry takes the options of its evaluation config (configs/knn.py, linear_probe.py, ...) plus a
 unit-free interval (`every_steps` or `every_epochs`). Results are logged as `eval/<name>/<metric>`;
-pixel methods add their reconstructions of `config.reconstruction_images` evaluation images as
-the image `reconstructions` at the same steps.
+at the same steps the patch features of `config.reconstruction_images` evaluation images are drawn
+as the image `patch_pca`, and pixel methods add their reconstructions as `reconstructions`.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from mim_jax import config_lib
-from mim_jax.data import pipeline
-from mim_jax.evaluators import common, encoder as encoder_lib, reconstructions, get as get_evaluator, run
+from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evaluator, patch_pca, reconstructions, views
 
 
 class PeriodicEvals:
@@ -28,7 +29,7 @@ class PeriodicEvals:
             self.evals[name] = (cfg, every, get_evaluator(cfg.type))
         self._encode = {}
         self._open = {}
-        self._reconstruct = None
+        self._reconstruct = self._batch = self._tokens = None
         self._seconds = {}   # name -> how long its last run took
 
     def due(self, step: int, last: bool) -> list[str]:
@@ -53,12 +54,11 @@ class PeriodicEvals:
                 untimed += runs
         return seconds, untimed
 
-    def _sources(self, splits) -> dict:
-        inp = self.config.input
-        for split, name in run.split_names(inp, splits).items():
-            if split not in self._open:
-                self._open[split] = pipeline.open_source(inp.dataset, name, inp.data_dir, channels=inp.channels)
-        return {split: self._open[split] for split in splits}
+    def _source(self, view, split):
+        key = (view.dataset, view.splits[split])
+        if key not in self._open:
+            self._open[key] = view.open(split, self.config.input.channels)
+        return self._open[key]
 
     def run(self, names: list[str], params) -> dict:
         inp, scalars = self.config.input, {}
@@ -70,25 +70,36 @@ class PeriodicEvals:
                     lambda p, images, f=cfg.feature: encoder_lib.select(self.method.encode(p, images), f))
             encoder = encoder_lib.Encoder(lambda images, f=cfg.feature: self._encode[f](params, images),
                                           self.config, "live encoder")
-            feats = {split: encoder_lib.extract(encoder, source, self.sharding.mesh, batch_size=cfg.batch_size,
-                                                image_size=inp.image_size, mean=inp.mean, std=inp.std,
+            view = views.of(evaluator, cfg, inp)
+            feats = {split: encoder_lib.extract(encoder, self._source(view, split), self.sharding.mesh,
+                                                batch_size=cfg.batch_size, transform=view.transform,
                                                 max_examples=cfg[f"max_{split}_examples"],
                                                 what=f"{name}: {split} features")
-                     for split, source in self._sources(evaluator.SPLITS).items()}
-            results = evaluator.evaluate(cfg, feats, run.num_classes_of(inp, feats), self.sharding.mesh)
+                     for split in view.splits}
+            results = evaluator.evaluate(cfg, feats, view, self.sharding.mesh)
             scalars.update({f"eval/{name}/{k}": v for k, v in common.scalars(results).items()})
             self._seconds[name] = time.perf_counter() - start
         return scalars
 
     def images(self, params) -> dict:
-        """{'reconstructions': [1, H, W, C] uint8 grid} for a pixel method, else {}."""
+        """TensorBoard images of `config.reconstruction_images` evaluation images: `patch_pca` (the
+        patch features' principal components beside the images, every method) and, for a pixel
+        method, `reconstructions`; [1, H, W, C] uint8 grids, the same images at every step."""
         count = self.config.reconstruction_images
-        if not count or self.method.reconstructions is None:
+        if not count:
             return {}
-        if self._reconstruct is None:   # the same images and masks at every step: progress shows
-            self._reconstruct = (reconstructions.reconstructor(self.method, self.sharding, self.config.seed),
-                                 reconstructions.eval_batch(self.method, count))
-        reconstruct, batch = self._reconstruct
-        columns = reconstruct(params, batch)
-        scale = reconstructions.default_scale(columns["images"].shape[1])
-        return {"reconstructions": reconstructions.grid(columns, scale)[None]}
+        if self._batch is None:
+            self._batch = reconstructions.eval_batch(self.method, count)
+            self._tokens = self.sharding.jit(lambda p, images: self.method.encode(p, images)["patch_tokens"])
+        inp, out = self.config.input, {}
+        images = self._batch["image"]
+        colours = patch_pca.pca_rgb(np.asarray(self._tokens(params, images)))
+        shown = images * np.asarray(inp.std) + np.asarray(inp.mean)
+        out["patch_pca"] = patch_pca.picture(shown, colours, reconstructions.default_scale(images.shape[1]))[None]
+        if self.method.reconstructions is not None:
+            if self._reconstruct is None:   # the same images and masks at every step: progress shows
+                self._reconstruct = reconstructions.reconstructor(self.method, self.sharding, self.config.seed)
+            columns = self._reconstruct(params, self._batch)
+            scale = reconstructions.default_scale(columns["images"].shape[1])
+            out["reconstructions"] = reconstructions.grid(columns, scale)[None]
+        return out

@@ -10,7 +10,7 @@ import numpy as np
 from mim_jax import parallel
 from mim_jax.data import pipeline
 from mim_jax.errors import UserFacingError
-from mim_jax.evaluators import run as run_lib
+from mim_jax.evaluators import views
 
 COLUMNS = ("images", "masked", "reconstruction", "pasted")
 PAD = 2   # pixels of white between cells and around the grid
@@ -31,7 +31,7 @@ def eval_batch(method, num_images: int, data_dir: str | None = None) -> dict:
     """The first `num_images` images of the run's evaluation split at the size its train batches
     have (Beyond Masking's view), normalised, with their indices (which key the masks)."""
     inp = method.config.input
-    split = run_lib.split_names(inp, ("eval",))["eval"]
+    split = views.split_names(inp, ("eval",))["eval"]
     source = pipeline.open_source(inp.dataset, split, data_dir or inp.data_dir, channels=inp.channels)
     size = method.batch_spec(1)["image"].shape[1]
     transform = pipeline.EvalTransform(size, inp.mean, inp.std)
