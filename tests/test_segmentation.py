@@ -163,3 +163,22 @@ def test_patch_pca_blacks_out_the_side_of_the_first_component_that_holds_the_bor
     assert colours.shape == (3, 6, 6, 3)
     assert (colours[:, ~centre] == 0).all() and (colours[:, centre].sum(-1) > 0).all()
     assert (patch_pca.pca_rgb(tokens, background=False)[:, ~centre].sum(-1) > 0).any()
+
+
+def test_a_sharded_extraction_of_patch_tokens_and_label_maps_equals_a_single_device_one():
+    from conftest import tiny_mae_config
+
+    from mim_jax.evaluators import encoder as encoder_lib
+    config = tiny_mae_config()
+    rng = np.random.default_rng(8)
+    records = [{"image": rng.integers(0, 256, (20, 20, 1), dtype=np.uint8),
+                "segmentation": rng.integers(0, 5, (20, 20, 1), dtype=np.uint8)} for _ in range(11)]
+    transform = pipeline.DenseTransform(resolution=16, mean=config.input.mean, std=config.input.std)
+    out = []
+    for mesh in (_mesh(), _mesh(jax.devices()[:1])):
+        encoder = encoder_lib.load("random", mesh, feature="patch_tokens", base_config=config)
+        out.append(encoder_lib.extract(encoder, records, mesh, batch_size=8, transform=transform))
+    (sharded, maps), (single, single_maps) = out
+    assert sharded.shape == (11, 16, 32) and maps.shape == (11, 16, 16)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(maps, single_maps)
