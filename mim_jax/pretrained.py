@@ -29,7 +29,7 @@ import ml_collections
 from etils import epath
 
 from mim_jax import checkpoint, config_defaults, parallel
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 from mim_jax.methods import Method, get_method
 from mim_jax.weights import registry, spec as weight_spec, vit as vit_layouts
 from mim_jax.weights.layout import Description
@@ -124,9 +124,9 @@ def imported_config(desc: Description) -> ml_collections.ConfigDict:
     if desc.mean is not None:
         config.input.update(mean=tuple(desc.mean), std=tuple(desc.std))
     elif desc.channels != len(config.input.mean):
-        raise ValueError(f"{desc.path} takes {desc.channels}-channel images and nothing beside it records their "
-                         "normalisation (timm's config.json pretrained_cfg mean/std, or a Hugging Face "
-                         "preprocessor_config.json): add one.")
+        raise WeightsError(f"{desc.path} takes {desc.channels}-channel images and nothing beside it records their "
+                           "normalisation (timm's config.json pretrained_cfg mean/std, or a Hugging Face "
+                           "preprocessor_config.json): add one.")
     for key, value in desc.extra.items():   # e.g. CAPI's predictor size
         config[key].update(value)
     config.imported = dict(layout=desc.layout, path=str(desc.path))
@@ -173,8 +173,8 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
     if keys is not None:
         unknown = [k for k in keys if k not in abstract["params"]]
         if unknown:
-            raise ValueError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
-                             f"{sorted(abstract['params'])}.")
+            raise WeightsError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
+                               f"{sorted(abstract['params'])}.")
         abstract["params"] = {k: abstract["params"][k] for k in keys}
         subtrees = {"params": tuple(keys)}
     variables = ckpt.restore_parts(step, abstract, subtrees)
@@ -219,19 +219,19 @@ def warm_start_params(init: str, keys, target: dict) -> dict:
     mesh = jax.tree.leaves(target)[0].sharding.mesh
     absent = [key for key in keys if key not in target]
     if absent:
-        raise ValueError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
+        raise WeightsError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
     weights = load(init, mesh, keys=keys)    # only those params are read (EMA extras where evaluated)
     loaded = {}
     for key in keys:
         if key not in weights.params:
-            raise ValueError(f"config.init_keys names {key!r}, but the run in {init} has params "
-                             f"{sorted(weights.params)}.")
+            raise WeightsError(f"config.init_keys names {key!r}, but the run in {init} has params "
+                               f"{sorted(weights.params)}.")
         if key == "encoder":
             weights.params[key] = _fit_positions(weights, weights.params[key], target[key])
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
-            raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
-                             f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
-                             "Build the same architecture (config.model) as the run you start from.")
+            raise WeightsError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
+                               f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
+                               "Build the same architecture (config.model) as the run you start from.")
         loaded[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), weights.params[key], target[key])
     return loaded

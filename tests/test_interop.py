@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mim_jax import parallel, pretrained
+from mim_jax.errors import UserFacingError
 from mim_jax.models import layers
 from mim_jax.weights import files, tensors as tensor_maps
 
@@ -206,15 +207,20 @@ def test_a_position_table_of_another_layout_is_an_error_not_a_silent_load(tmp_pa
     path = _save(_beit_state(model), tmp_path / "caev2.pth")
     weights_config = pretrained.read_config(f"cae_v2:{path}")
     assert weights_config.model.posemb == "sincos2d"   # detected from the table itself, then checked
-    with pytest.raises(ValueError, match="not mae's"):
+    # An expected error: one message from mim_jax.main, no traceback.
+    with pytest.raises(UserFacingError, match="not mae's"):
         pretrained.read_config(f"mae:{path}")
 
 
 def test_a_truncated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserFacingError, match="not a readable PyTorch checkpoint"):
         files.read(path)
+    safetensors = tmp_path / "broken.safetensors"
+    safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(UserFacingError, match="not a readable safetensors file"):
+        pretrained.read_config(str(safetensors))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.read(tmp_path / "absent.pth")
 

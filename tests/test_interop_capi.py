@@ -377,3 +377,15 @@ def test_describe_reads_the_architecture_from_the_tensors():
         width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=4 * WIDTH, num_registers=REGISTERS)
     assert desc.model["variant"].endswith(f"/{PATCH}")
     assert desc.extra == {"predictor": dict(depth=PRED_DEPTH, num_heads=HEADS, mlp_ratio=4.0)}
+
+
+def test_the_hugging_face_export_of_capi_suggests_a_format_that_works(method, tmp_path):
+    """CAPI fits neither transformers' ViT nor timm's: the error points at --format=official."""
+    from mim_jax import export, pretrained
+    from mim_jax.errors import UserFacingError
+    weights = pretrained.Weights(config=tiny_config(), method=method, params=random_params(method), step=1,
+                                 description="run")
+    for fmt in ("hf", "timm"):
+        with pytest.raises(UserFacingError, match="--format=official") as info:
+            export.write(weights, fmt, tmp_path)
+        assert "--format=timm" not in str(info.value)

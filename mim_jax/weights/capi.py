@@ -46,6 +46,7 @@ import re
 import jax
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights.tensors import (Entry, MismatchError, linear, norm, patch_conv, same, split_qkv, to_params,
                                      to_tensors)
 from mim_jax.models import layers
@@ -151,7 +152,7 @@ def _check_architecture(method) -> None:
     if enc.num_registers % 4:
         problems.append(f"{enc.num_registers} registers (the official edge coordinates need a multiple of 4)")
     if problems:
-        raise ValueError("This CAPI model does not fit the official backbone layout: " + "; ".join(problems) + ".")
+        raise WeightsError("This CAPI model does not fit the official backbone layout: " + "; ".join(problems) + ".")
 
 
 def _entries_by_key(method, prefix: str = PREFIX) -> dict[str, list[Entry]]:
@@ -180,7 +181,7 @@ def entries(method, keys=COVERED, prefix: str = PREFIX) -> list[Entry]:
     by_key = _entries_by_key(method, prefix)
     unknown = sorted(set(keys) - set(by_key))
     if unknown:
-        raise ValueError(f"The official CAPI backbone holds params {list(COVERED)}, not {unknown}.")
+        raise WeightsError(f"The official CAPI backbone holds params {list(COVERED)}, not {unknown}.")
     return [e for k in keys for e in by_key[k]]
 
 
@@ -222,7 +223,7 @@ def export_backbone(params: dict, method, prefix: str = PREFIX) -> dict[str, np.
     `load_state_dict(strict=True)` after removing the prefix)."""
     missing = [k for k in COVERED if k not in params]
     if missing:
-        raise ValueError(f"The official backbone needs params {list(COVERED)}; {missing} are missing.")
+        raise WeightsError(f"The official backbone needs params {list(COVERED)}; {missing} are missing.")
     covered = {k: params[k] for k in COVERED}
     if method.encoder.scan:
         covered = _loop(covered)

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPERS = ("model", "state_dict", "module", "model_state", "teacher")
@@ -54,8 +54,8 @@ def _unwrap(obj, source):
         if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
             inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
             if inner is None:
-                raise ValueError(f"{source} holds {sorted(obj)[:8]}, none of them a state dict "
-                                 f"(looked for {list(_WRAPPERS)}).")
+                raise WeightsError(f"{source} holds {sorted(obj)[:8]}, none of them a state dict "
+                                   f"(looked for {list(_WRAPPERS)}).")
             obj = inner
     return obj
 
@@ -68,16 +68,16 @@ def read(path) -> dict[str, np.ndarray]:
         try:
             return {k: np.asarray(v, np.float32) for k, v in load_file(str(file)).items()}
         except Exception as e:   # safetensors raises its own error types for truncated files
-            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+            raise WeightsError(f"{file} is not a readable safetensors file ({e}).") from None
     torch = _torch()
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except RuntimeError as e:
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise ValueError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
+            raise WeightsError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
         obj = torch.jit.load(str(file), map_location="cpu").state_dict()   # OpenAI's CLIP archives
     except Exception as e:  # truncated zip, wrong format
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
+        raise WeightsError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
     state = _unwrap(obj, file)
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 

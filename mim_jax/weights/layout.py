@@ -6,6 +6,8 @@ import pathlib
 
 import numpy as np
 
+from mim_jax.errors import WeightsError
+
 
 @dataclasses.dataclass
 class Description:
@@ -42,7 +44,7 @@ class Layout:
 
     def describe(self, tensors: dict, path: pathlib.Path, config_json: dict | None) -> Description:
         """The encoder architecture a file holds, read from its tensors (and config.json)."""
-        raise ValueError(f"{path}: {self.refusal}")
+        raise WeightsError(f"{path}: {self.refusal}")
 
     def to_params(self, tensors: dict, desc: Description, method, abstract: dict, keys=None) -> dict:
         """The subtrees `keys` of `method`'s params (numpy, shaped like the abstract params, the

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import pathlib
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights import capi, files, openai_clip, vit_layouts
 from mim_jax.weights.layout import Description, Layout
 
@@ -23,7 +24,7 @@ def names() -> list[str]:
 
 def get(name: str) -> Layout:
     if name not in LAYOUTS and name not in ALIASES:
-        raise ValueError(f"Unknown weight layout {name!r}; known layouts: {', '.join(names())}.")
+        raise WeightsError(f"Unknown weight layout {name!r}; known layouts: {', '.join(names())}.")
     return LAYOUTS[ALIASES.get(name, name)]
 
 
@@ -37,8 +38,8 @@ def detect(tensors: dict) -> Layout:
     for layout in DETECTION:
         if layout.detect(tensors):
             return layout
-    raise ValueError(f"Unrecognised weight layout (first tensors: {list(tensors)[:6]}). Known layouts: "
-                     f"{', '.join(names())}; name one explicitly as <layout>:/path.")
+    raise WeightsError(f"Unrecognised weight layout (first tensors: {list(tensors)[:6]}). Known layouts: "
+                       f"{', '.join(names())}; name one explicitly as <layout>:/path.")
 
 
 def describe(path: pathlib.Path, layout: str | None = None) -> Description:
@@ -47,8 +48,8 @@ def describe(path: pathlib.Path, layout: str | None = None) -> Description:
     tensors = read(path)
     found = detect(tensors)
     if layout is not None and get(layout).family != found.family:
-        raise ValueError(f"{path} is in the {found.family} layout, not {layout}'s ({get(layout).family}): "
-                         f"pass it as {found.name}:{path}.")
+        raise WeightsError(f"{path} is in the {found.family} layout, not {layout}'s ({get(layout).family}): "
+                           f"pass it as {found.name}:{path}.")
     config_json = files.read_config_json(path)
     desc = get(layout or found.name).describe(tensors, path, config_json)
     desc.mean, desc.std = files.normalisation(path, config_json)

@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights.tensors import Entry, MismatchError, fixed, fold_qv_bias, linear, norm, patch_conv, same, split_qkv
 from mim_jax.models import layers
 
@@ -86,12 +87,18 @@ def _learned_positions(cls_name: str, pos_name: str, has_cls: bool) -> list[Entr
     return [Entry(torch=(cls_name, pos_name), ours=(("cls",), ("pos_embedding",)), to_ours=to_ours, to_torch=to_torch)]
 
 
+def fits_timm(vit) -> bool:
+    """Whether the timm-style layouts (timm, MAE, BEiT, MAE-pytorch) can hold this encoder."""
+    return vit.norm == "layernorm" and not vit.rope and not vit.num_registers
+
+
 def encoder_entries(vit, grid, channels: int, naming: Naming = TIMM) -> list[Entry]:
     """Every tensor of a `models.vit.ViT` encoder (loop layout) in a timm-style family."""
-    if vit.norm != "layernorm" or vit.rope or vit.num_registers:
-        raise ValueError(f"The {naming.prefix or 'timm'} ViT layout has LayerNorm, absolute positions and no "
-                         f"registers; this encoder has norm={vit.norm}, posemb={vit.posemb}, "
-                         f"registers={vit.num_registers} (CAPI's encoder exports in its official layout).")
+    if not fits_timm(vit):
+        raise WeightsError(f"The {naming.prefix or 'timm'} ViT layout has LayerNorm, absolute positions and no "
+                           f"registers; this encoder has norm={vit.norm}, posemb={vit.posemb}, "
+                           f"registers={vit.num_registers} (CAPI's encoder exports in its official layout: "
+                           "--format=official).")
     p = naming.prefix
     out = [patch_conv(f"{p}patch_embed.proj.weight", ("embedding", "kernel"), vit.patch_size, channels),
            same(f"{p}patch_embed.proj.bias", ("embedding", "bias"))]
@@ -126,8 +133,9 @@ def hf_entries(vit, grid, channels: int, prefix: str = "") -> list[Entry]:
     """Hugging Face `ViTModel` (`prefix=''`) or `ViTMAEModel` inside `ViTMAEForPreTraining`
     (`prefix='vit.'`). Their architecture has a [CLS] token, LayerNorm and dense q/k/v biases."""
     if vit.layerscale is not None or not vit.cls_token or vit.norm != "layernorm" or vit.rope or vit.num_registers:
-        raise ValueError("transformers' ViT has a [CLS] token, LayerNorm, absolute positions and no LayerScale or "
-                         "registers; this encoder does not fit it: use the timm layout (--format=timm).")
+        works = "the timm layout (--format=timm)" if fits_timm(vit) else "the method's own layout (--format=official)"
+        raise WeightsError("transformers' ViT has a [CLS] token, LayerNorm, absolute positions and no LayerScale or "
+                           f"registers; this encoder does not fit it: use {works}.")
     p = prefix
     out = [patch_conv(f"{p}embeddings.patch_embeddings.projection.weight", ("embedding", "kernel"), vit.patch_size,
                       channels),

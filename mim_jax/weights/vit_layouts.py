@@ -11,6 +11,7 @@ import re
 import jax
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.models import layers
 from mim_jax.weights import folders, tensors as tensor_maps, vit
 from mim_jax.weights.layout import Description, Layout
@@ -36,8 +37,8 @@ class ViTLayout(Layout):
         keys = tuple(keys or ("encoder",))
         unknown = sorted(set(keys) - {"encoder", "decoder"})
         if unknown or ("decoder" in keys and not desc.has_decoder):
-            raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
-                             f"; params {unknown or ['decoder']} cannot be loaded from it.")
+            raise WeightsError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
+                               f"; params {unknown or ['decoder']} cannot be loaded from it.")
         target = jax.eval_shape(layers.unstack_blocks, {k: abstract[k] for k in keys})
         params = tensor_maps.to_params(tensors, self._entries(method, desc.channels, desc.prefix, keys), target,
                                        ignore=self.ignored(desc, keys), source=f"{desc.path} ({desc.layout} layout)")
@@ -183,7 +184,7 @@ def _posemb_of(table: np.ndarray, grid, width: int, candidates) -> str:
 def _square_grid(n: int, what: str) -> tuple[int, int]:
     side = int(round(n ** 0.5))
     if side * side != n:
-        raise ValueError(f"{what} has {n} positions, not a square grid.")
+        raise WeightsError(f"{what} has {n} positions, not a square grid.")
     return side, side
 
 
@@ -195,8 +196,8 @@ def _heads(width: int, config_json: dict | None, spec: str) -> int:
         if "num_heads" in config_json.get("model_args", {}):
             return int(config_json["model_args"]["num_heads"])
     if width not in HEADS_BY_WIDTH:
-        raise ValueError(f"{spec}: a {width}-wide ViT is not a standard size and there is no config.json beside it "
-                         "saying how many attention heads it has.")
+        raise WeightsError(f"{spec}: a {width}-wide ViT is not a standard size and there is no config.json beside it "
+                           "saying how many attention heads it has.")
     return HEADS_BY_WIDTH[width]
 
 
