@@ -3,6 +3,7 @@ Masking) and Hugging Face ViT files give the same features here as in PyTorch; e
 timm / transformers with strict key matching; every mismatch is named."""
 import gc
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,22 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.read(tmp_path / "absent.pth")
 
+
+
+def test_a_file_rewritten_at_the_same_path_is_read_again(tmp_path):
+    """The file cache is keyed by path, size, mtime and inode: a re-export to the same path (same
+    size) in one process loads the new tensors, not the cached ones."""
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    first = pretrained.load(f"mae:{_save(model.state_dict(), path)}", _mesh())
+    time.sleep(0.05)    # past the file system's timestamp granularity (a re-export comes seconds later)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    second = pretrained.load(f"mae:{_save(model.state_dict(), path)}", _mesh())
+    np.testing.assert_array_equal(second.params["encoder"]["encoder_norm"]["scale"], model.norm.weight.detach().numpy())
+    assert not np.array_equal(first.params["encoder"]["encoder_norm"]["scale"],
+                              second.params["encoder"]["encoder_norm"]["scale"])
 
 # ---- export ---------------------------------------------------------------------------------
 

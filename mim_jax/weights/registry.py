@@ -28,9 +28,18 @@ def get(name: str) -> Layout:
     return LAYOUTS[ALIASES.get(name, name)]
 
 
-@functools.lru_cache(maxsize=2)
 def read(path: pathlib.Path) -> dict:
-    return files.read(path)
+    """The tensors of a weight file, read once while the file stays the same (describing and then
+    importing a file reads it once): cached by path, size, modification time and inode, so a file
+    rewritten at the same path is read again."""
+    file = files.weights_path(path)
+    stat = file.stat()
+    return _read(file, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(file: pathlib.Path, size: int, mtime_ns: int, inode: int) -> dict:
+    return files.read(file)
 
 
 def detect(tensors: dict) -> Layout:
