@@ -1,6 +1,7 @@
 """Released-weight layouts in and out: timm (= official MAE), BEiT (CAE v2), MAE-pytorch (Beyond
 Masking) and Hugging Face ViT files give the same features here as in PyTorch; exports load in
 timm / transformers with strict key matching; every mismatch is named."""
+import argparse
 import gc
 import json
 import time
@@ -225,6 +226,42 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.read(tmp_path / "absent.pth")
 
+
+
+def official_training_checkpoint(model, path, **args):
+    """As the official scripts' `utils.save_model` writes it (MAE, Beyond Masking's MAE-pytorch,
+    CAE): the model, optimizer and loss-scaler states, the epoch and the argparse arguments."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()     # an optimizer state with tensors, as after training
+    torch.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch": 399,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0},
+                "args": argparse.Namespace(model="pretrain_mae_base_patch16_224", mask_ratio=0.75, input_size=224,
+                                           output_dir=str(path.parent), resume="", **args)}, str(path))
+    return path
+
+
+def test_a_training_checkpoint_of_the_official_scripts_loads_without_unpickling_code(tmp_path):
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    path = official_training_checkpoint(model, tmp_path / "checkpoint-399.pth")
+    images = _images()
+    ours, _ = _our_tokens(f"mae:{path}", images)
+    np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+
+    # Any other object is refused before it is built: its code never runs.
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    torch.save({"model": model.state_dict(), "args": Payload()}, str(tmp_path / "evil.pth"))
+    with pytest.raises(UserFacingError, match="not unpickled"):
+        files.read(tmp_path / "evil.pth")
+    assert not marker.exists()
 
 
 def test_a_file_rewritten_at_the_same_path_is_read_again(tmp_path):

@@ -1,21 +1,27 @@
 """Reading and writing PyTorch-world weight files as flat dicts of float32 numpy arrays.
 
 Read: `.safetensors` (no torch needed), `.pth`/`.pt`/`.bin` torch pickles (loaded with
-`weights_only=True`: tensors only, no code runs), TorchScript archives (OpenAI's CLIP `.pt`), and
+`weights_only=True`: tensors, builtins and `SAFE_GLOBALS` only, no code runs; the official training
+checkpoints with their optimizer state and `args` load), TorchScript archives (OpenAI's CLIP `.pt`), and
 folders holding `model.safetensors` or `pytorch_model.bin` (+ `config.json`, returned too).
 Training checkpoints nest the weights (`{"model": ...}`, `{"state_dict": ...}`); the usual wrapper
 keys are unwrapped.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
+import pickle
 
 import numpy as np
 
 from mim_jax.errors import WeightsError, WeightsNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The only classes a torch pickle may hold beside tensors and builtins: the official training scripts'
+# `utils.save_model` (MAE, Beyond Masking's MAE-pytorch, CAE) stores its argparse arguments as `args`.
+SAFE_GLOBALS = (argparse.Namespace,)
 _WRAPPERS = ("model", "state_dict", "module", "model_state", "teacher")
 
 
@@ -71,7 +77,13 @@ def read(path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{file} is not a readable safetensors file ({e}).") from None
     torch = _torch()
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise WeightsError(f"{file} holds Python objects other than tensors and the argparse arguments of the official "
+                           f"training scripts ({found}); they are not unpickled, as that could run any code. Save "
+                           "its state dict alone (torch.save(checkpoint['model'], path)) and load that.") from None
     except RuntimeError as e:
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
             raise WeightsError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
