@@ -112,7 +112,8 @@ def _zero_key_bias(model):
 
 
 def test_cae_v2_released_layout_gives_the_same_features(tmp_path):
-    model = _timm_vit(init_values=0.1)
+    # CAE v2 Tiny as released: 12 heads (not DeiT-Ti's 3), and no config.json beside the file.
+    model = _timm_vit(init_values=0.1, num_heads=12)
     _zero_key_bias(model)
     _set_fixed_pos(model, "sincos2d_rowfirst")
     state = _beit_state(model)
@@ -121,7 +122,7 @@ def test_cae_v2_released_layout_gives_the_same_features(tmp_path):
     images = _images()
     ours, weights = _our_tokens(f"cae_v2:{path}", images)
     m = weights.config.model
-    assert (m.posemb, m.qkv_bias, m.layerscale is not None) == ("sincos2d_rowfirst", "qv", True)
+    assert (m.posemb, m.qkv_bias, m.layerscale is not None, m.num_heads) == ("sincos2d_rowfirst", "qv", True, 12)
     np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
 
 
@@ -134,12 +135,29 @@ def test_beyond_masking_layout_gives_the_same_features(tmp_path):
     state["decoder.head.weight"] = torch.zeros(PATCH * PATCH * 3, 384)
     state["mask_token"] = torch.zeros(1, 1, 384)
     path = _save(state, tmp_path / "checkpoint-399.pth")
-    (tmp_path / "config.json").write_text(json.dumps({"image_size": IMAGE}))
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": IMAGE, "num_heads": HEADS}))
     images = _images()
     weights = pretrained.load(f"beyond_masking:{path}", _mesh())
     out = weights.method.encode(weights.params, jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(out["encoded"]), _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
     assert "cls" in out    # Beyond Masking's global feature (mean patch token) for kNN / linear probes
+
+
+def test_heads_come_from_the_layouts_known_architectures_or_are_asked_for(tmp_path):
+    """The head count is in no tensor: CAE v2's Tiny and Small have 12 (configs/cae_v2.py), and a
+    width none of a layout's models has is an error asking for a config.json, never a guess."""
+    from configs import cae_v2
+    from mim_jax.models import vit
+    from mim_jax.weights import vit_layouts
+    assert vit_layouts.CAE_V2_HEADS == {vit.decode_variant(f"{v}/16")["width"]: size["num_heads"]
+                                        for v, size in cae_v2.SIZES.items()}
+    model = _timm_vit(embed_dim=256, num_heads=4, init_values=0.1)
+    state = {"encoder." + k: v for k, v in model.state_dict().items()}     # the BEiT layout's names
+    path = _save(state, tmp_path / "caev2_256.pth")
+    with pytest.raises(UserFacingError, match="num_heads"):
+        pretrained.read_config(f"cae_v2:{path}")
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 4}))
+    assert pretrained.read_config(f"cae_v2:{path}").model.num_heads == 4
 
 
 def test_hugging_face_vit_folder_gives_the_same_features(tmp_path):

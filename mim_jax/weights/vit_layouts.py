@@ -17,8 +17,14 @@ from mim_jax.weights import folders, tensors as tensor_maps, vit
 from mim_jax.weights.layout import Description, Layout
 
 VARIANT_BY_WIDTH = {192: "Ti", 384: "S", 512: "M", 768: "B", 1024: "L", 1280: "H", 1408: "g"}
-# Standard ViT head counts by width (ViT, DeiT, MAE); files without a config.json need them.
+# The head count is in no tensor: a file without a config.json gets the one of its layout's known
+# architecture of that width, and a width the layout has none of is an error asking for it.
+# timm's ViTs (DeiT, MAE's releases): tiny 3, small 6, medium 8, base 12, large 16, huge 16, giant 16.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+# CAE v2's official models (configs/cae_v2.py SIZES): Tiny and Small have 12 heads, not DeiT's 3 / 6.
+CAE_V2_HEADS = {192: 12, 384: 12, 768: 12, 1024: 16}
+# Beyond Masking's registered models (modeling_pretrain.py: pretrain_mae_{base,large}_patch16_224).
+BEYOND_MASKING_HEADS = {768: 12, 1024: 16}
 
 
 class ViTLayout(Layout):
@@ -61,6 +67,7 @@ class TimmFamily(ViTLayout):
     evaluated_by: str = "mae"
     posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
     with_decoder: bool = False
+    heads_by_width: dict = dataclasses.field(default_factory=lambda: HEADS_BY_WIDTH)
 
     def detect(self, tensors):
         p = self.naming.prefix
@@ -150,9 +157,10 @@ class HuggingFaceViT(ViTLayout):
 
 TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM)
 MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, with_decoder=True)
-CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"))
+CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"),
+                    heads_by_width=CAE_V2_HEADS)
 BEYOND_MASKING = TimmFamily(name="beyond_masking", family="mae_pytorch", naming=vit.MAE_PYTORCH,
-                            evaluated_by="beyond_masking")
+                            evaluated_by="beyond_masking", heads_by_width=BEYOND_MASKING_HEADS)
 HF = HuggingFaceViT()
 
 
@@ -165,7 +173,8 @@ def _description(layout, path, config_json, *, conv, depth, mlp_dim, has_cls, ta
     else:   # MAE-pytorch does not store its fixed 1-D table
         size = int((config_json or {}).get("image_size", 224))
         grid, posemb = (size // patch, size // patch), "sincos1d"
-    model = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=_heads(width, config_json, str(path)),
+    heads = _heads(width, config_json, f"{layout.name}:{path}", getattr(layout, "heads_by_width", HEADS_BY_WIDTH))
+    model = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                  variant=f"{VARIANT_BY_WIDTH.get(width, 'B')}/{patch}", cls_token=has_cls, posemb=posemb,
                  qkv_bias=qkv_bias, use_bias=use_bias, layerscale=layerscale, norm="layernorm", norm_eps=eps,
                  num_registers=0)
@@ -188,24 +197,27 @@ def _square_grid(n: int, what: str) -> tuple[int, int]:
     return side, side
 
 
-def _heads(width: int, config_json: dict | None, spec: str) -> int:
+def _heads(width: int, config_json: dict | None, spec: str, known: dict, key: str = "num_heads") -> int:
+    """The head count from config.json (`key`, or Hugging Face's / timm's names), else from the layout's
+    known architectures (`known`, by width)."""
     if config_json:
-        for key in ("num_attention_heads", "num_heads"):
-            if key in config_json:
-                return int(config_json[key])
-        if "num_heads" in config_json.get("model_args", {}):
+        for name in ("num_attention_heads", key) if key == "num_heads" else (key,):
+            if name in config_json:
+                return int(config_json[name])
+        if key == "num_heads" and "num_heads" in config_json.get("model_args", {}):
             return int(config_json["model_args"]["num_heads"])
-    if width not in HEADS_BY_WIDTH:
-        raise WeightsError(f"{spec}: a {width}-wide ViT is not a standard size and there is no config.json beside it "
-                           "saying how many attention heads it has.")
-    return HEADS_BY_WIDTH[width]
+    if width not in known:
+        raise WeightsError(f"{spec}: no known architecture of this layout is {width} wide (those are "
+                           f"{sorted(known)}), and the number of attention heads is in no tensor: put a config.json "
+                           f'beside the file saying it, e.g. {{"{key}": ...}}.')
+    return known[width]
 
 
 def _mae_decoder(tensors, config_json) -> dict:
     """MAE's decoder size from a *_full.pth (heads: config.json, else MAE's 16)."""
     width = tensors["decoder_embed.weight"].shape[0]
     depth = sum(1 for n in tensors if re.fullmatch(r"decoder_blocks\.\d+\.norm1\.weight", n))
-    heads = int((config_json or {}).get("decoder_num_heads", 16))
+    heads = _heads(width, config_json, "the MAE decoder", {512: 16}, key="decoder_num_heads")
     return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors["decoder_blocks.0.mlp.fc1.weight"].shape[0])
 
 
