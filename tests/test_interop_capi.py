@@ -389,3 +389,33 @@ def test_the_hugging_face_export_of_capi_suggests_a_format_that_works(method, tm
         with pytest.raises(UserFacingError, match="--format=official") as info:
             export.write(weights, fmt, tmp_path)
         assert "--format=timm" not in str(info.value)
+
+
+def hub_loader(path) -> EncoderDecoder:
+    """model.py's `__model_loader__` (what hubconf.py calls) on a local file: `torch.load(...,
+    weights_only=True)`, the 'backbone.' keys without the prefix, `load_state_dict` (strict here;
+    the official strict=False would load nothing from a file it cannot read, silently)."""
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    pre = "backbone."
+    sd = {k.removeprefix(pre): v for k, v in sd.items() if k.startswith(pre)}
+    model = EncoderDecoder().eval()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _weights(method, config=None, seed=1):
+    from mim_jax import pretrained
+    return pretrained.Weights(config=config or tiny_config(), method=method, params=random_params(method, seed),
+                              step=1, description="run")
+
+
+def test_the_official_export_is_what_the_official_hub_loader_reads(method, encode, tmp_path):
+    from mim_jax import export
+    weights = _weights(method)
+    path = export.export_official(weights, tmp_path)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert all(k.startswith("backbone.") and isinstance(v, torch.Tensor) for k, v in state.items())
+    model = hub_loader(path)
+    for shape in IMAGES:
+        compare(encode, weights.params, model, images_of(shape, seed=8))
+

@@ -219,8 +219,8 @@ def import_backbone(tensors: dict, method, target: dict, keys=None, ignore=(), s
 
 def export_backbone(params: dict, method, prefix: str = PREFIX) -> dict[str, np.ndarray]:
     """Our params (the whole tree or just `COVERED`) -> the official backbone's state dict (float32
-    numpy; `files.write_torch` or `torch.save` of it loads into `EncoderDecoder` with
-    `load_state_dict(strict=True)` after removing the prefix)."""
+    numpy; saved flat, as `files.write(..., wrapped=False)` does, the official hub loader reads it
+    and it loads into `EncoderDecoder` with `load_state_dict(strict=True)` after removing the prefix)."""
     missing = [k for k in COVERED if k not in params]
     if missing:
         raise WeightsError(f"The official backbone needs params {list(COVERED)}; {missing} are missing.")
@@ -266,6 +266,7 @@ def describe(tensors: dict, path):
 class CapiLayout(Layout):
     """The registry entry: released files and training dumps (with `head.*`, left out)."""
     name = family = evaluated_by = "capi"
+    wrapped = False     # model.py's __model_loader__ reads the `backbone.*` keys at the top of the file
 
     def detect(self, tensors):
         return any(n.startswith(PREFIX) for n in tensors)

@@ -121,11 +121,15 @@ def normalisation(path, config_json: dict | None):
     return None, None
 
 
-def write(tensors: dict[str, np.ndarray], path, meta: dict) -> None:
+def write(tensors: dict[str, np.ndarray], path, meta: dict, wrapped: bool = True) -> None:
     """A state dict as `path`'s suffix says: safetensors with `meta` as metadata, or a `.pth` as the
-    official training scripts save it ({"model": state_dict, "mim_jax": meta})."""
+    official training scripts save it ({"model": state_dict, "mim_jax": meta}); `wrapped=False`: the
+    flat state dict alone, as a hub loader reads it (`meta` then only in the config.json beside it)."""
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(tensors, path, {"format": "pt", **{k: str(v) for k, v in meta.items()}})
-    else:
+    elif wrapped:
         write_torch(tensors, path, {"mim_jax": meta})
+    else:
+        torch = _torch()
+        torch.save({k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}, str(path))

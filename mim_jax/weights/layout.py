@@ -37,6 +37,9 @@ class Layout:
     family: str
     evaluated_by: str | None = None
     refusal: str = ""            # why a file of a layout without `evaluated_by` is no encoder
+    # How the official code saves (and its loader reads) a checkpoint: {"model": state_dict} as the
+    # training scripts' save_model, or the flat state dict (CAPI's hub files).
+    wrapped: bool = True
 
     def detect(self, tensors: dict) -> bool:
         """True when the tensor names are this layout's (checked in `registry.DETECTION` order)."""
