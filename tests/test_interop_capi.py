@@ -419,3 +419,14 @@ def test_the_official_export_is_what_the_official_hub_loader_reads(method, encod
     for shape in IMAGES:
         compare(encode, weights.params, model, images_of(shape, seed=8))
 
+
+def test_an_import_runs_at_the_resolution_the_file_records(method, tmp_path):
+    """An export records its run's resolution (16 px here); without a record, the releases' 16
+    patches; a config.json written by the user sets another."""
+    from mim_jax import export, pretrained
+    path = export.export_official(_weights(method), tmp_path)
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 16
+    (tmp_path / "config.json").write_text('{"image_size": 32}')
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 32
+    (tmp_path / "config.json").unlink()
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 16 * PATCH

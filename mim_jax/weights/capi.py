@@ -230,9 +230,10 @@ def export_backbone(params: dict, method, prefix: str = PREFIX) -> dict[str, np.
     return to_tensors(covered, entries(method, COVERED, prefix))
 
 
-def describe(tensors: dict, path):
+def describe(tensors: dict, path, config_json: dict | None = None):
     """The architecture of an official backbone file: sizes from the tensors (heads from the RoPE
-    frequencies' head_dim; nothing else stores them)."""
+    frequencies' head_dim; nothing else stores them); the resolution from the config.json beside it
+    (an export's, or the user's), else the releases' 224 px."""
     p = PREFIX
     conv = tensors.get(f"{p}patch_embed.weight")
     if conv is None or conv.ndim != 4:
@@ -257,9 +258,10 @@ def describe(tensors: dict, path):
     model = dict(variant=f"L/{patch}", width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
                  num_registers=0 if registers is None else int(registers.shape[1]), cls_token=False, posemb="rope",
                  norm="rmsnorm", norm_eps=OFFICIAL_NORM_EPS, final_norm_affine=False, use_bias=False)
-    # Trained at 224 with /14 (16 x 16 patches); RoPE in [0, 1] makes any grid valid.
+    # The releases: 224 px with /14 (16 x 16 patches); RoPE in [0, 1] makes any grid valid.
+    image_size = int((config_json or {}).get("image_size", 16 * patch))
     return Description(layout="capi", family="capi", path=path, config_name="capi", model=model,
-                       image_size=16 * patch, channels=channels, prefix=p,
+                       image_size=image_size, channels=channels, prefix=p,
                        extra={"predictor": dict(depth=pred_depth, num_heads=pred_heads, mlp_ratio=pred_mlp / width)})
 
 
@@ -272,7 +274,7 @@ class CapiLayout(Layout):
         return any(n.startswith(PREFIX) for n in tensors)
 
     def describe(self, tensors, path, config_json):
-        return describe(tensors, path)
+        return describe(tensors, path, config_json)
 
     def to_params(self, tensors, desc, method, abstract, keys=None):
         keys = tuple(keys or COVERED)
