@@ -449,6 +449,7 @@ def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
     weights = _perturbed(pretrained.random_init(config, _mesh()))
     path = export.export_official(weights, tmp_path)
     back = pretrained.load(f"capi:{path}", _mesh())
+    assert back.config.input.image_size == config.input.image_size      # recorded by the export (28 px)
     for key in ("encoder", "predictor"):
         jax.tree.map(np.testing.assert_array_equal, back.params[key], layers.unstack_blocks(weights.params[key]))
     size = config.input.image_size
