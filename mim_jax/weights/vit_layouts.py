@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -27,23 +28,49 @@ CAE_V2_HEADS = {192: 12, 384: 12, 768: 12, 1024: 16}
 BEYOND_MASKING_HEADS = {768: 12, 1024: 16}
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderNaming:
+    """How a full pre-training checkpoint names its pixel decoder (a `models.decoder.PixelDecoder`)."""
+    probe: str                   # a tensor only a file with the decoder holds: its input Linear [D_dec, D]
+    blocks: str                  # the blocks' name prefix
+    prefixes: tuple[str, ...]    # every decoder tensor's name starts with one of these
+    entries: Callable            # (decoder module, number of prefix tokens) -> [Entry]
+    heads_by_width: dict         # the official decoders' head counts (not in any tensor)
+
+    def describe(self, tensors, config_json, path) -> dict:
+        width = tensors[self.probe].shape[0]
+        depth = sum(1 for n in tensors if re.fullmatch(rf"{re.escape(self.blocks)}\d+\.norm1\.weight", n))
+        heads = _heads(width, config_json, f"{path} (decoder)", self.heads_by_width, key="decoder_num_heads")
+        return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors[f"{self.blocks}0.mlp.fc1.weight"].shape[0])
+
+
+# Official MAE's *_full.pth (512 wide, 16 heads); Beyond Masking's MAE-pytorch model
+# (pretrain_mae_{base,large}_patch16_224: 384 wide with 6 heads, 512 with 8).
+MAE_DECODER = DecoderNaming(probe="decoder_embed.weight", blocks="decoder_blocks.", prefixes=("mask_token", "decoder_"),
+                            entries=vit.mae_decoder_entries, heads_by_width={512: 16})
+MAE_PYTORCH_DECODER = DecoderNaming(probe="encoder_to_decoder.weight", blocks="decoder.blocks.",
+                                    prefixes=("mask_token", "decoder.", "encoder_to_decoder."),
+                                    entries=vit.mae_pytorch_decoder_entries, heads_by_width={384: 6, 512: 8})
+
+
 class ViTLayout(Layout):
-    """What the ViT layouts share: the import into `params["encoder"]` (and MAE's decoder) from the
+    """What the ViT layouts share: the import into `params["encoder"]` (and a pixel decoder) from the
     subclass's `encoder_entries(encoder, grid, channels, prefix)` and `ignored(desc, keys)`."""
-    with_decoder = False          # exports MAE's decoder too (the official *_full.pth layout)
+    decoder: DecoderNaming | None = None   # how the layout's full checkpoints name the decoder
+    with_decoder = False          # exports the decoder too (the official training checkpoint's layout)
 
     def _entries(self, method, channels: int, prefix: str, keys) -> list[tensor_maps.Entry]:
         entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid, channels, prefix))
         if "decoder" in keys:
-            entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder,
-                                                                            method.encoder.num_prefix_tokens))
+            entries += tensor_maps.under("decoder", self.decoder.entries(method.decoder,
+                                                                         method.encoder.num_prefix_tokens))
         return entries
 
     def to_params(self, tensors, desc, method, abstract, keys=None):
         keys = tuple(keys or ("encoder",))
         unknown = sorted(set(keys) - {"encoder", "decoder"})
         if unknown or ("decoder" in keys and not desc.has_decoder):
-            raise WeightsError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
+            raise WeightsError(f"{desc.path} holds {'an encoder and a decoder' if desc.has_decoder else 'an encoder'}"
                                f"; params {unknown or ['decoder']} cannot be loaded from it.")
         target = jax.eval_shape(layers.unstack_blocks, {k: abstract[k] for k in keys})
         params = tensor_maps.to_params(tensors, self._entries(method, desc.channels, desc.prefix, keys), target,
@@ -66,6 +93,7 @@ class TimmFamily(ViTLayout):
     naming: vit.Naming
     evaluated_by: str = "mae"
     posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
+    decoder: DecoderNaming | None = None
     with_decoder: bool = False
     heads_by_width: dict = dataclasses.field(default_factory=lambda: HEADS_BY_WIDTH)
 
@@ -82,27 +110,32 @@ class TimmFamily(ViTLayout):
         qkv_bias = "qv" if block.format(0) + "attn.q_bias" in tensors else "dense"
         if qkv_bias == "dense" and _zero_key_biases(tensors, [block.format(i) + "attn.qkv.bias" for i in range(depth)]):
             qkv_bias = "qv"    # a BEiT-style encoder exported with its q/v biases folded into qkv.bias
-        cls = f"{prefix}cls_token"
-        has_decoder = not prefix and "decoder_embed.weight" in tensors
+        has_decoder = self.decoder is not None and self.decoder.probe in tensors
         return _description(
             self, path, config_json, conv=tensors[f"{prefix}patch_embed.proj.weight"], depth=depth,
             mlp_dim=tensors[block.format(0) + "mlp.fc1.weight"].shape[0],
-            has_cls=cls in tensors and not any(re.fullmatch(p, cls) for p in self.naming.ignore),
+            has_cls=f"{prefix}cls_token" in tensors and not self.naming.unused_cls,
             table=tensors.get(f"{prefix}pos_embed"), qkv_bias=qkv_bias,
             use_bias=block.format(0) + "attn.proj.bias" in tensors,
             layerscale=0.1 if any(block.format(0) + n in tensors for n in ("gamma_1", "ls1.gamma")) else None,
             eps=1e-6,   # timm, MAE, BEiT/CAE and MAE-pytorch all build LayerNorm(eps=1e-6)
             prefix=prefix, has_decoder=has_decoder,
-            extra={"decoder": _mae_decoder(tensors, config_json)} if has_decoder else {})
+            extra={"decoder": self.decoder.describe(tensors, config_json, path)} if has_decoder else {})
 
     def ignored(self, desc, keys):
-        p = self.naming.prefix
+        p = re.escape(self.naming.prefix)
+        decoder = [re.escape(n) for n in (self.decoder.prefixes if self.decoder else ())]
         # A supervised classifier on top of the encoder; the prefixed forks' full checkpoints also
         # hold a regressor, decoder or teacher beside the encoder.
-        out = (rf"{re.escape(p)}head\..*",) + ((rf"(?!{re.escape(p)}).*",) if p else (r"fc_norm\..*",))
+        out = (rf"{p}head\..*",)
+        if p:
+            loaded = [p] + (decoder if "decoder" in keys else [])
+            out += (rf"(?!{'|'.join(loaded)}).*",)
+        else:
+            out += (r"fc_norm\..*",)
         if "decoder" not in keys:
-            out += (r"mask_token", r"decoder_.*")
-        return out + self.naming.ignore
+            out += tuple(n + ".*" for n in decoder)
+        return out
 
     def encoder_entries(self, encoder, grid, channels, prefix):
         return vit.encoder_entries(encoder, grid, channels, self.naming)
@@ -155,12 +188,14 @@ class HuggingFaceViT(ViTLayout):
         return folders.hf_config(method.encoder, inp, meta)
 
 
-TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM)
-MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, with_decoder=True)
+TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM, decoder=MAE_DECODER)
+MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, decoder=MAE_DECODER, with_decoder=True)
 CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"),
                     heads_by_width=CAE_V2_HEADS)
+# The official model is MAE-pytorch's whole `PretrainVisionTransformer`, decoder included.
 BEYOND_MASKING = TimmFamily(name="beyond_masking", family="mae_pytorch", naming=vit.MAE_PYTORCH,
-                            evaluated_by="beyond_masking", heads_by_width=BEYOND_MASKING_HEADS)
+                            evaluated_by="beyond_masking", heads_by_width=BEYOND_MASKING_HEADS,
+                            decoder=MAE_PYTORCH_DECODER, with_decoder=True)
 HF = HuggingFaceViT()
 
 
@@ -211,14 +246,6 @@ def _heads(width: int, config_json: dict | None, spec: str, known: dict, key: st
                            f"{sorted(known)}), and the number of attention heads is in no tensor: put a config.json "
                            f'beside the file saying it, e.g. {{"{key}": ...}}.')
     return known[width]
-
-
-def _mae_decoder(tensors, config_json) -> dict:
-    """MAE's decoder size from a *_full.pth (heads: config.json, else MAE's 16)."""
-    width = tensors["decoder_embed.weight"].shape[0]
-    depth = sum(1 for n in tensors if re.fullmatch(r"decoder_blocks\.\d+\.norm1\.weight", n))
-    heads = _heads(width, config_json, "the MAE decoder", {512: 16}, key="decoder_num_heads")
-    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors["decoder_blocks.0.mlp.fc1.weight"].shape[0])
 
 
 def _zero_key_biases(tensors, names) -> bool:
