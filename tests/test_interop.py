@@ -472,6 +472,22 @@ def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion
     assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
 
 
+def test_a_beyond_masking_timm_export_keeps_the_methods_global_feature(tmp_path):
+    """Beyond Masking has no [CLS]: its global feature is the mean patch token, imported from a timm
+    export as from the run (the kNN and linear probes read feature='cls')."""
+    from mim_jax import export
+    from mim_jax.evaluators import encoder as encoder_lib
+    weights = _random_weights("beyond_masking")
+    export.export_timm(weights, tmp_path)
+    init = f"timm:{tmp_path / 'model.safetensors'}"
+    assert pretrained.read_config(init).method.name == "beyond_masking"
+    size, channels = weights.config.input.image_size, weights.config.input.channels
+    images = jnp.asarray(np.random.default_rng(4).normal(size=(2, size, size, channels)), jnp.float32)
+    features = encoder_lib.load(init, _mesh(), feature="cls").features(images)
+    expected = weights.method.encode(weights.params, images)["cls"]
+    np.testing.assert_allclose(np.asarray(features), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow   # trains CAE v2 from an exported MAE file (about 15 s)
 def test_a_released_mae_file_is_a_cae_v2_teacher(tmp_path):
     """teacher=mae:FILE distils the file's encoder: its targets are that encoder's tokens."""
