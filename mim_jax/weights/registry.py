@@ -65,6 +65,6 @@ def describe(path: pathlib.Path, layout: str | None = None) -> Description:
     # An export of this project records its method: where that method evaluates some layout's files,
     # it evaluates this one too (a Beyond Masking encoder in timm's layout keeps its mean-token feature).
     exported_by = ((config_json or {}).get("mim_jax") or {}).get("method")
-    if exported_by in {entry.evaluated_by for entry in LAYOUTS.values()}:
+    if exported_by is not None and exported_by in {entry.evaluated_by for entry in LAYOUTS.values()}:
         desc.config_name = exported_by
     return desc
