@@ -68,6 +68,7 @@ class Weights:
     params: PyTree
     step: int | None          # None: random initialisation
     description: str
+    imported: Description | None = None   # what a weight file of another codebase says it holds
 
 
 def _run_dir(spec) -> str:
@@ -195,7 +196,8 @@ def load_file(spec, mesh, keys=None) -> Weights:
     params = jax.tree.map(lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), params,
                           {k: abstract[k] for k in params})
     logging.info("Loaded %s from %s (%s layout).", sorted(params), desc.path, desc.layout)
-    return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}")
+    return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}",
+                   imported=desc)
 
 
 def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
@@ -212,15 +214,40 @@ def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
     return dict(encoder, pos_embedding=resized)
 
 
-def warm_start_params(init: str, keys, target: dict) -> dict:
+def _architecture_differences(weights: Weights, method: Method, keys) -> list[str]:
+    """What a weight file's description states about the model (the encoder's posemb, heads, biases,
+    ...; the decoder's or predictor's sizes where those are loaded) that differs in `method`: shapes
+    alone miss a sin-cos table of another layout or another head count."""
+    desc, out = weights.imported, []
+    if "encoder" in keys:
+        for field in [k for k in desc.model if k != "variant"] + ["patch_size"]:
+            theirs, ours = getattr(weights.method.encoder, field), getattr(method.encoder, field)
+            if field == "layerscale":       # the file says whether there is LayerScale, not its init value
+                theirs, ours = theirs is not None, ours is not None
+            if theirs != ours:
+                out.append(f"model.{field} (the file's {theirs!r}, this run's {ours!r})")
+    for key, block in desc.extra.items():   # e.g. MAE's decoder, CAPI's predictor
+        if key in keys:
+            out += [f"{key}.{field} (the file's {value!r}, this run's {method.config[key][field]!r})"
+                    for field, value in block.items() if method.config[key][field] != value]
+    return out
+
+
+def warm_start_params(init: str, keys, target: dict, method: Method) -> dict:
     """The subtrees `keys` (e.g. ('encoder',)) of a run's evaluation weights, checked against the
-    abstract `target` params (same tree and shapes) and placed on its shardings: a new run starts
-    from them (big_vision's `model_init`)."""
+    abstract `target` params of `method` (same tree and shapes; for a weight file also every
+    architectural fact its layout states) and placed on its shardings: a new run starts from them
+    (big_vision's `model_init`)."""
     mesh = jax.tree.leaves(target)[0].sharding.mesh
     absent = [key for key in keys if key not in target]
     if absent:
         raise WeightsError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
     weights = load(init, mesh, keys=keys)    # only those params are read (EMA extras where evaluated)
+    if weights.imported is not None:
+        differences = _architecture_differences(weights, method, keys)
+        if differences:
+            raise WeightsError(f"{init} holds another architecture than this run's: {'; '.join(differences)}. "
+                               "Set those fields of the config to the file's.")
     loaded = {}
     for key in keys:
         if key not in weights.params:

@@ -533,6 +533,34 @@ def test_a_warm_start_at_another_resolution_resamples_learned_positions_as_timm(
     np.testing.assert_allclose(table, ref[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_warm_start_from_a_file_of_another_architecture_names_what_differs(tmp_path):
+    """Shapes do not show a sin-cos table of the other layout or another head count: a warm start
+    compares every fact the file's description states with the run's model."""
+    from configs import common
+    from mim_jax import state as state_lib
+    from mim_jax.methods import get_method
+    model = _timm_vit(in_chans=1)
+    _set_fixed_pos(model, "sincos2d")        # MAE's column-first table, 3 heads
+    path = _save(model.state_dict(), tmp_path / "mae_pretrain_vit_tiny.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5], "std": [0.5]}}))
+
+    def warm_start(**model_fields):
+        config = common.pretrain_config("mae:local")
+        config.model.update(variant="Ti/8", depth=DEPTH, **model_fields)
+        config.input.image_size = IMAGE
+        config.init = f"mae:{path}"
+        setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                                global_batch_size=config.input.batch_size)
+        return setup.create(jax.random.key(0))
+    with pytest.raises(UserFacingError) as info:
+        warm_start(posemb="sincos2d_rowfirst", num_heads=6)
+    message = str(info.value)
+    assert "model.posemb (the file's 'sincos2d', this run's 'sincos2d_rowfirst')" in message
+    assert "model.num_heads (the file's 3, this run's 6)" in message
+    assert "qkv_bias" not in message
+    warm_start(posemb="sincos2d", num_heads=HEADS)      # the file's architecture starts
+
+
 @pytest.mark.slow
 def test_vit_large_converts_on_the_host_and_lands_sharded_on_an_fsdp_mesh(tmp_path):
     torch.manual_seed(0)
