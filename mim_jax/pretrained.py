@@ -216,20 +216,20 @@ def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
 
 def _architecture_differences(weights: Weights, method: Method, keys) -> list[str]:
     """What a weight file's description states about the model (the encoder's posemb, heads, biases,
-    ...; the decoder's or predictor's sizes where those are loaded) that differs in `method`: shapes
-    alone miss a sin-cos table of another layout or another head count."""
+    ...; the sizes of a decoder or predictor where those are loaded) that differs in `method`:
+    shapes alone miss a sin-cos table of another layout or another head count."""
     desc, out = weights.imported, []
-    if "encoder" in keys:
-        for field in [k for k in desc.model if k != "variant"] + ["patch_size"]:
-            theirs, ours = getattr(weights.method.encoder, field), getattr(method.encoder, field)
+    compared = [("model", "encoder", [k for k in desc.model if k != "variant"] + ["patch_size"])] \
+        if "encoder" in keys else []
+    compared += [(key, key, ["width", "depth", "num_heads", "mlp_dim"]) for key in desc.extra if key in keys]
+    for block, module, fields in compared:
+        file_module, run_module = getattr(weights.method, module), getattr(method, module)
+        for field in (f for f in fields if hasattr(file_module, f)):
+            theirs, ours = getattr(file_module, field), getattr(run_module, field)
             if field == "layerscale":       # the file says whether there is LayerScale, not its init value
                 theirs, ours = theirs is not None, ours is not None
             if theirs != ours:
-                out.append(f"model.{field} (the file's {theirs!r}, this run's {ours!r})")
-    for key, block in desc.extra.items():   # e.g. MAE's decoder, CAPI's predictor
-        if key in keys:
-            out += [f"{key}.{field} (the file's {value!r}, this run's {method.config[key][field]!r})"
-                    for field, value in block.items() if method.config[key][field] != value]
+                out.append(f"{block}.{field} (the file's {theirs!r}, this run's {ours!r})")
     return out
 
 

@@ -559,6 +559,17 @@ def test_a_warm_start_from_a_file_of_another_architecture_names_what_differs(tmp
     assert "model.num_heads (the file's 3, this run's 6)" in message
     assert "qkv_bias" not in message
     warm_start(posemb="sincos2d", num_heads=HEADS)      # the file's architecture starts
+    # MAE's decoder, where it is loaded: its sizes too.
+    from mim_jax import export
+    (tmp_path / "full").mkdir()
+    export.export_official(_random_weights("mae"), tmp_path / "full")
+    config = _tiny("mae")
+    config.decoder.num_heads = 1
+    config.init, config.init_keys = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}", ("encoder", "decoder")
+    setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                            global_batch_size=config.input.batch_size)
+    with pytest.raises(UserFacingError, match=r"decoder.num_heads \(the file's 4, this run's 1\)"):
+        setup.create(jax.random.key(0))
 
 
 @pytest.mark.slow
