@@ -9,3 +9,8 @@ class UserFacingError(Exception):
 
 class WeightsNotFoundError(UserFacingError, FileNotFoundError):
     """A run, weight file or teacher that is not where the config says."""
+
+
+class WeightsError(UserFacingError, ValueError):
+    """A weight file that cannot be read, or not as asked (wrong layout, truncated, an
+    architecture its layout cannot hold)."""

@@ -6,10 +6,12 @@
   **cfg["model_args"])`, with strict key matching (MAE, CAE v2, Beyond Masking and CMAE encoders): the fixed sin-cos table
   written as `pos_embed` in the layout it was trained with, BEiT q/v biases folded into `qkv.bias`,
   LayerScale as `ls1/ls2.gamma`, no `mask_token`.
-- `official`: OUT/checkpoint.pth in the method's official layout ({"model": state_dict}), so a run
-  continues in the official PyTorch code: MAE's with its decoder (the `*_full.pth` layout), CAE
-  v2's BEiT encoder, Beyond Masking's MAE-pytorch encoder, CAPI's `backbone.`; CMAE has no official
-  code and writes MAE's layout, which SDMAE's encoder shares.
+- `official`: OUT/checkpoint.pth in the method's official layout, as its code saves and loads it
+  ({"model": state_dict}; CAPI: the flat `backbone.*` dict its hub loader reads), so a run continues
+  in the official PyTorch code: MAE's with its decoder (the `*_full.pth` layout), CAE v2's BEiT
+  encoder, Beyond Masking's MAE-pytorch model, CAPI's `backbone.`; CMAE has no official code and
+  writes MAE's layout, which SDMAE's encoder shares. A config.json beside it records what the
+  tensors do not (heads, resolution, normalisation, which run).
 - `hf`: a Hugging Face `ViTModel` folder (config.json + model.safetensors) where transformers has
   the architecture ([CLS], LayerNorm, no LayerScale: MAE, CMAE): `ViTModel.from_pretrained(OUT,
   add_pooling_layer=False)`.
@@ -55,7 +57,7 @@ def write(weights, fmt: str, out: pathlib.Path) -> tuple[pathlib.Path, dict[str,
     params = {k: layers.unstack_blocks(v) for k, v in weights.params.items()}
     meta = provenance(weights)
     path = out / filename
-    files.write(layout.from_params(params, method), path, meta)
+    files.write(layout.from_params(params, method), path, meta, wrapped=layout.wrapped)
     configs = getattr(layout, configs_of)(method, inp, meta)
     for name, content in configs.items():
         (out / name).write_text(json.dumps(content, indent=2))

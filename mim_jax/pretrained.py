@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from mim_jax import config_defaults, parallel
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 from mim_jax.methods import Method, get_method
 from mim_jax.runtime import checkpoint
 from mim_jax.weights import registry
@@ -71,6 +71,7 @@ class Weights:
     params: PyTree
     step: int | None          # None: random initialisation
     description: str
+    imported: Description | None = None   # what a weight file of another codebase says it holds
 
 
 def _run_dir(spec) -> str:
@@ -127,9 +128,9 @@ def imported_config(desc: Description) -> ml_collections.ConfigDict:
     if desc.mean is not None:
         config.input.update(mean=tuple(desc.mean), std=tuple(desc.std))
     elif desc.channels != len(config.input.mean):
-        raise ValueError(f"{desc.path} takes {desc.channels}-channel images and nothing beside it records their "
-                         "normalisation (timm's config.json pretrained_cfg mean/std, or a Hugging Face "
-                         "preprocessor_config.json): add one.")
+        raise WeightsError(f"{desc.path} takes {desc.channels}-channel images and nothing beside it records their "
+                           "normalisation (timm's config.json pretrained_cfg mean/std, or a Hugging Face "
+                           "preprocessor_config.json): add one.")
     for key, value in desc.extra.items():   # e.g. CAPI's predictor size
         config[key].update(value)
     config.imported = dict(layout=desc.layout, path=str(desc.path))
@@ -176,8 +177,8 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
     if keys is not None:
         unknown = [k for k in keys if k not in abstract["params"]]
         if unknown:
-            raise ValueError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
-                             f"{sorted(abstract['params'])}.")
+            raise WeightsError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
+                               f"{sorted(abstract['params'])}.")
         abstract["params"] = {k: abstract["params"][k] for k in keys}
         subtrees = {"params": tuple(keys)}
     variables = ckpt.restore_parts(step, abstract, subtrees)
@@ -198,7 +199,8 @@ def load_file(spec, mesh, keys=None) -> Weights:
     params = jax.tree.map(lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), params,
                           {k: abstract[k] for k in params})
     logging.info("Loaded %s from %s (%s layout).", sorted(params), desc.path, desc.layout)
-    return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}")
+    return Weights(config=config, method=method, params=params, step=None, description=f"{desc.layout}:{desc.path}",
+                   imported=desc)
 
 
 def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
@@ -215,26 +217,51 @@ def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
     return dict(encoder, pos_embedding=resized)
 
 
-def warm_start_params(init: str, keys, target: dict) -> dict:
+def _architecture_differences(weights: Weights, method: Method, keys) -> list[str]:
+    """What a weight file's description states about the model (the encoder's posemb, heads, biases,
+    ...; the sizes of a decoder or predictor where those are loaded) that differs in `method`:
+    shapes alone miss a sin-cos table of another layout or another head count."""
+    desc, out = weights.imported, []
+    compared = [("model", "encoder", [k for k in desc.model if k != "variant"] + ["patch_size"])] \
+        if "encoder" in keys else []
+    compared += [(key, key, ["width", "depth", "num_heads", "mlp_dim"]) for key in desc.extra if key in keys]
+    for block, module, fields in compared:
+        file_module, run_module = getattr(weights.method, module), getattr(method, module)
+        for field in (f for f in fields if hasattr(file_module, f)):
+            theirs, ours = getattr(file_module, field), getattr(run_module, field)
+            if field == "layerscale":       # the file says whether there is LayerScale, not its init value
+                theirs, ours = theirs is not None, ours is not None
+            if theirs != ours:
+                out.append(f"{block}.{field} (the file's {theirs!r}, this run's {ours!r})")
+    return out
+
+
+def warm_start_params(init: str, keys, target: dict, method: Method) -> dict:
     """The subtrees `keys` (e.g. ('encoder',)) of a run's evaluation weights, checked against the
-    abstract `target` params (same tree and shapes) and placed on its shardings: a new run starts
-    from them (big_vision's `model_init`)."""
+    abstract `target` params of `method` (same tree and shapes; for a weight file also every
+    architectural fact its layout states) and placed on its shardings: a new run starts from them
+    (big_vision's `model_init`)."""
     mesh = jax.tree.leaves(target)[0].sharding.mesh
     absent = [key for key in keys if key not in target]
     if absent:
-        raise ValueError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
+        raise WeightsError(f"config.init_keys names {absent}, but this model's params are {sorted(target)}.")
     weights = load(init, mesh, keys=keys)    # only those params are read (EMA extras where evaluated)
+    if weights.imported is not None:
+        differences = _architecture_differences(weights, method, keys)
+        if differences:
+            raise WeightsError(f"{init} holds another architecture than this run's: {'; '.join(differences)}. "
+                               "Set those fields of the config to the file's.")
     loaded = {}
     for key in keys:
         if key not in weights.params:
-            raise ValueError(f"config.init_keys names {key!r}, but the run in {init} has params "
-                             f"{sorted(weights.params)}.")
+            raise WeightsError(f"config.init_keys names {key!r}, but the run in {init} has params "
+                               f"{sorted(weights.params)}.")
         if key == "encoder":
             weights.params[key] = _fit_positions(weights, weights.params[key], target[key])
         mismatch = checkpoint.tree_mismatch(weights.params[key], target[key])
         if mismatch:
-            raise ValueError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
-                             f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
-                             "Build the same architecture (config.model) as the run you start from.")
+            raise WeightsError(f"The {key!r} weights in {init} ({weights.config.method.name}, "
+                               f"{weights.config.model.variant}) do not fit this model: {mismatch}. "
+                               "Build the same architecture (config.model) as the run you start from.")
         loaded[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), weights.params[key], target[key])
     return loaded

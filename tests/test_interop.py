@@ -1,8 +1,10 @@
 """Released-weight layouts in and out: timm (= official MAE), BEiT (CAE v2), MAE-pytorch (Beyond
 Masking) and Hugging Face ViT files give the same features here as in PyTorch; exports load in
 timm / transformers with strict key matching; every mismatch is named."""
+import argparse
 import gc
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from mim_jax import parallel, pretrained
+from mim_jax.errors import UserFacingError
 from mim_jax.models import layers
 from mim_jax.weights import files
 from mim_jax.weights import tensors as tensor_maps
@@ -110,7 +113,8 @@ def _zero_key_bias(model):
 
 
 def test_cae_v2_released_layout_gives_the_same_features(tmp_path):
-    model = _timm_vit(init_values=0.1)
+    # CAE v2 Tiny as released: 12 heads (not DeiT-Ti's 3), and no config.json beside the file.
+    model = _timm_vit(init_values=0.1, num_heads=12)
     _zero_key_bias(model)
     _set_fixed_pos(model, "sincos2d_rowfirst")
     state = _beit_state(model)
@@ -119,7 +123,7 @@ def test_cae_v2_released_layout_gives_the_same_features(tmp_path):
     images = _images()
     ours, weights = _our_tokens(f"cae_v2:{path}", images)
     m = weights.config.model
-    assert (m.posemb, m.qkv_bias, m.layerscale is not None) == ("sincos2d_rowfirst", "qv", True)
+    assert (m.posemb, m.qkv_bias, m.layerscale is not None, m.num_heads) == ("sincos2d_rowfirst", "qv", True, 12)
     np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
 
 
@@ -132,12 +136,29 @@ def test_beyond_masking_layout_gives_the_same_features(tmp_path):
     state["decoder.head.weight"] = torch.zeros(PATCH * PATCH * 3, 384)
     state["mask_token"] = torch.zeros(1, 1, 384)
     path = _save(state, tmp_path / "checkpoint-399.pth")
-    (tmp_path / "config.json").write_text(json.dumps({"image_size": IMAGE}))
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": IMAGE, "num_heads": HEADS}))
     images = _images()
     weights = pretrained.load(f"beyond_masking:{path}", _mesh())
     out = weights.method.encode(weights.params, jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(out["encoded"]), _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
     assert "cls" in out    # Beyond Masking's global feature (mean patch token) for kNN / linear probes
+
+
+def test_heads_come_from_the_layouts_known_architectures_or_are_asked_for(tmp_path):
+    """The head count is in no tensor: CAE v2's Tiny and Small have 12 (configs/cae_v2.py), and a
+    width none of a layout's models has is an error asking for a config.json, never a guess."""
+    from configs import cae_v2
+    from mim_jax.models import vit
+    from mim_jax.weights import vit_layouts
+    assert vit_layouts.CAE_V2_HEADS == {vit.decode_variant(f"{v}/16")["width"]: size["num_heads"]
+                                        for v, size in cae_v2.SIZES.items()}
+    model = _timm_vit(embed_dim=256, num_heads=4, init_values=0.1)
+    state = {"encoder." + k: v for k, v in model.state_dict().items()}     # the BEiT layout's names
+    path = _save(state, tmp_path / "caev2_256.pth")
+    with pytest.raises(UserFacingError, match="num_heads"):
+        pretrained.read_config(f"cae_v2:{path}")
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 4}))
+    assert pretrained.read_config(f"cae_v2:{path}").model.num_heads == 4
 
 
 def test_hugging_face_vit_folder_gives_the_same_features(tmp_path):
@@ -207,18 +228,75 @@ def test_a_position_table_of_another_layout_is_an_error_not_a_silent_load(tmp_pa
     path = _save(_beit_state(model), tmp_path / "caev2.pth")
     weights_config = pretrained.read_config(f"cae_v2:{path}")
     assert weights_config.model.posemb == "sincos2d"   # detected from the table itself, then checked
-    with pytest.raises(ValueError, match="not mae's"):
+    # An expected error: one message from mim_jax.main, no traceback.
+    with pytest.raises(UserFacingError, match="not mae's"):
         pretrained.read_config(f"mae:{path}")
 
 
 def test_a_truncated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserFacingError, match="not a readable PyTorch checkpoint"):
         files.read(path)
+    safetensors = tmp_path / "broken.safetensors"
+    safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(UserFacingError, match="not a readable safetensors file"):
+        pretrained.read_config(str(safetensors))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.read(tmp_path / "absent.pth")
 
+
+
+def official_training_checkpoint(model, path, **args):
+    """As the official scripts' `utils.save_model` writes it (MAE, Beyond Masking's MAE-pytorch,
+    CAE): the model, optimizer and loss-scaler states, the epoch and the argparse arguments."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()     # an optimizer state with tensors, as after training
+    torch.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch": 399,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0},
+                "args": argparse.Namespace(model="pretrain_mae_base_patch16_224", mask_ratio=0.75, input_size=224,
+                                           output_dir=str(path.parent), resume="", **args)}, str(path))
+    return path
+
+
+def test_a_training_checkpoint_of_the_official_scripts_loads_without_unpickling_code(tmp_path):
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    path = official_training_checkpoint(model, tmp_path / "checkpoint-399.pth")
+    images = _images()
+    ours, _ = _our_tokens(f"mae:{path}", images)
+    np.testing.assert_allclose(ours, _torch_tokens(model, images), rtol=2e-5, atol=2e-5)
+
+    # Any other object is refused before it is built: its code never runs.
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    torch.save({"model": model.state_dict(), "args": Payload()}, str(tmp_path / "evil.pth"))
+    with pytest.raises(UserFacingError, match="not unpickled"):
+        files.read(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_a_file_rewritten_at_the_same_path_is_read_again(tmp_path):
+    """The file cache is keyed by path, size, mtime and inode: a re-export to the same path (same
+    size) in one process loads the new tensors, not the cached ones."""
+    model = _timm_vit()
+    _set_fixed_pos(model, "sincos2d")
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    first = pretrained.load(f"mae:{_save(model.state_dict(), path)}", _mesh())
+    time.sleep(0.05)    # past the file system's timestamp granularity (a re-export comes seconds later)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    second = pretrained.load(f"mae:{_save(model.state_dict(), path)}", _mesh())
+    np.testing.assert_array_equal(second.params["encoder"]["encoder_norm"]["scale"], model.norm.weight.detach().numpy())
+    assert not np.array_equal(first.params["encoder"]["encoder_norm"]["scale"],
+                              second.params["encoder"]["encoder_norm"]["scale"])
 
 # ---- export ---------------------------------------------------------------------------------
 
@@ -373,6 +451,7 @@ def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
     weights = _perturbed(pretrained.random_init(config, _mesh()))
     path = export.export_official(weights, tmp_path)
     back = pretrained.load(f"capi:{path}", _mesh())
+    assert back.config.input.image_size == config.input.image_size      # recorded by the export (28 px)
     for key in ("encoder", "predictor"):
         jax.tree.map(np.testing.assert_array_equal, back.params[key], layers.unstack_blocks(weights.params[key]))
     size = config.input.image_size
@@ -393,6 +472,22 @@ def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion
         config.update(max_train_examples=512, max_eval_examples=256, batch_size=128, data_dir=fashion_mnist_dir)
         results[name] = run.evaluate(config, tmp_path / name)
     assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
+
+
+def test_a_beyond_masking_timm_export_keeps_the_methods_global_feature(tmp_path):
+    """Beyond Masking has no [CLS]: its global feature is the mean patch token, imported from a timm
+    export as from the run (the kNN and linear probes read feature='cls')."""
+    from mim_jax import export
+    from mim_jax.evaluators import encoder as encoder_lib
+    weights = _random_weights("beyond_masking")
+    export.export_timm(weights, tmp_path)
+    init = f"timm:{tmp_path / 'model.safetensors'}"
+    assert pretrained.read_config(init).method.name == "beyond_masking"
+    size, channels = weights.config.input.image_size, weights.config.input.channels
+    images = jnp.asarray(np.random.default_rng(4).normal(size=(2, size, size, channels)), jnp.float32)
+    features = encoder_lib.load(init, _mesh(), feature="cls").features(images)
+    expected = weights.method.encode(weights.params, images)["cls"]
+    np.testing.assert_allclose(np.asarray(features), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow   # trains CAE v2 from an exported MAE file (about 15 s)
@@ -439,6 +534,45 @@ def test_a_warm_start_at_another_resolution_resamples_learned_positions_as_timm(
     ref = timm.layers.resample_abs_pos_embed(model.pos_embed[:, 1:].detach(), new_size=(6, 6), old_size=GRID,
                                              num_prefix_tokens=0, interpolation="bicubic", antialias=False)
     np.testing.assert_allclose(table, ref[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_warm_start_from_a_file_of_another_architecture_names_what_differs(tmp_path):
+    """Shapes do not show a sin-cos table of the other layout or another head count: a warm start
+    compares every fact the file's description states with the run's model."""
+    from configs import common
+    from mim_jax.training import state as state_lib
+    from mim_jax.methods import get_method
+    model = _timm_vit(in_chans=1)
+    _set_fixed_pos(model, "sincos2d")        # MAE's column-first table, 3 heads
+    path = _save(model.state_dict(), tmp_path / "mae_pretrain_vit_tiny.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5], "std": [0.5]}}))
+
+    def warm_start(**model_fields):
+        config = common.pretrain_config("mae:local")
+        config.model.update(variant="Ti/8", depth=DEPTH, **model_fields)
+        config.input.image_size = IMAGE
+        config.init = f"mae:{path}"
+        setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                                global_batch_size=config.input.batch_size)
+        return setup.create(jax.random.key(0))
+    with pytest.raises(UserFacingError) as info:
+        warm_start(posemb="sincos2d_rowfirst", num_heads=6)
+    message = str(info.value)
+    assert "model.posemb (the file's 'sincos2d', this run's 'sincos2d_rowfirst')" in message
+    assert "model.num_heads (the file's 3, this run's 6)" in message
+    assert "qkv_bias" not in message
+    warm_start(posemb="sincos2d", num_heads=HEADS)      # the file's architecture starts
+    # MAE's decoder, where it is loaded: its sizes too.
+    from mim_jax import export
+    (tmp_path / "full").mkdir()
+    export.export_official(_random_weights("mae"), tmp_path / "full")
+    config = _tiny("mae")
+    config.decoder.num_heads = 1
+    config.init, config.init_keys = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}", ("encoder", "decoder")
+    setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
+                            global_batch_size=config.input.batch_size)
+    with pytest.raises(UserFacingError, match=r"decoder.num_heads \(the file's 4, this run's 1\)"):
+        setup.create(jax.random.key(0))
 
 
 @pytest.mark.slow

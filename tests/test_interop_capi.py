@@ -377,3 +377,56 @@ def test_describe_reads_the_architecture_from_the_tensors():
         width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=4 * WIDTH, num_registers=REGISTERS)
     assert desc.model["variant"].endswith(f"/{PATCH}")
     assert desc.extra == {"predictor": dict(depth=PRED_DEPTH, num_heads=HEADS, mlp_ratio=4.0)}
+
+
+def test_the_hugging_face_export_of_capi_suggests_a_format_that_works(method, tmp_path):
+    """CAPI fits neither transformers' ViT nor timm's: the error points at --format=official."""
+    from mim_jax import export, pretrained
+    from mim_jax.errors import UserFacingError
+    weights = pretrained.Weights(config=tiny_config(), method=method, params=random_params(method), step=1,
+                                 description="run")
+    for fmt in ("hf", "timm"):
+        with pytest.raises(UserFacingError, match="--format=official") as info:
+            export.write(weights, fmt, tmp_path)
+        assert "--format=timm" not in str(info.value)
+
+
+def hub_loader(path) -> EncoderDecoder:
+    """model.py's `__model_loader__` (what hubconf.py calls) on a local file: `torch.load(...,
+    weights_only=True)`, the 'backbone.' keys without the prefix, `load_state_dict` (strict here;
+    the official strict=False would load nothing from a file it cannot read, silently)."""
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    pre = "backbone."
+    sd = {k.removeprefix(pre): v for k, v in sd.items() if k.startswith(pre)}
+    model = EncoderDecoder().eval()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _weights(method, config=None, seed=1):
+    from mim_jax import pretrained
+    return pretrained.Weights(config=config or tiny_config(), method=method, params=random_params(method, seed),
+                              step=1, description="run")
+
+
+def test_the_official_export_is_what_the_official_hub_loader_reads(method, encode, tmp_path):
+    from mim_jax import export
+    weights = _weights(method)
+    path = export.export_official(weights, tmp_path)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert all(k.startswith("backbone.") and isinstance(v, torch.Tensor) for k, v in state.items())
+    model = hub_loader(path)
+    for shape in IMAGES:
+        compare(encode, weights.params, model, images_of(shape, seed=8))
+
+
+def test_an_import_runs_at_the_resolution_the_file_records(method, tmp_path):
+    """An export records its run's resolution (16 px here); without a record, the releases' 16
+    patches; a config.json written by the user sets another."""
+    from mim_jax import export, pretrained
+    path = export.export_official(_weights(method), tmp_path)
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 16
+    (tmp_path / "config.json").write_text('{"image_size": 32}')
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 32
+    (tmp_path / "config.json").unlink()
+    assert pretrained.read_config(f"capi:{path}").input.image_size == 16 * PATCH

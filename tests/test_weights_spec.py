@@ -102,7 +102,8 @@ def test_detection_picks_the_layout_of_each_kind_of_file(files_of_each_layout, l
 
 
 def test_a_described_file_names_its_layout_and_method(files_of_each_layout):
-    (files_of_each_layout["beyond_masking"].parent / "config.json").write_text(json.dumps({"image_size": IMAGE}))
+    (files_of_each_layout["beyond_masking"].parent / "config.json").write_text(json.dumps({"image_size": IMAGE,
+                                                                                           "num_heads": 3}))
     described = {name: registry.describe(files_of_each_layout[name])
                  for name in ("timm", "cae_v2", "beyond_masking", "hf")}
     assert {k: (d.layout, d.config_name) for k, d in described.items()} == {

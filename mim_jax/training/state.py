@@ -170,7 +170,7 @@ def initial_state(config, method, sharding: parallel.Sharding, tx, abstract: Tra
     def create_fn(rng):
         loaded = {}
         if config.init:
-            loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract.params)
+            loaded = pretrained.warm_start_params(config.init, tuple(config.init_keys), abstract.params, method)
         return create(rng, loaded)
     return create_fn
 

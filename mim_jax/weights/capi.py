@@ -1,6 +1,6 @@
 """The official CAPI backbone (facebookresearch/capi `model.py`, `EncoderDecoder`) <-> this
 project's CAPI params (`params["encoder"]`: `models.vit.ViT`; `params["predictor"]`:
-`models.capi.Predictor`).
+`methods/capi/heads.py` Predictor).
 
 The released torch-hub files (`capi_vitl14_{lvd,p205,i22k,in1k}.pth`) and the training script's
 evaluation dumps hold the backbone as `backbone.` + its module path:
@@ -46,6 +46,7 @@ import re
 import jax
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights.tensors import (Entry, MismatchError, linear, norm, patch_conv, same, split_qkv, to_params,
                                      to_tensors)
 from mim_jax.models import layers
@@ -151,7 +152,7 @@ def _check_architecture(method) -> None:
     if enc.num_registers % 4:
         problems.append(f"{enc.num_registers} registers (the official edge coordinates need a multiple of 4)")
     if problems:
-        raise ValueError("This CAPI model does not fit the official backbone layout: " + "; ".join(problems) + ".")
+        raise WeightsError("This CAPI model does not fit the official backbone layout: " + "; ".join(problems) + ".")
 
 
 def _entries_by_key(method, prefix: str = PREFIX) -> dict[str, list[Entry]]:
@@ -180,7 +181,7 @@ def entries(method, keys=COVERED, prefix: str = PREFIX) -> list[Entry]:
     by_key = _entries_by_key(method, prefix)
     unknown = sorted(set(keys) - set(by_key))
     if unknown:
-        raise ValueError(f"The official CAPI backbone holds params {list(COVERED)}, not {unknown}.")
+        raise WeightsError(f"The official CAPI backbone holds params {list(COVERED)}, not {unknown}.")
     return [e for k in keys for e in by_key[k]]
 
 
@@ -218,20 +219,21 @@ def import_backbone(tensors: dict, method, target: dict, keys=None, ignore=(), s
 
 def export_backbone(params: dict, method, prefix: str = PREFIX) -> dict[str, np.ndarray]:
     """Our params (the whole tree or just `COVERED`) -> the official backbone's state dict (float32
-    numpy; `files.write_torch` or `torch.save` of it loads into `EncoderDecoder` with
-    `load_state_dict(strict=True)` after removing the prefix)."""
+    numpy; saved flat, as `files.write(..., wrapped=False)` does, the official hub loader reads it
+    and it loads into `EncoderDecoder` with `load_state_dict(strict=True)` after removing the prefix)."""
     missing = [k for k in COVERED if k not in params]
     if missing:
-        raise ValueError(f"The official backbone needs params {list(COVERED)}; {missing} are missing.")
+        raise WeightsError(f"The official backbone needs params {list(COVERED)}; {missing} are missing.")
     covered = {k: params[k] for k in COVERED}
     if method.encoder.scan:
         covered = _loop(covered)
     return to_tensors(covered, entries(method, COVERED, prefix))
 
 
-def describe(tensors: dict, path):
+def describe(tensors: dict, path, config_json: dict | None = None):
     """The architecture of an official backbone file: sizes from the tensors (heads from the RoPE
-    frequencies' head_dim; nothing else stores them)."""
+    frequencies' head_dim; nothing else stores them); the resolution from the config.json beside it
+    (an export's, or the user's), else the releases' 224 px."""
     p = PREFIX
     conv = tensors.get(f"{p}patch_embed.weight")
     if conv is None or conv.ndim != 4:
@@ -256,21 +258,23 @@ def describe(tensors: dict, path):
     model = dict(variant=f"L/{patch}", width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
                  num_registers=0 if registers is None else int(registers.shape[1]), cls_token=False, posemb="rope",
                  norm="rmsnorm", norm_eps=OFFICIAL_NORM_EPS, final_norm_affine=False, use_bias=False)
-    # Trained at 224 with /14 (16 x 16 patches); RoPE in [0, 1] makes any grid valid.
+    # The releases: 224 px with /14 (16 x 16 patches); RoPE in [0, 1] makes any grid valid.
+    image_size = int((config_json or {}).get("image_size", 16 * patch))
     return Description(layout="capi", family="capi", path=path, config_name="capi", model=model,
-                       image_size=16 * patch, channels=channels, prefix=p,
+                       image_size=image_size, channels=channels, prefix=p,
                        extra={"predictor": dict(depth=pred_depth, num_heads=pred_heads, mlp_ratio=pred_mlp / width)})
 
 
 class CapiLayout(Layout):
     """The registry entry: released files and training dumps (with `head.*`, left out)."""
     name = family = evaluated_by = "capi"
+    wrapped = False     # model.py's __model_loader__ reads the `backbone.*` keys at the top of the file
 
     def detect(self, tensors):
         return any(n.startswith(PREFIX) for n in tensors)
 
     def describe(self, tensors, path, config_json):
-        return describe(tensors, path)
+        return describe(tensors, path, config_json)
 
     def to_params(self, tensors, desc, method, abstract, keys=None):
         keys = tuple(keys or COVERED)

@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 from mim_jax.weights import openai_clip
 from mim_jax.weights.openai_clip import is_openai_file
 
@@ -129,8 +129,8 @@ def convert(tensors: dict, fields: dict) -> dict:
 
     def take(name):
         if name not in tensors:
-            raise ValueError(f"CLIP checkpoint lacks 'vision_model.{name}' (is it a CLIP vision checkpoint of "
-                             f"the configured size? depth={fields['depth']}).")
+            raise WeightsError(f"CLIP checkpoint lacks 'vision_model.{name}' (is it a CLIP vision checkpoint of "
+                               f"the configured size? depth={fields['depth']}).")
         used.add(name)
         return tensors[name]
 
@@ -161,6 +161,6 @@ def convert(tensors: dict, fields: dict) -> dict:
         params["visual_projection"] = {"kernel": take("visual_projection.weight").T}
     unused = sorted(set(tensors) - used - {"embeddings.position_ids"})
     if unused:
-        raise ValueError(f"CLIP checkpoint has vision tensors the tower does not use: {unused[:5]} "
-                         f"(config.json says depth={fields['depth']}).")
+        raise WeightsError(f"CLIP checkpoint has vision tensors the tower does not use: {unused[:5]} "
+                           f"(config.json says depth={fields['depth']}).")
     return params

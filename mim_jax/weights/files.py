@@ -1,21 +1,27 @@
 """Reading and writing PyTorch-world weight files as flat dicts of float32 numpy arrays.
 
 Read: `.safetensors` (no torch needed), `.pth`/`.pt`/`.bin` torch pickles (loaded with
-`weights_only=True`: tensors only, no code runs), TorchScript archives (OpenAI's CLIP `.pt`), and
+`weights_only=True`: tensors, builtins and `SAFE_GLOBALS` only, no code runs; the official training
+checkpoints with their optimizer state and `args` load), TorchScript archives (OpenAI's CLIP `.pt`), and
 folders holding `model.safetensors` or `pytorch_model.bin` (+ `config.json`, returned too).
 Training checkpoints nest the weights (`{"model": ...}`, `{"state_dict": ...}`); the usual wrapper
 keys are unwrapped.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
+import pickle
 
 import numpy as np
 
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The only classes a torch pickle may hold beside tensors and builtins: the official training scripts'
+# `utils.save_model` (MAE, Beyond Masking's MAE-pytorch, CAE) stores its argparse arguments as `args`.
+SAFE_GLOBALS = (argparse.Namespace,)
 _WRAPPERS = ("model", "state_dict", "module", "model_state", "teacher")
 
 
@@ -54,8 +60,8 @@ def _unwrap(obj, source):
         if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
             inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
             if inner is None:
-                raise ValueError(f"{source} holds {sorted(obj)[:8]}, none of them a state dict "
-                                 f"(looked for {list(_WRAPPERS)}).")
+                raise WeightsError(f"{source} holds {sorted(obj)[:8]}, none of them a state dict "
+                                   f"(looked for {list(_WRAPPERS)}).")
             obj = inner
     return obj
 
@@ -68,16 +74,22 @@ def read(path) -> dict[str, np.ndarray]:
         try:
             return {k: np.asarray(v, np.float32) for k, v in load_file(str(file)).items()}
         except Exception as e:   # safetensors raises its own error types for truncated files
-            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+            raise WeightsError(f"{file} is not a readable safetensors file ({e}).") from None
     torch = _torch()
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise WeightsError(f"{file} holds Python objects other than tensors and the argparse arguments of the official "
+                           f"training scripts ({found}); they are not unpickled, as that could run any code. Save "
+                           "its state dict alone (torch.save(checkpoint['model'], path)) and load that.") from None
     except RuntimeError as e:
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise ValueError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
+            raise WeightsError(f"{file} is not a readable PyTorch checkpoint ({e}).") from None
         obj = torch.jit.load(str(file), map_location="cpu").state_dict()   # OpenAI's CLIP archives
     except Exception as e:  # truncated zip, wrong format
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
+        raise WeightsError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
     state = _unwrap(obj, file)
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
@@ -109,11 +121,15 @@ def normalisation(path, config_json: dict | None):
     return None, None
 
 
-def write(tensors: dict[str, np.ndarray], path, meta: dict) -> None:
+def write(tensors: dict[str, np.ndarray], path, meta: dict, wrapped: bool = True) -> None:
     """A state dict as `path`'s suffix says: safetensors with `meta` as metadata, or a `.pth` as the
-    official training scripts save it ({"model": state_dict, "mim_jax": meta})."""
+    official training scripts save it ({"model": state_dict, "mim_jax": meta}); `wrapped=False`: the
+    flat state dict alone, as a hub loader reads it (`meta` then only in the config.json beside it)."""
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(tensors, path, {"format": "pt", **{k: str(v) for k, v in meta.items()}})
-    else:
+    elif wrapped:
         write_torch(tensors, path, {"mim_jax": meta})
+    else:
+        torch = _torch()
+        torch.save({k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}, str(path))

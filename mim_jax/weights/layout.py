@@ -6,6 +6,8 @@ import pathlib
 
 import numpy as np
 
+from mim_jax.errors import WeightsError
+
 
 @dataclasses.dataclass
 class Description:
@@ -35,6 +37,9 @@ class Layout:
     family: str
     evaluated_by: str | None = None
     refusal: str = ""            # why a file of a layout without `evaluated_by` is no encoder
+    # How the official code saves (and its loader reads) a checkpoint: {"model": state_dict} as the
+    # training scripts' save_model, or the flat state dict (CAPI's hub files).
+    wrapped: bool = True
 
     def detect(self, tensors: dict) -> bool:
         """True when the tensor names are this layout's (checked in `registry.DETECTION` order)."""
@@ -42,7 +47,7 @@ class Layout:
 
     def describe(self, tensors: dict, path: pathlib.Path, config_json: dict | None) -> Description:
         """The encoder architecture a file holds, read from its tensors (and config.json)."""
-        raise ValueError(f"{path}: {self.refusal}")
+        raise WeightsError(f"{path}: {self.refusal}")
 
     def to_params(self, tensors: dict, desc: Description, method, abstract: dict, keys=None) -> dict:
         """The subtrees `keys` of `method`'s params (numpy, shaped like the abstract params, the

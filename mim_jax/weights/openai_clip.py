@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import parallel
-from mim_jax.errors import WeightsNotFoundError
+from mim_jax.errors import WeightsError, WeightsNotFoundError
 from mim_jax.weights import files
 from mim_jax.weights.layout import Layout
 from mim_jax.weights.tensors import Entry, MismatchError, linear, norm, patch_conv, same, to_params as _to_params
@@ -190,9 +190,9 @@ def existing_path(source: str) -> pathlib.Path:
 def _read(path: pathlib.Path) -> dict:
     tensors = files.read(path)
     if not is_openai_clip(tensors):
-        raise ValueError(f"{path} is not an OpenAI CLIP file (no visual.* tensors; "
-                         f"first tensors: {sorted(tensors)[:5]}). A Hugging Face CLIP checkpoint is a folder with "
-                         "model.safetensors + config.json, or the .safetensors file itself.")
+        raise WeightsError(f"{path} is not an OpenAI CLIP file (no visual.* tensors; "
+                           f"first tensors: {sorted(tensors)[:5]}). A Hugging Face CLIP checkpoint is a folder with "
+                           "model.safetensors + config.json, or the .safetensors file itself.")
     return tensors
 
 

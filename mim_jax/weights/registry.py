@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import pathlib
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights import capi, files, openai_clip, vit_layouts
 from mim_jax.weights.layout import Description, Layout
 
@@ -23,13 +24,22 @@ def names() -> list[str]:
 
 def get(name: str) -> Layout:
     if name not in LAYOUTS and name not in ALIASES:
-        raise ValueError(f"Unknown weight layout {name!r}; known layouts: {', '.join(names())}.")
+        raise WeightsError(f"Unknown weight layout {name!r}; known layouts: {', '.join(names())}.")
     return LAYOUTS[ALIASES.get(name, name)]
 
 
-@functools.lru_cache(maxsize=2)
 def read(path: pathlib.Path) -> dict:
-    return files.read(path)
+    """The tensors of a weight file, read once while the file stays the same (describing and then
+    importing a file reads it once): cached by path, size, modification time and inode, so a file
+    rewritten at the same path is read again."""
+    file = files.weights_path(path)
+    stat = file.stat()
+    return _read(file, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(file: pathlib.Path, size: int, mtime_ns: int, inode: int) -> dict:
+    return files.read(file)
 
 
 def detect(tensors: dict) -> Layout:
@@ -37,8 +47,8 @@ def detect(tensors: dict) -> Layout:
     for layout in DETECTION:
         if layout.detect(tensors):
             return layout
-    raise ValueError(f"Unrecognised weight layout (first tensors: {list(tensors)[:6]}). Known layouts: "
-                     f"{', '.join(names())}; name one explicitly as <layout>:/path.")
+    raise WeightsError(f"Unrecognised weight layout (first tensors: {list(tensors)[:6]}). Known layouts: "
+                       f"{', '.join(names())}; name one explicitly as <layout>:/path.")
 
 
 def describe(path: pathlib.Path, layout: str | None = None) -> Description:
@@ -47,9 +57,14 @@ def describe(path: pathlib.Path, layout: str | None = None) -> Description:
     tensors = read(path)
     found = detect(tensors)
     if layout is not None and get(layout).family != found.family:
-        raise ValueError(f"{path} is in the {found.family} layout, not {layout}'s ({get(layout).family}): "
-                         f"pass it as {found.name}:{path}.")
+        raise WeightsError(f"{path} is in the {found.family} layout, not {layout}'s ({get(layout).family}): "
+                           f"pass it as {found.name}:{path}.")
     config_json = files.read_config_json(path)
     desc = get(layout or found.name).describe(tensors, path, config_json)
     desc.mean, desc.std = files.normalisation(path, config_json)
+    # An export of this project records its method: where that method evaluates some layout's files,
+    # it evaluates this one too (a Beyond Masking encoder in timm's layout keeps its mean-token feature).
+    exported_by = ((config_json or {}).get("mim_jax") or {}).get("method")
+    if exported_by is not None and exported_by in {entry.evaluated_by for entry in LAYOUTS.values()}:
+        desc.config_name = exported_by
     return desc

@@ -15,12 +15,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from mim_jax.errors import UserFacingError
+from mim_jax.errors import WeightsError
 
 Path = tuple[str, ...]
 
 
-class MismatchError(UserFacingError, ValueError):
+class MismatchError(WeightsError):
     """A state dict that does not fit the model; the message lists every problem."""
 
 

@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.weights.tensors import Entry, MismatchError, fixed, fold_qv_bias, linear, norm, patch_conv, same, split_qkv
 from mim_jax.models import layers
 
@@ -30,14 +31,14 @@ class Naming:
     layerscale: tuple[str, str] = ("ls1.gamma", "ls2.gamma")
     qv_bias: bool = False        # BEiT's separate q_bias / v_bias (else one dense qkv.bias)
     stores_fixed_pos: bool = True
-    ignore: tuple[str, ...] = ()
+    unused_cls: bool = False     # a [CLS] parameter the forward never uses (written as zeros, not loaded)
 
 
 TIMM = Naming()
 BEIT = Naming(prefix="encoder.", layerscale=("gamma_1", "gamma_2"), qv_bias=True)
 # MAE-pytorch keeps a [CLS] parameter its forward never uses (its concatenation is commented out).
 MAE_PYTORCH = Naming(prefix="encoder.", layerscale=("gamma_1", "gamma_2"), qv_bias=True, stores_fixed_pos=False,
-                     ignore=(r"encoder\.cls_token",))
+                     unused_cls=True)
 
 
 def _fixed_table(vit, grid, width, with_cls_row: bool) -> np.ndarray:
@@ -58,6 +59,8 @@ def block_entries(torch_prefix: str, path, *, naming: Naming, qkv_bias: str, use
                 same(f"{torch_prefix}attn.v_bias", attn + ("v_bias",))]
     elif qkv_bias == "qv":
         out.append(fold_qv_bias(f"{torch_prefix}attn.qkv.bias", attn + ("q_bias",), attn + ("v_bias",)))
+    elif use_bias and naming.qv_bias:
+        out.append(dense_as_qv_bias(f"{torch_prefix}attn.q_bias", f"{torch_prefix}attn.v_bias", attn + ("qkv", "bias")))
     elif use_bias:
         out.append(same(f"{torch_prefix}attn.qkv.bias", attn + ("qkv", "bias")))
     out += linear(f"{torch_prefix}attn.proj", attn + ("out",), bias=use_bias)
@@ -67,6 +70,28 @@ def block_entries(torch_prefix: str, path, *, naming: Naming, qkv_bias: str, use
         out += [same(torch_prefix + naming.layerscale[0], path + ("attn_scale",)),
                 same(torch_prefix + naming.layerscale[1], path + ("mlp_scale",))]
     return out
+
+
+def dense_as_qv_bias(q_name: str, v_name: str, path) -> Entry:
+    """A dense qkv bias [3D] <-> BEiT's q_bias and v_bias (Beyond Masking's decoder here is dense,
+    MAE-pytorch's has q and v biases). The key bias adds q . b_k to every logit of a query alike,
+    which the softmax ignores, so writing it away changes no output; it imports back as zero."""
+    def to_ours(t):
+        return [np.concatenate([t[0], np.zeros_like(t[0]), t[1]])]
+
+    def to_torch(o):
+        q, _, v = np.split(o[0], 3)
+        return [q, v]
+    return Entry(torch=(q_name, v_name), ours=(path,), to_ours=to_ours, to_torch=to_torch)
+
+
+def unused(torch_name: str, shape: tuple) -> Entry:
+    """A parameter of the PyTorch model that its forward never uses (MAE-pytorch's [CLS]): written as
+    zeros so the model loads strictly, its shape checked on import, its values not loaded."""
+    def check(t):
+        return None if t[0].shape == shape else f"{torch_name} has shape {t[0].shape}, the model's {shape}"
+    return Entry(torch=(torch_name,), ours=(), to_ours=lambda t: [], to_torch=lambda o: [np.zeros(shape, np.float32)],
+                 check=check)
 
 
 def _learned_positions(cls_name: str, pos_name: str, has_cls: bool) -> list[Entry]:
@@ -86,12 +111,18 @@ def _learned_positions(cls_name: str, pos_name: str, has_cls: bool) -> list[Entr
     return [Entry(torch=(cls_name, pos_name), ours=(("cls",), ("pos_embedding",)), to_ours=to_ours, to_torch=to_torch)]
 
 
+def fits_timm(vit) -> bool:
+    """Whether the timm-style layouts (timm, MAE, BEiT, MAE-pytorch) can hold this encoder."""
+    return vit.norm == "layernorm" and not vit.rope and not vit.num_registers
+
+
 def encoder_entries(vit, grid, channels: int, naming: Naming = TIMM) -> list[Entry]:
     """Every tensor of a `models.vit.ViT` encoder (loop layout) in a timm-style family."""
-    if vit.norm != "layernorm" or vit.rope or vit.num_registers:
-        raise ValueError(f"The {naming.prefix or 'timm'} ViT layout has LayerNorm, absolute positions and no "
-                         f"registers; this encoder has norm={vit.norm}, posemb={vit.posemb}, "
-                         f"registers={vit.num_registers} (CAPI's encoder exports in its official layout).")
+    if not fits_timm(vit):
+        raise WeightsError(f"The {naming.prefix or 'timm'} ViT layout has LayerNorm, absolute positions and no "
+                           f"registers; this encoder has norm={vit.norm}, posemb={vit.posemb}, "
+                           f"registers={vit.num_registers} (CAPI's encoder exports in its official layout: "
+                           "--format=official).")
     p = naming.prefix
     out = [patch_conv(f"{p}patch_embed.proj.weight", ("embedding", "kernel"), vit.patch_size, channels),
            same(f"{p}patch_embed.proj.bias", ("embedding", "bias"))]
@@ -100,6 +131,8 @@ def encoder_entries(vit, grid, channels: int, naming: Naming = TIMM) -> list[Ent
     else:
         if vit.cls_token:
             out.append(same(f"{p}cls_token", ("cls",)))
+        elif naming.unused_cls:
+            out.append(unused(f"{p}cls_token", (1, 1, vit.width)))
         if naming.stores_fixed_pos:
             out.append(fixed(f"{p}pos_embed", _fixed_table(vit, grid, vit.width, vit.cls_token),
                              f"fixed {vit.posemb} position table"))
@@ -122,12 +155,23 @@ def mae_decoder_entries(decoder, num_prefix_tokens: int) -> list[Entry]:
     return out + norm("decoder_norm", ("decoder_norm",)) + linear("decoder_pred", ("pred",))
 
 
+def mae_pytorch_decoder_entries(decoder, num_prefix_tokens: int) -> list[Entry]:
+    """MAE-pytorch's decoder (Beyond Masking's `PretrainVisionTransformer`: `encoder_to_decoder`,
+    `mask_token`, `decoder.{blocks,norm,head}`; its fixed 1-D table is not stored) <-> PixelDecoder."""
+    out = linear("encoder_to_decoder", ("embed",), bias=decoder.embed_bias) + [same("mask_token", ("mask_token",))]
+    for i in range(decoder.depth):
+        out += block_entries(f"decoder.blocks.{i}.", ("decoder", f"block_{i}"), naming=MAE_PYTORCH, qkv_bias="dense",
+                             use_bias=True, layerscale=False)
+    return out + norm("decoder.norm", ("decoder_norm",)) + linear("decoder.head", ("pred",))
+
+
 def hf_entries(vit, grid, channels: int, prefix: str = "") -> list[Entry]:
     """Hugging Face `ViTModel` (`prefix=''`) or `ViTMAEModel` inside `ViTMAEForPreTraining`
     (`prefix='vit.'`). Their architecture has a [CLS] token, LayerNorm and dense q/k/v biases."""
     if vit.layerscale is not None or not vit.cls_token or vit.norm != "layernorm" or vit.rope or vit.num_registers:
-        raise ValueError("transformers' ViT has a [CLS] token, LayerNorm, absolute positions and no LayerScale or "
-                         "registers; this encoder does not fit it: use the timm layout (--format=timm).")
+        works = "the timm layout (--format=timm)" if fits_timm(vit) else "the method's own layout (--format=official)"
+        raise WeightsError("transformers' ViT has a [CLS] token, LayerNorm, absolute positions and no LayerScale or "
+                           f"registers; this encoder does not fit it: use {works}.")
     p = prefix
     out = [patch_conv(f"{p}embeddings.patch_embeddings.projection.weight", ("embedding", "kernel"), vit.patch_size,
                       channels),

@@ -7,37 +7,71 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import jax
 import numpy as np
 
+from mim_jax.errors import WeightsError
 from mim_jax.models import layers
 from mim_jax.weights import folders, tensors as tensor_maps, vit
 from mim_jax.weights.layout import Description, Layout
 
 VARIANT_BY_WIDTH = {192: "Ti", 384: "S", 512: "M", 768: "B", 1024: "L", 1280: "H", 1408: "g"}
-# Standard ViT head counts by width (ViT, DeiT, MAE); files without a config.json need them.
+# The head count is in no tensor: a file without a config.json gets the one of its layout's known
+# architecture of that width, and a width the layout has none of is an error asking for it.
+# timm's ViTs (DeiT, MAE's releases): tiny 3, small 6, medium 8, base 12, large 16, huge 16, giant 16.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+# CAE v2's official models (configs/cae_v2.py SIZES): Tiny and Small have 12 heads, not DeiT's 3 / 6.
+CAE_V2_HEADS = {192: 12, 384: 12, 768: 12, 1024: 16}
+# Beyond Masking's registered models (modeling_pretrain.py: pretrain_mae_{base,large}_patch16_224).
+BEYOND_MASKING_HEADS = {768: 12, 1024: 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderNaming:
+    """How a full pre-training checkpoint names its pixel decoder (a `models.decoder.PixelDecoder`)."""
+    probe: str                   # a tensor only a file with the decoder holds: its input Linear [D_dec, D]
+    blocks: str                  # the blocks' name prefix
+    prefixes: tuple[str, ...]    # every decoder tensor's name starts with one of these
+    entries: Callable            # (decoder module, number of prefix tokens) -> [Entry]
+    heads_by_width: dict         # the official decoders' head counts (not in any tensor)
+
+    def describe(self, tensors, config_json, path) -> dict:
+        width = tensors[self.probe].shape[0]
+        depth = sum(1 for n in tensors if re.fullmatch(rf"{re.escape(self.blocks)}\d+\.norm1\.weight", n))
+        heads = _heads(width, config_json, f"{path} (decoder)", self.heads_by_width, key="decoder_num_heads")
+        return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors[f"{self.blocks}0.mlp.fc1.weight"].shape[0])
+
+
+# Official MAE's *_full.pth (512 wide, 16 heads); Beyond Masking's MAE-pytorch model
+# (pretrain_mae_{base,large}_patch16_224: 384 wide with 6 heads, 512 with 8).
+MAE_DECODER = DecoderNaming(probe="decoder_embed.weight", blocks="decoder_blocks.", prefixes=("mask_token", "decoder_"),
+                            entries=vit.mae_decoder_entries, heads_by_width={512: 16})
+MAE_PYTORCH_DECODER = DecoderNaming(probe="encoder_to_decoder.weight", blocks="decoder.blocks.",
+                                    prefixes=("mask_token", "decoder.", "encoder_to_decoder."),
+                                    entries=vit.mae_pytorch_decoder_entries, heads_by_width={384: 6, 512: 8})
 
 
 class ViTLayout(Layout):
-    """What the ViT layouts share: the import into `params["encoder"]` (and MAE's decoder) from the
+    """What the ViT layouts share: the import into `params["encoder"]` (and a pixel decoder) from the
     subclass's `encoder_entries(encoder, grid, channels, prefix)` and `ignored(desc, keys)`."""
-    with_decoder = False          # exports MAE's decoder too (the official *_full.pth layout)
+    decoder: DecoderNaming | None = None   # how the layout's full checkpoints name the decoder
+    with_decoder = False          # exports the decoder too (the official training checkpoint's layout)
 
     def _entries(self, method, channels: int, prefix: str, keys) -> list[tensor_maps.Entry]:
         entries = tensor_maps.under("encoder", self.encoder_entries(method.encoder, method.grid, channels, prefix))
         if "decoder" in keys:
-            entries += tensor_maps.under("decoder", vit.mae_decoder_entries(method.decoder,
-                                                                            method.encoder.num_prefix_tokens))
+            entries += tensor_maps.under("decoder", self.decoder.entries(method.decoder,
+                                                                         method.encoder.num_prefix_tokens))
         return entries
 
     def to_params(self, tensors, desc, method, abstract, keys=None):
         keys = tuple(keys or ("encoder",))
         unknown = sorted(set(keys) - {"encoder", "decoder"})
         if unknown or ("decoder" in keys and not desc.has_decoder):
-            raise ValueError(f"{desc.path} holds {'an encoder and an MAE decoder' if desc.has_decoder else 'an encoder'}"
-                             f"; params {unknown or ['decoder']} cannot be loaded from it.")
+            raise WeightsError(f"{desc.path} holds {'an encoder and a decoder' if desc.has_decoder else 'an encoder'}"
+                               f"; params {unknown or ['decoder']} cannot be loaded from it.")
         target = jax.eval_shape(layers.unstack_blocks, {k: abstract[k] for k in keys})
         params = tensor_maps.to_params(tensors, self._entries(method, desc.channels, desc.prefix, keys), target,
                                        ignore=self.ignored(desc, keys), source=f"{desc.path} ({desc.layout} layout)")
@@ -59,7 +93,9 @@ class TimmFamily(ViTLayout):
     naming: vit.Naming
     evaluated_by: str = "mae"
     posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
+    decoder: DecoderNaming | None = None
     with_decoder: bool = False
+    heads_by_width: dict = dataclasses.field(default_factory=lambda: HEADS_BY_WIDTH)
 
     def detect(self, tensors):
         p = self.naming.prefix
@@ -74,27 +110,32 @@ class TimmFamily(ViTLayout):
         qkv_bias = "qv" if block.format(0) + "attn.q_bias" in tensors else "dense"
         if qkv_bias == "dense" and _zero_key_biases(tensors, [block.format(i) + "attn.qkv.bias" for i in range(depth)]):
             qkv_bias = "qv"    # a BEiT-style encoder exported with its q/v biases folded into qkv.bias
-        cls = f"{prefix}cls_token"
-        has_decoder = not prefix and "decoder_embed.weight" in tensors
+        has_decoder = self.decoder is not None and self.decoder.probe in tensors
         return _description(
             self, path, config_json, conv=tensors[f"{prefix}patch_embed.proj.weight"], depth=depth,
             mlp_dim=tensors[block.format(0) + "mlp.fc1.weight"].shape[0],
-            has_cls=cls in tensors and not any(re.fullmatch(p, cls) for p in self.naming.ignore),
+            has_cls=f"{prefix}cls_token" in tensors and not self.naming.unused_cls,
             table=tensors.get(f"{prefix}pos_embed"), qkv_bias=qkv_bias,
             use_bias=block.format(0) + "attn.proj.bias" in tensors,
             layerscale=0.1 if any(block.format(0) + n in tensors for n in ("gamma_1", "ls1.gamma")) else None,
             eps=1e-6,   # timm, MAE, BEiT/CAE and MAE-pytorch all build LayerNorm(eps=1e-6)
             prefix=prefix, has_decoder=has_decoder,
-            extra={"decoder": _mae_decoder(tensors, config_json)} if has_decoder else {})
+            extra={"decoder": self.decoder.describe(tensors, config_json, path)} if has_decoder else {})
 
     def ignored(self, desc, keys):
-        p = self.naming.prefix
+        p = re.escape(self.naming.prefix)
+        decoder = [re.escape(n) for n in (self.decoder.prefixes if self.decoder else ())]
         # A supervised classifier on top of the encoder; the prefixed forks' full checkpoints also
         # hold a regressor, decoder or teacher beside the encoder.
-        out = (rf"{re.escape(p)}head\..*",) + ((rf"(?!{re.escape(p)}).*",) if p else (r"fc_norm\..*",))
+        out = (rf"{p}head\..*",)
+        if p:
+            loaded = [p] + (decoder if "decoder" in keys else [])
+            out += (rf"(?!{'|'.join(loaded)}).*",)
+        else:
+            out += (r"fc_norm\..*",)
         if "decoder" not in keys:
-            out += (r"mask_token", r"decoder_.*")
-        return out + self.naming.ignore
+            out += tuple(n + ".*" for n in decoder)
+        return out
 
     def encoder_entries(self, encoder, grid, channels, prefix):
         return vit.encoder_entries(encoder, grid, channels, self.naming)
@@ -147,11 +188,14 @@ class HuggingFaceViT(ViTLayout):
         return folders.hf_config(method.encoder, inp, meta)
 
 
-TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM)
-MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, with_decoder=True)
-CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"))
+TIMM = TimmFamily(name="timm", family="timm", naming=vit.TIMM, decoder=MAE_DECODER)
+MAE = TimmFamily(name="mae", family="timm", naming=vit.TIMM, decoder=MAE_DECODER, with_decoder=True)
+CAE_V2 = TimmFamily(name="cae_v2", family="beit", naming=vit.BEIT, posembs=("sincos2d_rowfirst", "sincos2d"),
+                    heads_by_width=CAE_V2_HEADS)
+# The official model is MAE-pytorch's whole `PretrainVisionTransformer`, decoder included.
 BEYOND_MASKING = TimmFamily(name="beyond_masking", family="mae_pytorch", naming=vit.MAE_PYTORCH,
-                            evaluated_by="beyond_masking")
+                            evaluated_by="beyond_masking", heads_by_width=BEYOND_MASKING_HEADS,
+                            decoder=MAE_PYTORCH_DECODER, with_decoder=True)
 HF = HuggingFaceViT()
 
 
@@ -164,7 +208,8 @@ def _description(layout, path, config_json, *, conv, depth, mlp_dim, has_cls, ta
     else:   # MAE-pytorch does not store its fixed 1-D table
         size = int((config_json or {}).get("image_size", 224))
         grid, posemb = (size // patch, size // patch), "sincos1d"
-    model = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=_heads(width, config_json, str(path)),
+    heads = _heads(width, config_json, f"{layout.name}:{path}", getattr(layout, "heads_by_width", HEADS_BY_WIDTH))
+    model = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                  variant=f"{VARIANT_BY_WIDTH.get(width, 'B')}/{patch}", cls_token=has_cls, posemb=posemb,
                  qkv_bias=qkv_bias, use_bias=use_bias, layerscale=layerscale, norm="layernorm", norm_eps=eps,
                  num_registers=0)
@@ -183,29 +228,24 @@ def _posemb_of(table: np.ndarray, grid, width: int, candidates) -> str:
 def _square_grid(n: int, what: str) -> tuple[int, int]:
     side = int(round(n ** 0.5))
     if side * side != n:
-        raise ValueError(f"{what} has {n} positions, not a square grid.")
+        raise WeightsError(f"{what} has {n} positions, not a square grid.")
     return side, side
 
 
-def _heads(width: int, config_json: dict | None, spec: str) -> int:
+def _heads(width: int, config_json: dict | None, spec: str, known: dict, key: str = "num_heads") -> int:
+    """The head count from config.json (`key`, or Hugging Face's / timm's names), else from the layout's
+    known architectures (`known`, by width)."""
     if config_json:
-        for key in ("num_attention_heads", "num_heads"):
-            if key in config_json:
-                return int(config_json[key])
-        if "num_heads" in config_json.get("model_args", {}):
+        for name in ("num_attention_heads", key) if key == "num_heads" else (key,):
+            if name in config_json:
+                return int(config_json[name])
+        if key == "num_heads" and "num_heads" in config_json.get("model_args", {}):
             return int(config_json["model_args"]["num_heads"])
-    if width not in HEADS_BY_WIDTH:
-        raise ValueError(f"{spec}: a {width}-wide ViT is not a standard size and there is no config.json beside it "
-                         "saying how many attention heads it has.")
-    return HEADS_BY_WIDTH[width]
-
-
-def _mae_decoder(tensors, config_json) -> dict:
-    """MAE's decoder size from a *_full.pth (heads: config.json, else MAE's 16)."""
-    width = tensors["decoder_embed.weight"].shape[0]
-    depth = sum(1 for n in tensors if re.fullmatch(r"decoder_blocks\.\d+\.norm1\.weight", n))
-    heads = int((config_json or {}).get("decoder_num_heads", 16))
-    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+    if width not in known:
+        raise WeightsError(f"{spec}: no known architecture of this layout is {width} wide (those are "
+                           f"{sorted(known)}), and the number of attention heads is in no tensor: put a config.json "
+                           f'beside the file saying it, e.g. {{"{key}": ...}}.')
+    return known[width]
 
 
 def _zero_key_biases(tensors, names) -> bool:
