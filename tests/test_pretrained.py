@@ -194,3 +194,35 @@ def test_a_chosen_step_restores_and_a_missing_one_names_the_steps_there():
     jax.tree.map(np.testing.assert_array_equal, chosen.params, newest.params)
     with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 5 in .*: it has steps \[2\]"):
         pretrained.load(FIXTURES / "mae", mesh, step=5)
+
+
+def _truncate_largest_chunk(step_dir: pathlib.Path):
+    chunk = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+def _listing(folder: pathlib.Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_reader_falls_back_past_a_truncated_newest_step_and_changes_nothing(tmp_path, caplog):
+    """Evaluators, warm starts, run teachers and export all read a run through pretrained.load."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "mae", run)
+    shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / "4")   # a newer step, then torn
+    _truncate_largest_chunk(run / "checkpoints" / "4")
+    before = _listing(run)
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+    assert pretrained.read_config(run).method.name == "mae"
+    weights = pretrained.load(run, mesh)
+    assert weights.step == 2 and weights.description.endswith("@ step 2")
+    assert any("Using checkpoint step 2" in r.getMessage() and "[4]" in r.getMessage() for r in caplog.records)
+    features = encoder_lib.load(str(run), mesh, feature="patch_tokens").features(_expected("mae")["images"])
+    np.testing.assert_allclose(features, _expected("mae")["feature/patch_tokens"], rtol=1e-5, atol=1e-6)
+    assert _listing(run) == before   # nothing moved, written or deleted
+
+    _truncate_largest_chunk(run / "checkpoints" / "2")
+    with pytest.raises(checkpoint.CheckpointError, match=r"No readable checkpoint in .*step 4: .*step 2: .*"
+                                                         r"resume its training") as error:
+        pretrained.load(run, mesh)
+    assert "\n" not in str(error.value)

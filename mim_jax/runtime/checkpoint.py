@@ -150,6 +150,30 @@ class Checkpointer:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         return (self.directory / str(step) / "data" / name).exists()
 
+    def first_readable(self, read, steps=None, *, advice: str):
+        """(step, read(step)) for the newest of `steps` (default: every step) that `read` succeeds on.
+        Each unreadable newer step is logged once one is found; a UserFacingError from `read` (a
+        request the checkpoint cannot serve) is raised as it is. Nothing is moved or changed, so
+        readers of another run use it as they are; no readable step is one CheckpointError, listing
+        why each failed, followed by `advice`."""
+        errors = []
+        for candidate in self.all_steps()[::-1] if steps is None else steps:
+            try:
+                result = read(candidate)
+            except UserFacingError:
+                raise
+            except Exception as e:  # orbax raises many types for missing/corrupt files.
+                errors.append((candidate, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+                continue
+            for bad, message in errors:
+                logging.error("Checkpoint %s step %d could not be restored: %s", self.directory, bad, message)
+            if errors:
+                logging.warning("Using checkpoint step %d of %s: the newer steps %s are unreadable.", candidate,
+                                self.directory, [bad for bad, _ in errors])
+            return candidate, result
+        listed = "; ".join(f"step {bad}: {message}" for bad, message in errors) or "it holds none"
+        raise CheckpointError(f"No readable checkpoint in {self.directory} ({listed}). {advice}")
+
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
         """Restores the newest readable checkpoint (or `step`) onto `abstract_state`'s shardings.
 
@@ -160,29 +184,21 @@ class Checkpointer:
         target, the newer unreadable ones are corrupt (not from another config) and are moved aside,
         or the next save of their step would find it taken.
         """
-        candidates = [step] if step is not None else self.all_steps()[::-1]
-        errors, unreadable = [], []
-        for candidate in candidates:
+        def read(candidate):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             with_data = data_iterator is not None and self._has_data_state(candidate)
             if with_data:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-            except Exception as e:  # orbax raises many types for missing/corrupt files.
-                message = f"step {candidate}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                logging.error("Checkpoint %s could not be restored: %s", self.directory, message)
-                errors.append(message)
-                unreadable.append(candidate)
-                continue
-            if errors:
-                logging.warning("Restored older checkpoint %d because newer ones were unreadable.", candidate)
-                self._move_aside(unreadable, candidate)
-            return candidate, restored["state"], with_data
-        raise CheckpointError(
-            f"No readable checkpoint in {self.directory} ({'; '.join(errors)}). If the checkpoints were "
-            "written by an incompatible config (model size, method), start a new --workdir; if they are "
-            "corrupt, move their step folders aside to start over.")
+            return self.manager.restore(candidate, args=ocp.args.Composite(**items))["state"], with_data
+
+        restored, (state, with_data) = self.first_readable(
+            read, None if step is None else [step],
+            advice="If the checkpoints were written by an incompatible config (model size, method), start a new "
+                   "--workdir; if they are corrupt, move their step folders aside to start over.")
+        unreadable = [s for s in self.all_steps() if s > restored] if step is None else []
+        if unreadable:
+            self._move_aside(unreadable, restored)
+        return restored, state, with_data
 
     def _move_aside(self, steps, restored: int):
         """Renames unreadable step folders to `<step>.corrupt-<time>`, a name orbax never takes for a
