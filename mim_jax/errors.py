@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class UserFacingError(Exception):
-    pass
+    exit_code = 1   # what the command exits with
 
 
 class WeightsNotFoundError(UserFacingError, FileNotFoundError):

@@ -73,7 +73,10 @@ def main(argv):
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
         logging.error("%s", e)
-        sys.exit(1)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop (start-up, an evaluation job)
+        logging.error("Interrupted (Ctrl-C): nothing was saved.")
+        sys.exit(130)
     finally:
         from mim_jax.data import pipeline
         pipeline.release_shared_memory()   # no "leaked shared_memory" report at exit

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -431,3 +432,53 @@ def test_checkpoints_beyond_keep_ckpts_are_pruned_after_a_restore(tmp_path):
     ckpt.enforce_retention()
     ckpt.close()
     assert saved(tmp_path) == [4, 6]
+
+
+# ----- 6. Ctrl-C ------------------------------------------------------------------------------------
+
+def start_main(workdir, data_dir, *extra) -> subprocess.Popen:
+    """`mim_jax.main` in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config=configs/mae.py:local", f"--workdir={workdir}",
+           f"--config.input.data_dir={data_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (pathlib.Path(workdir) / "metrics.jsonl").exists() and any(s >= step for s in loss_steps(workdir)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} logged: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(tmp_path, fashion_mnist_dir):
+    args = [*FAST, "--config.total_steps=200", "--config.ckpt_steps=1000", "--config.input.num_workers=2"]
+    proc = start_main(tmp_path, fashion_mnist_dir, *args)
+    wait_for_step(tmp_path, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)   # the whole group, as a terminal's Ctrl-C
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    [saved_step] = steps_saved(tmp_path)
+    assert saved_step == max(loss_steps(tmp_path)) and f"Interrupted (Ctrl-C) at step {saved_step}" in stderr
+
+    assert "Resumed from step" in run_main(tmp_path, fashion_mnist_dir, *FAST, f"--config.total_steps={saved_step + 1}").stderr
+
+
+def test_a_second_ctrl_c_exits_at_once(monkeypatch, capfd):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    stop = train._StopSignal()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == signal.SIGINT and not exits   # the first: save after this step
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130] and "Second Ctrl-C: exiting now, without saving" in capfd.readouterr().err
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

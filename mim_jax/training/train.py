@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 
 import jax
@@ -27,25 +29,39 @@ class DivergenceError(UserFacingError, FloatingPointError):
     pass
 
 
-class _StopSignal:
-    """Turns SIGTERM into a flag checked between steps, so the loop saves and exits cleanly.
+class Interrupted(UserFacingError):
+    """Ctrl-C stopped the run after saving its step: the shell's 128 + SIGINT."""
+    exit_code = 130
 
-    Multi-process runs leave SIGTERM to JAX's preemption sync manager instead (orbax's
-    `reached_preemption` then agrees on a common step across hosts).
+
+class _StopSignal:
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag checked between steps, so the loop saves
+    and exits cleanly; a second Ctrl-C exits at once, without saving.
+
+    Multi-process runs leave both signals alone: JAX's preemption sync manager handles SIGTERM
+    (orbax's `reached_preemption` then agrees on a common step across hosts).
     """
 
     def __init__(self):
-        self.received = False
+        self.received = None   # the signal that asked to stop
+        self._previous = {}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
-        self.received = True
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            sys.stderr.write("Second Ctrl-C: exiting now, without saving; the same command resumes from the newest "
+                             "complete checkpoint.\n")
+            sys.stderr.flush()
+            os._exit(130)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        again = " (Ctrl-C again exits at once, without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: saving a checkpoint after this step, then exiting%s.", name, again)
+        self.received = signum
 
     def restore(self):
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def durations(config, num_examples: int) -> dict:
@@ -176,7 +192,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                     data.close()
                     data = data_iterator(step, state)
 
-            preempted = stop.received or ckpt.reached_preemption(step)
+            preempted = stop.received is not None or ckpt.reached_preemption(step)
             saving = preempted or step == steps["total"] or step % steps["ckpt"] == 0
             if saving:  # this step's own metrics, stored with its checkpoint
                 latest = metrics.to_host_scalars(pending[-1:])
@@ -204,7 +220,8 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                 writer.flush()  # the metrics up to a checkpoint are on disk before it is
                 ckpt.save(step, state, data, config, metrics=latest, force=preempted or step == steps["total"])
             if preempted:
-                logging.warning("Stopped at step %d after a preemption notice; checkpoint saved.", step)
+                if stop.received != signal.SIGINT:   # Ctrl-C: `Interrupted` says it
+                    logging.warning("Stopped at step %d after a preemption notice; checkpoint saved.", step)
                 break
     finally:
         try:
@@ -213,6 +230,9 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             writer.flush()
             stop.restore()
             data.close()  # stops the data workers and frees their shared-memory batches
+    if stop.received == signal.SIGINT:
+        raise Interrupted(f"Interrupted (Ctrl-C) at step {step}: its checkpoint is saved; run the same command to "
+                          "resume from it.")
     return state
 
 
@@ -341,7 +361,7 @@ def _refresh(method, state, setup, source, writer, step: int, stop: _StopSignal)
     before the preemption is acted on."""
     try:
         extras, logs = method.refresh.run(state.params, state.extras, source, setup.sharding,
-                                           should_stop=lambda: stop.received)
+                                           should_stop=lambda: stop.received is not None)
     except RefreshInterrupted as interrupted:
         logging.warning("The refresh after step %d stopped at %d of %d examples for the preemption notice: step %d "
                         "is saved without it, and resuming redoes it.", step, interrupted.done, interrupted.total,
