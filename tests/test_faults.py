@@ -8,6 +8,7 @@ import collections
 import contextlib
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -26,7 +27,7 @@ from test_e2e import ROOT, TINY, run_main, steps_saved
 
 from mim_jax import flops
 from mim_jax.data import pipeline
-from mim_jax.runtime import checkpoint, metrics, storage
+from mim_jax.runtime import checkpoint, metrics, storage, workdir_lock
 from mim_jax.training import train
 
 # The e2e tiny model without the periodic probes, and without Grain worker processes (a SIGKILL
@@ -482,3 +483,43 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch, capfd):
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----- 7. one trainer per workdir -----------------------------------------------------------------
+
+def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(tmp_path, synthetic_data):
+    fd = workdir_lock.acquire(tmp_path)   # a trainer that holds it
+    try:
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"{re.escape(str(tmp_path))} is in use by another "
+                                                                rf"trainer \(pid {os.getpid()} on host .*, started 20"):
+            train.train_and_evaluate(tiny_mae_config(), str(tmp_path))
+        assert not (tmp_path / "checkpoints" / "3").exists()
+    finally:
+        workdir_lock.release(tmp_path, fd)
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_lock_left_by_a_dead_trainer_is_taken_over(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "lock").write_text(json.dumps({"host": "here", "pid": int(dead.stdout), "started": "then"}))
+    caplog.set_level(logging.INFO)
+    fd = workdir_lock.acquire(tmp_path)
+    try:
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+        assert f"left by pid {int(dead.stdout)} on host here" in caplog.text
+    finally:
+        workdir_lock.release(tmp_path, fd)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_workdir(tmp_path, fashion_mnist_dir):
+    first = start_main(tmp_path, fashion_mnist_dir, *FAST, "--config.total_steps=100000", "--config.ckpt_steps=1000")
+    wait_for_step(tmp_path, 1, first)
+    second = run_main(tmp_path, fashion_mnist_dir, *FAST, "--config.total_steps=8")
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"is in use by another trainer (pid {first.pid} on host " in second.stderr
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-3000:]
+    assert loss_steps(tmp_path) == list(range(1, steps_saved(tmp_path)[-1] + 1))   # one writer: each step once
+    assert not (tmp_path / "lock").exists()

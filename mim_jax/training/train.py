@@ -21,7 +21,7 @@ from mim_jax.errors import UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.base import RefreshInterrupted
-from mim_jax.runtime import checkpoint, console, metrics, storage
+from mim_jax.runtime import checkpoint, console, metrics, storage, workdir_lock
 from mim_jax.training import state as state_lib
 
 
@@ -102,7 +102,11 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     # An unwritable workdir is one clear error now, not a timeout at the first checkpoint.
     storage.ensure_writable(workdir)
     storage.ensure_writable(workdir / "checkpoints")
+    with workdir_lock.held(workdir, enabled=jax.process_index() == 0):   # one trainer per workdir
+        return _train_locked(config, workdir)
 
+
+def _train_locked(config, workdir: epath.Path) -> state_lib.TrainState:
     # ----- mesh, method, data source ----------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh)
     validate(config, mesh)
