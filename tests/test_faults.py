@@ -523,3 +523,4 @@ def test_two_trainers_on_one_workdir(tmp_path, fashion_mnist_dir):
     assert first.returncode == 0, stderr[-3000:]
     assert loss_steps(tmp_path) == list(range(1, steps_saved(tmp_path)[-1] + 1))   # one writer: each step once
     assert not (tmp_path / "lock").exists()
+

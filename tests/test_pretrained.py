@@ -3,6 +3,7 @@ restore and evaluate identically, resume training, and a checkpoint that does no
 is an error that names what differs."""
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -128,6 +129,28 @@ def test_rerunning_the_same_command_resumes_an_older_run(run, tmp_path, monkeypa
     before = expected["state['params']['encoder']['embedding']['kernel']"]
     assert moved.shape == before.shape and not np.array_equal(moved, before)
 
+
+
+def test_a_resume_with_another_batch_size_or_width_is_refused_naming_what_differs(tmp_path, monkeypatch):
+    workdir = tmp_path / "mae"
+    shutil.copytree(FIXTURES / "mae", workdir)
+    source = pipeline.SyntheticSource(60_000, image_shape=(28, 28, 1), num_classes=10, seed=0)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+
+    def resume(**changes):
+        config = _same_command_config("mae")
+        config.update_from_flattened_dict(changes)
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            train.train_and_evaluate(config, str(workdir))
+        assert "\n" not in str(error.value) and "strict" not in str(error.value)
+        return str(error.value)
+
+    assert re.search(r"trained with config.input.batch_size=16, this command gives 32: .* Resume with "
+                     r"--config.input.batch_size=16", resume(**{"input.batch_size": 32}))
+    message = resume(**{"model.width": 48, "total_steps": 5})
+    assert "differ from the checkpoint's saved config: model.width: 32 in the checkpoint, 48 here." in message
+    assert "total_steps" not in message
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]   # nothing moved aside
 
 def _tiny_mae(**model):
     from conftest import tiny_mae_config

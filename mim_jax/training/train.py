@@ -134,7 +134,18 @@ def _train_locked(config, workdir: epath.Path) -> state_lib.TrainState:
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
     resume_step = _resume_step(ckpt, config)
     if resume_step is not None or ckpt.latest_step() is not None:
-        start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
+        stored = _stored_config(ckpt, ckpt.latest_step() if resume_step is None else resume_step)
+        _check_batch_size(stored, config, workdir)
+        try:
+            start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
+        except checkpoint.CheckpointError as e:
+            changes = _model_changes(stored, config)
+            if not changes:
+                raise
+            raise checkpoint.CheckpointError(
+                f"The checkpoints in {ckpt.directory} do not fit the model this config builds; these config fields "
+                f"differ from the checkpoint's saved config: {'; '.join(changes)}. Rerun with the checkpoint's "
+                f"values, or pass a new --workdir (--config.init={workdir} starts a new run from its weights).") from e
         if start >= steps["total"]:   # nothing to train: say so rather than just "Resumed"
             logging.info("%s", _complete_message(workdir, start, steps["total"]))
             ckpt.close()
@@ -296,6 +307,41 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
                         "step %d.", step, later, step)
         ckpt.delete(later)
     return step
+
+
+def _check_batch_size(stored: dict | None, config, workdir):
+    """A resume keeps the global batch size: the data stream's position, the lr schedule and every
+    count in steps are per batch of that size."""
+    saved = stored["input"]["batch_size"] if stored else None
+    if saved is not None and saved != config.input.batch_size:
+        raise checkpoint.CheckpointError(
+            f"The run in {workdir} was trained with config.input.batch_size={saved}, this command gives "
+            f"{config.input.batch_size}: its data position, lr schedule and step counts are per batch of {saved}. "
+            f"Resume with --config.input.batch_size={saved} (--config.grad_accum_steps=k splits it into k "
+            f"micro-batches when memory is short), or pass a new --workdir (--config.init={workdir} starts a new "
+            "run from its weights).")
+
+
+def _model_changes(stored: dict | None, config, limit: int = 10) -> list[str]:
+    """The config fields, outside the run-length and evaluation settings, whose values differ from
+    the stored config ('model.width: 64 in the checkpoint, 32 here')."""
+    if stored is None:
+        return []
+    theirs, mine = _flat(stored), _flat(_as_saved(config))
+    changed = [f"{k}: {theirs.get(k, 'absent')} in the checkpoint, {mine.get(k, 'absent')} here"
+               for k in sorted(theirs.keys() | mine.keys())
+               if "." in k and not k.startswith("evals.") and theirs.get(k, "absent") != mine.get(k, "absent")]
+    return changed[:limit] + ([f"{len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _as_saved(config) -> dict:
