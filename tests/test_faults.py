@@ -166,6 +166,7 @@ def test_corrupt_final_checkpoint_then_the_same_command_finishes(tmp_path, fashi
     out = run_main(tmp_path, fashion_mnist_dir, *command)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Resumed from step 2" in out.stderr and out.stderr.count("moved to") == 1
+    assert "Traceback" not in out.stderr
     assert len(list((tmp_path / "checkpoints").glob("4.corrupt-*"))) == 1
     assert steps_saved(tmp_path) == [2, 4]
     assert loss_steps(tmp_path) == [1, 2, 3, 4]  # steps 3 and 4 logged once, not twice

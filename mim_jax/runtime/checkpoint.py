@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 
 import grain
@@ -48,6 +49,23 @@ def tree_mismatch(stored, wanted, limit: int = 8) -> str | None:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             problems.append(f"{len(items)} {what}: {', '.join(items[:limit])}{more}")
     return "; ".join(problems) or None
+
+
+def _drop_closed_loop_reports():
+    """A failed restore ends orbax's event loop while tensorstore still completes the step's other
+    reads; each completion then reports "RuntimeError: Event loop is closed" as an unraisable
+    exception, a traceback per array for the failure already reported. From the first restore on,
+    the process drops those reports (and passes every other one on)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -157,6 +175,7 @@ class Checkpointer:
         readers of another run use it as they are; no readable step is one CheckpointError, listing
         why each failed, followed by `advice`."""
         errors = []
+        _drop_closed_loop_reports()   # before the reads: their reports come while a failure unwinds
         for candidate in self.all_steps()[::-1] if steps is None else steps:
             try:
                 result = read(candidate)
