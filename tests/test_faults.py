@@ -304,6 +304,14 @@ def test_no_space_error_names_the_filesystem_the_need_and_the_fix():
     assert storage.explain(ValueError("shape mismatch"), "/tmp") is None
 
 
+def test_a_space_check_that_fails_by_a_little_prints_the_numbers_that_decided(monkeypatch):
+    usage = shutil.disk_usage("/tmp")._replace(free=1_468_000, total=3 * 2**20)
+    monkeypatch.setattr(storage, "_usage", lambda directory: usage)
+    with pytest.raises(storage.StorageError, match=r"\(1,468,000 bytes free of 3.0 MB\); this write needs about "
+                                                   r"1,468,100 bytes\."):
+        storage.check_space("/tmp", 1_468_100)
+
+
 def test_an_unfinished_save_is_removed_at_the_next_start(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
     ckpt.save(3, _random_state(100), force=True)
@@ -339,7 +347,7 @@ def test_full_disk_stops_training_with_one_message_and_keeps_the_last_checkpoint
     assert int(train.train_and_evaluate(tiny_mae_config(), str(tmp_path)).step) == 6
 
 
-def test_a_real_full_filesystem(tmp_path):
+def test_a_real_full_filesystem(tmp_path, caplog, capfd):
     """On a 3 MB tmpfs: a save whose estimate fits but whose write does not fails in orbax's
     background thread, reported as one clear error; one that cannot fit is refused before it is
     written; the last complete checkpoint stays readable and the next start removes the rest."""
@@ -360,6 +368,9 @@ def test_a_real_full_filesystem(tmp_path):
             ckpt.wait()
         ckpt.close()
         assert list(directory.glob("2.orbax-checkpoint-tmp*"))
+        # The one StorageError, none of orbax's tracebacks from its writing threads.
+        assert not [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Traceback" not in capfd.readouterr().err
 
         ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)  # the next start
         step, restored, _ = ckpt.restore(_abstract(small))

@@ -51,11 +51,16 @@ def tree_mismatch(stored, wanted, limit: int = 8) -> str | None:
     return "; ".join(problems) or None
 
 
-def _drop_closed_loop_reports():
-    """A failed restore ends orbax's event loop while tensorstore still completes the step's other
-    reads; each completion then reports "RuntimeError: Event loop is closed" as an unraisable
-    exception, a traceback per array for the failure already reported. From the first restore on,
-    the process drops those reports (and passes every other one on)."""
+def _drop_expected_reports():
+    """Drops, process-wide, what orbax and tensorstore print for a failure this module reports as
+    one message (installed once):
+
+    - a failed restore ends orbax's event loop while tensorstore still completes the step's other
+      reads; each completion reports "RuntimeError: Event loop is closed" as an unraisable
+      exception, a traceback per array;
+    - a full or unwritable disk met by a save's background threads is logged by orbax with a
+      traceback per thread and array; the next save or wait raises it as one StorageError.
+    """
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
@@ -66,6 +71,14 @@ def _drop_closed_loop_reports():
 
     hook.drops_closed_loop_reports = True
     sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_no_storage_fault_records)   # orbax logs through absl
+
+
+def _no_storage_fault_records(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+        return True
+    error = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
+    return not storage.is_fault(error)
 
 
 class Checkpointer:
@@ -74,6 +87,7 @@ class Checkpointer:
                  read_only: bool = False):
         """`read_only=True` opens someone else's run (evaluation, warm starts, teachers): nothing is
         created, written or deleted there."""
+        _drop_expected_reports()
         self.directory = epath.Path(directory)
         self.max_to_keep = None if read_only else max_to_keep
         self._failure = None  # a save's storage error, once reported
@@ -175,7 +189,6 @@ class Checkpointer:
         readers of another run use it as they are; no readable step is one CheckpointError, listing
         why each failed, followed by `advice`."""
         errors = []
-        _drop_closed_loop_reports()   # before the reads: their reports come while a failure unwinds
         for candidate in self.all_steps()[::-1] if steps is None else steps:
             try:
                 result = read(candidate)
