@@ -9,3 +9,7 @@ class UserFacingError(Exception):
 
 class WeightsNotFoundError(UserFacingError, FileNotFoundError):
     """A run, weight file or teacher that is not where the config says."""
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A config that cannot run, found before anything is built or compiled."""

@@ -26,6 +26,7 @@ from conftest import tiny_mae_config
 from test_e2e import ROOT, TINY, run_main, steps_saved
 
 from mim_jax import flops
+from mim_jax.errors import ConfigError
 from mim_jax.data import pipeline
 from mim_jax.runtime import checkpoint, metrics, storage, workdir_lock
 from mim_jax.training import train
@@ -536,3 +537,17 @@ def test_two_trainers_on_one_workdir(tmp_path, fashion_mnist_dir):
     assert loss_steps(tmp_path) == list(range(1, steps_saved(tmp_path)[-1] + 1))   # one writer: each step once
     assert not (tmp_path / "lock").exists()
 
+
+
+# ----- 9. a config that cannot run ----------------------------------------------------------------
+
+def test_a_config_that_cannot_run_is_one_error_before_anything_is_built(tmp_path):
+    config = tiny_mae_config(**{"input.batch_size": 7, "input.channels": 3})   # 8 devices; mean/std for 1
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    message = str(error.value)
+    assert "batch_size=7 must be divisible by the 8 devices that share the batch and by the 1 processes: use a " \
+           "multiple of 8 (--config.input.batch_size=8)" in message
+    assert "config.input.channels=3 needs 3 values in config.input.mean and config.input.std (they have 1 and 1)" \
+           in message and "\n" not in message
+    assert not (tmp_path / "workdir").exists()

@@ -17,7 +17,7 @@ from etils import epath
 
 from mim_jax import config_lib, flops, parallel
 from mim_jax.data import pipeline
-from mim_jax.errors import UserFacingError
+from mim_jax.errors import ConfigError, UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.base import RefreshInterrupted
@@ -74,13 +74,24 @@ def durations(config, num_examples: int) -> dict:
 
 
 def validate(config, mesh):
+    """What would otherwise fail after the data, the model and the compilation were set up, as one
+    ConfigError naming every problem and its fix."""
+    problems = []
     bs, n_proc = config.input.batch_size, jax.process_count()
     n_batch = parallel.batch_sharding(mesh).num_devices
     if bs % n_batch or bs % n_proc:
-        raise ValueError(f"config.input.batch_size={bs} must be divisible by the {n_batch} devices that "
-                         f"share the batch and by the {n_proc} processes.")
-    if len(config.input.mean) != config.input.channels or len(config.input.std) != config.input.channels:
-        raise ValueError(f"config.input.mean/std need {config.input.channels} values (config.input.channels).")
+        multiple = math.lcm(n_batch, n_proc)
+        problems.append(f"config.input.batch_size={bs} must be divisible by the {n_batch} devices that share the "
+                        f"batch and by the {n_proc} processes: use a multiple of {multiple} "
+                        f"(--config.input.batch_size={max(multiple, bs // multiple * multiple)})")
+    channels, mean, std = config.input.channels, config.input.mean, config.input.std
+    if len(mean) != channels or len(std) != channels:
+        problems.append(f"config.input.channels={channels} needs {channels} values in config.input.mean and "
+                        f"config.input.std (they have {len(mean)} and {len(std)}): set both to the data set's "
+                        "per-channel statistics in [0, 1], e.g. --config.input.mean='(0.5,)' for one channel "
+                        "(python -m mim_jax.data.prepare_folder prints them for a folder of images)")
+    if problems:
+        raise ConfigError("The config cannot run: " + "; ".join(problems) + ".")
 
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
@@ -99,17 +110,17 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     # Before anything else: a missing teacher or init run is the first error, and the checkpoints
     # save the resolved config, which later rebuilds the model without those files.
     config = resolve_config(config)
+    mesh = parallel.make_mesh(config.mesh)
+    validate(config, mesh)
     # An unwritable workdir is one clear error now, not a timeout at the first checkpoint.
     storage.ensure_writable(workdir)
     storage.ensure_writable(workdir / "checkpoints")
     with workdir_lock.held(workdir, enabled=jax.process_index() == 0):   # one trainer per workdir
-        return _train_locked(config, workdir)
+        return _train_locked(config, workdir, mesh)
 
 
-def _train_locked(config, workdir: epath.Path) -> state_lib.TrainState:
-    # ----- mesh, method, data source ----------------------------------------------------------
-    mesh = parallel.make_mesh(config.mesh)
-    validate(config, mesh)
+def _train_locked(config, workdir: epath.Path, mesh) -> state_lib.TrainState:
+    # ----- method, data source -------------------------------------------------------------------
     source = pipeline.open_source(config.input.dataset, config.input.split, config.input.data_dir,
                                   channels=config.input.channels)
     method = get_method(config, num_examples=len(source))
