@@ -50,6 +50,15 @@ def initialize_distributed(peer_timeout_s: float):
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop (start-up, an evaluation job)
+        logging.error("Interrupted (Ctrl-C) outside the training loop: the same command resumes from the newest "
+                      "complete checkpoint.")
+        sys.exit(130)
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mim_jax.runtime import console
@@ -74,9 +83,6 @@ def main(argv):
     except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
         logging.error("%s", e)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:   # Ctrl-C outside the training loop (start-up, an evaluation job)
-        logging.error("Interrupted (Ctrl-C): nothing was saved.")
-        sys.exit(130)
     finally:
         from mim_jax.data import pipeline
         pipeline.release_shared_memory()   # no "leaked shared_memory" report at exit
