@@ -12,8 +12,8 @@ import logging
 import os
 import pathlib
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +26,8 @@ from conftest import tiny_mae_config
 from test_e2e import ROOT, TINY, run_main, steps_saved
 
 from mim_jax import flops
-from mim_jax.errors import ConfigError
 from mim_jax.data import pipeline
+from mim_jax.errors import ConfigError
 from mim_jax.runtime import checkpoint, metrics, storage, workdir_lock
 from mim_jax.training import train
 
