@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class UserFacingError(Exception):
-    pass
+    exit_code = 1   # what the command exits with
 
 
 class WeightsNotFoundError(UserFacingError, FileNotFoundError):
@@ -14,3 +14,7 @@ class WeightsNotFoundError(UserFacingError, FileNotFoundError):
 class WeightsError(UserFacingError, ValueError):
     """A weight file that cannot be read, or not as asked (wrong layout, truncated, an
     architecture its layout cannot hold)."""
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A config that cannot run, found before anything is built or compiled."""

@@ -23,12 +23,15 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its notice would print at every start
 
 from absl import app, flags  # noqa: E402
+
+from mim_jax.errors import UserFacingError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -76,18 +79,55 @@ def export_official(weights, out: pathlib.Path) -> pathlib.Path:
     return write(weights, "official", out)[0]
 
 
-def export(workdir, fmt: str, out) -> pathlib.Path:
+class ExportError(UserFacingError, ValueError):
+    pass
+
+
+def export(workdir, fmt: str, out, *, overwrite: bool = False) -> pathlib.Path:
+    """Writes the run's weights into a hidden folder beside `out`, then renames it to `out`: a
+    killed export leaves no half-written file there (its `.OUT.partial-PID` folder is removed by the
+    next export to `out`). A non-empty `out` is replaced only with `overwrite`."""
     import jax
 
     from mim_jax import parallel, pretrained
 
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out={out} exists and is not empty: pass --overwrite to replace it, or another --out.")
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])   # the rules name both axes
     weights = pretrained.load(workdir, mesh)
-    write(weights, fmt, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    partial.mkdir()
+    try:
+        write(weights, fmt, partial)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):   # --overwrite
+            replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(replaced)
+            os.replace(partial, out)
+            if replaced.is_dir():
+                shutil.rmtree(replaced)
+            else:
+                replaced.unlink()
+        else:
+            os.replace(partial, out)   # also over an empty folder
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     logging.info("Exported %s (%s) to %s as %s.", workdir, provenance(weights)["weights"], out, fmt)
     return out
+
+
+def _remove_abandoned(out: pathlib.Path):
+    """The partial folders of killed exports to `out` (their process is gone)."""
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:   # alive, another user's
+            pass
 
 
 def main(argv):
@@ -98,8 +138,8 @@ def main(argv):
     from mim_jax.runtime import console
     console.quiet_unless_verbose()
     try:
-        export(FLAGS.workdir, FLAGS.format, FLAGS.out)
-    except (ValueError, FileNotFoundError) as e:   # expected errors: one readable message
+        export(FLAGS.workdir, FLAGS.format, FLAGS.out, overwrite=FLAGS.overwrite)
+    except (UserFacingError, ValueError, FileNotFoundError) as e:   # expected errors: one readable message
         print(f"Export failed: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -111,7 +151,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
                         flag_values=flag_values)
     flags.DEFINE_enum(name="format", default="timm", enum_values=list(FORMATS), help="Output layout.",
                       flag_values=flag_values)
-    flags.DEFINE_string("out", None, "Output folder (created).", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output folder (created; written whole or not at all).", flag_values=flag_values)
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.", flag_values=flag_values)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def initialize_distributed(peer_timeout_s: float):
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop (start-up, an evaluation job)
+        logging.error("Interrupted (Ctrl-C) outside the training loop: the same command resumes from the newest "
+                      "complete checkpoint.")
+        sys.exit(130)
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mim_jax.runtime import console
@@ -73,7 +82,7 @@ def main(argv):
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserFacingError as e:  # expected: the message says what to fix, a traceback adds nothing
         logging.error("%s", e)
-        sys.exit(1)
+        sys.exit(e.exit_code)
     finally:
         from mim_jax.data import pipeline
         pipeline.release_shared_memory()   # no "leaked shared_memory" report at exit

@@ -63,6 +63,10 @@ RELEASED = {
 }
 
 
+class UnknownParamsError(WeightsError):
+    """Params asked for (`keys`) that the run's model does not have."""
+
+
 @dataclasses.dataclass
 class Weights:
     """A method with the weights it is evaluated with (`method.ema`'s, e.g. CAPI's teacher)."""
@@ -89,6 +93,11 @@ def _checkpoints(workdir) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(directory, read_only=True)
 
 
+# What a reader of a run says when none of its steps is readable (it never changes the run).
+_UNREADABLE = ("Its checkpoints are corrupt or incomplete: resume its training (the trainer moves unreadable steps "
+               "aside), or read another run.")
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The config of the newest checkpoint of a pre-training workdir, or the config that builds
     the encoder of a weights spec."""
@@ -96,7 +105,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     if isinstance(spec, weight_spec.File):
         return imported_config(registry.describe(spec.path, spec.layout))
     ckpt = _checkpoints(_run_dir(spec))
-    return ckpt.restore_config(ckpt.latest_step())
+    return ckpt.first_readable(ckpt.restore_config, advice=_UNREADABLE)[1]
 
 
 def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict:
@@ -165,23 +174,26 @@ def load(workdir, mesh, keys=None, *, step: int | None = None) -> Weights:
         return load_file(spec, mesh, keys)
     workdir = _run_dir(spec)
     ckpt = _checkpoints(workdir)
-    if step is None:
-        step = ckpt.latest_step()
-    elif step not in ckpt.all_steps():
+    if step is not None and step not in ckpt.all_steps():
         raise WeightsNotFoundError(f"No checkpoint at step {step} in {workdir}: it has steps {ckpt.all_steps()}.")
-    config = ckpt.restore_config(step)
-    method = get_method(config)
-    parts = ("params", "extras") if method.ema else ("params",)
-    abstract = abstract_variables(method, mesh, parts)
-    subtrees = None
-    if keys is not None:
-        unknown = [k for k in keys if k not in abstract["params"]]
-        if unknown:
-            raise WeightsError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; it has "
-                               f"{sorted(abstract['params'])}.")
-        abstract["params"] = {k: abstract["params"][k] for k in keys}
-        subtrees = {"params": tuple(keys)}
-    variables = ckpt.restore_parts(step, abstract, subtrees)
+
+    def read(candidate):
+        config = ckpt.restore_config(candidate)
+        method = get_method(config)
+        abstract = abstract_variables(method, mesh, ("params", "extras") if method.ema else ("params",))
+        subtrees = None
+        if keys is not None:
+            unknown = [k for k in keys if k not in abstract["params"]]
+            if unknown:
+                raise UnknownParamsError(f"The run in {workdir} ({config.method.name}) has no params {unknown}; "
+                                         f"it has {sorted(abstract['params'])}.")
+            abstract["params"] = {k: abstract["params"][k] for k in keys}
+            subtrees = {"params": tuple(keys)}
+        return config, method, ckpt.restore_parts(candidate, abstract, subtrees)
+
+    # The newest readable step, as training resumes from (a reader moves nothing aside).
+    step, (config, method, variables) = ckpt.first_readable(read, None if step is None else [step],
+                                                            advice=_UNREADABLE)
     logging.info("Loaded %s weights from %s at step %d.", config.method.name, workdir, step)
     params = method.ema.weights(variables["params"], variables["extras"]) if method.ema else variables["params"]
     return Weights(config=config, method=method, params=params, step=step, description=f"{workdir} @ step {step}")

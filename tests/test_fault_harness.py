@@ -1,7 +1,8 @@
-"""Fault harness (docs/training.md, Faults): random SIGKILL/SIGTERM trials against `mim_jax.main`.
+"""Fault harness (docs/training.md, Faults): random SIGKILL/SIGTERM/SIGINT trials against `mim_jax.main`,
+and a SIGKILL during `mim_jax.export`.
 
 One uninterrupted reference run, then N trials. Each trial draws its own plan from its seed: 1-3
-interruptions, each a SIGKILL or a SIGTERM sent at a random moment (during start-up and restore, a
+interruptions, each a SIGKILL, a SIGTERM or a SIGINT (Ctrl-C) sent at a random moment (during start-up and restore, a
 random delay after the run's first logged step, or just after a random step is logged, when an
 async checkpoint save is often in flight; the windows scale with the reference run's own timing),
 each followed by the same command again; the last run goes to completion. Checked after every interruption:
@@ -9,7 +10,8 @@ each followed by the same command again; the last run goes to completion. Checke
 - every committed checkpoint (numeric step folder) restores, all its arrays, metrics, config and
   data-iterator state; none was moved aside as `<step>.corrupt-*` (a kill must never corrupt one);
 - metrics.jsonl holds steps 1..k once each (only the row a SIGKILL cut short may be torn), with k at
-  least the newest checkpoint's step; a SIGTERM that stopped the run saved the step it stopped at;
+  least the newest checkpoint's step; a SIGTERM or Ctrl-C that stopped the run saved the step it
+  stopped at (Ctrl-C: exit 130);
 
 and at the end of every trial:
 
@@ -17,7 +19,9 @@ and at the end of every trial:
 - every step the reference checkpointed is checkpointed, and each checkpoint both runs have equals
   the reference's leaf for leaf, bit for bit (the final one included);
 - metrics.jsonl holds each training step 1..T exactly once (no (step, metric) twice, one hparams
-  row), with the reference's losses, norms and learning rates exactly.
+  row), with the reference's losses, norms and learning rates exactly;
+- an export of the run SIGKILLed at a random moment leaves no file in its --out (or the whole
+  export), and the next export to it writes the reference's tensors and no leftover folder.
 
     pytest -m slow tests/test_fault_harness.py -rA                        # 2 trials (CI)
     MIM_JAX_FAULT_TRIALS=20 pytest -m slow tests/test_fault_harness.py -rA
@@ -69,7 +73,7 @@ RUN_TIMEOUT = 300
 
 @dataclasses.dataclass
 class Interruption:
-    signal: str  # SIGKILL | SIGTERM
+    signal: str  # SIGKILL | SIGTERM | SIGINT
     when: str    # startup | after_first_step | after_step
     u: float     # where in that window (0..1)
 
@@ -79,7 +83,7 @@ class Interruption:
 
 def draw_plan(seed: int) -> list[Interruption]:
     rng = random.Random(seed)
-    return [Interruption(rng.choice(["SIGKILL", "SIGTERM"]),
+    return [Interruption(rng.choice(["SIGKILL", "SIGTERM", "SIGINT"]),
                          rng.choices(["startup", "after_first_step", "after_step"], weights=[1, 2, 3])[0],
                          rng.random())
             for _ in range(rng.randint(1, 3))]
@@ -225,7 +229,8 @@ def resumed_from(workdir: pathlib.Path) -> int:
 
 def interrupt(workdir, data_dir, log_path, item: Interruption, timing: dict) -> tuple[str, bool]:
     """Starts the command, sends `item`'s signal at its moment, waits for the exit; returns what
-    happened (for the plan's record) and whether a SIGTERM stopped it cleanly (exit 0). The moments
+    happened (for the plan's record) and whether a SIGTERM or Ctrl-C stopped it cleanly after saving
+    its step (exit 0; Ctrl-C: 130 and its one line). The moments
     scale with the reference run's `timing`: startup (start-up, restore, compile) is u x its time to
     the first step; after_first_step is u x its time from the first step to the end."""
     resumed = resumed_from(workdir)
@@ -264,13 +269,54 @@ def interrupt(workdir, data_dir, log_path, item: Interruption, timing: dict) -> 
         expected = {0}
     else:
         what = f"sent {sent[0]:.1f} s after start, after step {sent[1]} was logged, rc {rc}"
-        # SIGTERM: a clean stop (0), or -15 before the loop installed its handler (start-up).
-        expected = {-9} if sig == signal.SIGKILL else {0, -15}
+        # SIGTERM: a clean stop (0), or -15 before the loop installed its handler (start-up); Ctrl-C:
+        # 130, or -2 while Python starts, before main runs.
+        expected = {signal.SIGKILL: {-9}, signal.SIGTERM: {0, -15}, signal.SIGINT: {130, -2}}[sig]
     aim = f", target step {target}" if item.when == "after_step" else ""
     summary = (f"{item.describe()} (resumed from {resumed}{aim}): {what}; this run logged "
                f"steps {logged[:1] + ['..'] + logged[-1:] if len(logged) > 2 else logged}")
     assert rc in expected, f"{summary}: unexpected exit status, log {log_path}:\n{tail(log_path)}"
-    return summary, sig == signal.SIGTERM and sent is not None and rc == 0
+    if sig == signal.SIGINT and sent is not None:
+        assert "Traceback" not in log_path.read_text(errors="replace"), f"{summary}: a traceback:\n{tail(log_path)}"
+    saved_its_step = (rc == 0 if sig == signal.SIGTERM else
+                      rc == 130 and "Interrupted (Ctrl-C) at step" in log_path.read_text(errors="replace"))
+    return summary, sig != signal.SIGKILL and sent is not None and saved_its_step
+
+
+def start_export(workdir: pathlib.Path, out: pathlib.Path, log_path: pathlib.Path, *extra) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "mim_jax.export", f"--workdir={workdir}", "--format=timm",
+                                 f"--out={out}", *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def exported(out: pathlib.Path) -> dict:
+    from safetensors.numpy import load_file
+    return load_file(str(out / "model.safetensors"))
+
+
+def kill_an_export(workdir: pathlib.Path, out: pathlib.Path, log_path: pathlib.Path, seed: int,
+                   export_s: float) -> str:
+    """SIGKILLs an export at a moment drawn from `seed`: anywhere in its run, or while it writes
+    (once its partial folder exists)."""
+    rng = random.Random(f"export-{seed}")
+    while_writing, u = rng.random() < 0.5, rng.random()
+    t0 = time.monotonic()
+    proc = start_export(workdir, out, log_path)
+    try:
+        if while_writing:
+            while proc.poll() is None and not list(out.parent.glob(f".{out.name}.partial-*")):
+                time.sleep(0.001)
+            time.sleep(u * 0.2)
+        else:
+            time.sleep(u * export_s)
+        proc.kill()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return (f"export SIGKILLed {'while writing, ' if while_writing else ''}u={u:.3f}, "
+            f"{time.monotonic() - t0:.1f} s after start, rc {rc}")
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +329,12 @@ def reference(tmp_path_factory, fashion_mnist_dir):
     assert committed(workdir) == list(range(2, T + 1, 2))
     rows = metric_rows(workdir, allow_torn_last=False)
     assert [r["step"] for r in loss_rows(rows)] == list(range(1, T + 1))
-    return dict(workdir=workdir, states=check_checkpoints(workdir, "reference run"), rows=rows, timing=timing)
+    t0 = time.monotonic()
+    out = workdir.parent / "reference_export"
+    assert start_export(workdir, out, workdir.parent / "export.log").wait(timeout=RUN_TIMEOUT) == 0, (
+        tail(workdir.parent / "export.log"))
+    return dict(workdir=workdir, states=check_checkpoints(workdir, "reference run"), rows=rows, timing=timing,
+                export=exported(out), export_s=time.monotonic() - t0)
 
 
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + TRIALS), ids=lambda s: f"seed{s}")
@@ -309,9 +360,9 @@ def test_trial(seed, reference, fashion_mnist_dir, tmp_path):
         assert logged == list(range(1, len(logged) + 1)), f"{context()}metrics.jsonl loss rows: {logged}"
         assert len(logged) >= max(steps, default=0), (
             f"{context()}metrics.jsonl ends at step {len(logged)}, before checkpoint {max(steps)}")
-        if clean_stop:  # SIGTERM: a checkpoint after the current step, then exit 0 (or it had finished)
+        if clean_stop:  # SIGTERM, Ctrl-C: a checkpoint after the current step, then exit (or it had finished)
             assert steps and max(steps) == len(logged), (
-                f"{context()}a SIGTERM stop must save the step it stopped at: checkpoints {steps}, rows to "
+                f"{context()}a SIGTERM or Ctrl-C stop must save the step it stopped at: checkpoints {steps}, rows to "
                 f"{len(logged)}")
         record[-1] += f"; checkpoints {steps}, rows 1..{len(logged)}"
 
@@ -352,5 +403,22 @@ def test_trial(seed, reference, fashion_mnist_dir, tmp_path):
                 mine = ours[ref_row["step"]].get(key)
                 assert mine == ref_row[key] or (math.isnan(mine) and math.isnan(ref_row[key])), (
                     f"{context()}step {ref_row['step']} {key}: {mine!r}, the reference logged {ref_row[key]!r}")
-    print(f"{context()}  final: checkpoints {sorted(states)}, all equal to the reference; "
+
+    # (d) an export SIGKILLed at a random moment: --out holds nothing or the whole export; the next
+    # export (--overwrite: it may have finished) writes the reference's tensors and leaves nothing else.
+    out = tmp_path / "export"
+    record.append(kill_an_export(workdir, out, tmp_path / "export_killed.log", seed, reference["export_s"]))
+    if out.exists():
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"], context()
+        json.loads((out / "config.json").read_text())
+    log_path = tmp_path / "export.log"
+    rc = start_export(workdir, out, log_path, "--overwrite").wait(timeout=RUN_TIMEOUT)
+    assert rc == 0, f"{context()}log {log_path}:\n{tail(log_path)}"
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export"))
+    assert not leftovers, f"{context()}left beside --out: {leftovers}"
+    ours, theirs = exported(out), reference["export"]
+    assert ours.keys() == theirs.keys(), context()
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key], value, err_msg=f"{context()}export {key}")
+    print(f"{context()}  final: checkpoints {sorted(states)}, all equal to the reference, and so is the export; "
           f"{time.monotonic() - t0:.1f} s")

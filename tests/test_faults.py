@@ -8,10 +8,12 @@ import collections
 import contextlib
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +27,8 @@ from test_e2e import ROOT, TINY, run_main, steps_saved
 
 from mim_jax import flops
 from mim_jax.data import pipeline
-from mim_jax.runtime import checkpoint, metrics, storage
+from mim_jax.errors import ConfigError
+from mim_jax.runtime import checkpoint, metrics, storage, workdir_lock
 from mim_jax.training import train
 
 # The e2e tiny model without the periodic probes, and without Grain worker processes (a SIGKILL
@@ -164,6 +167,7 @@ def test_corrupt_final_checkpoint_then_the_same_command_finishes(tmp_path, fashi
     out = run_main(tmp_path, fashion_mnist_dir, *command)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Resumed from step 2" in out.stderr and out.stderr.count("moved to") == 1
+    assert "Traceback" not in out.stderr
     assert len(list((tmp_path / "checkpoints").glob("4.corrupt-*"))) == 1
     assert steps_saved(tmp_path) == [2, 4]
     assert loss_steps(tmp_path) == [1, 2, 3, 4]  # steps 3 and 4 logged once, not twice
@@ -301,6 +305,14 @@ def test_no_space_error_names_the_filesystem_the_need_and_the_fix():
     assert storage.explain(ValueError("shape mismatch"), "/tmp") is None
 
 
+def test_a_space_check_that_fails_by_a_little_prints_the_numbers_that_decided(monkeypatch):
+    usage = shutil.disk_usage("/tmp")._replace(free=1_468_000, total=3 * 2**20)
+    monkeypatch.setattr(storage, "_usage", lambda directory: usage)
+    with pytest.raises(storage.StorageError, match=r"\(1,468,000 bytes free of 3.0 MB\); this write needs about "
+                                                   r"1,468,100 bytes\."):
+        storage.check_space("/tmp", 1_468_100)
+
+
 def test_an_unfinished_save_is_removed_at_the_next_start(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
     ckpt.save(3, _random_state(100), force=True)
@@ -336,7 +348,7 @@ def test_full_disk_stops_training_with_one_message_and_keeps_the_last_checkpoint
     assert int(train.train_and_evaluate(tiny_mae_config(), str(tmp_path)).step) == 6
 
 
-def test_a_real_full_filesystem(tmp_path):
+def test_a_real_full_filesystem(tmp_path, caplog, capfd):
     """On a 3 MB tmpfs: a save whose estimate fits but whose write does not fails in orbax's
     background thread, reported as one clear error; one that cannot fit is refused before it is
     written; the last complete checkpoint stays readable and the next start removes the rest."""
@@ -357,6 +369,9 @@ def test_a_real_full_filesystem(tmp_path):
             ckpt.wait()
         ckpt.close()
         assert list(directory.glob("2.orbax-checkpoint-tmp*"))
+        # The one StorageError, none of orbax's tracebacks from its writing threads.
+        assert not [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Traceback" not in capfd.readouterr().err
 
         ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)  # the next start
         step, restored, _ = ckpt.restore(_abstract(small))
@@ -431,3 +446,108 @@ def test_checkpoints_beyond_keep_ckpts_are_pruned_after_a_restore(tmp_path):
     ckpt.enforce_retention()
     ckpt.close()
     assert saved(tmp_path) == [4, 6]
+
+
+# ----- 6. Ctrl-C ------------------------------------------------------------------------------------
+
+def start_main(workdir, data_dir, *extra) -> subprocess.Popen:
+    """`mim_jax.main` in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config=configs/mae.py:local", f"--workdir={workdir}",
+           f"--config.input.data_dir={data_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (pathlib.Path(workdir) / "metrics.jsonl").exists() and any(s >= step for s in loss_steps(workdir)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} logged: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(tmp_path, fashion_mnist_dir):
+    args = [*FAST, "--config.total_steps=200", "--config.ckpt_steps=1000", "--config.input.num_workers=2"]
+    proc = start_main(tmp_path, fashion_mnist_dir, *args)
+    wait_for_step(tmp_path, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)   # the whole group, as a terminal's Ctrl-C
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    [saved_step] = steps_saved(tmp_path)
+    assert saved_step == max(loss_steps(tmp_path)) and f"Interrupted (Ctrl-C) at step {saved_step}" in stderr
+
+    assert "Resumed from step" in run_main(tmp_path, fashion_mnist_dir, *FAST, f"--config.total_steps={saved_step + 1}").stderr
+
+
+def test_a_second_ctrl_c_exits_at_once(monkeypatch, capfd):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    stop = train._StopSignal()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == signal.SIGINT and not exits   # the first: save after this step
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130] and "Second Ctrl-C: exiting now, without saving" in capfd.readouterr().err
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----- 7. one trainer per workdir -----------------------------------------------------------------
+
+def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(tmp_path, synthetic_data):
+    fd = workdir_lock.acquire(tmp_path)   # a trainer that holds it
+    try:
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"{re.escape(str(tmp_path))} is in use by another "
+                                                                rf"trainer \(pid {os.getpid()} on host .*, started 20"):
+            train.train_and_evaluate(tiny_mae_config(), str(tmp_path))
+        assert not (tmp_path / "checkpoints" / "3").exists()
+    finally:
+        workdir_lock.release(tmp_path, fd)
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_lock_left_by_a_dead_trainer_is_taken_over(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "lock").write_text(json.dumps({"host": "here", "pid": int(dead.stdout), "started": "then"}))
+    caplog.set_level(logging.INFO)
+    fd = workdir_lock.acquire(tmp_path)
+    try:
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+        assert f"left by pid {int(dead.stdout)} on host here" in caplog.text
+    finally:
+        workdir_lock.release(tmp_path, fd)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_workdir(tmp_path, fashion_mnist_dir):
+    first = start_main(tmp_path, fashion_mnist_dir, *FAST, "--config.total_steps=100000", "--config.ckpt_steps=1000")
+    wait_for_step(tmp_path, 1, first)
+    second = run_main(tmp_path, fashion_mnist_dir, *FAST, "--config.total_steps=8")
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"is in use by another trainer (pid {first.pid} on host " in second.stderr
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-3000:]
+    assert loss_steps(tmp_path) == list(range(1, steps_saved(tmp_path)[-1] + 1))   # one writer: each step once
+    assert not (tmp_path / "lock").exists()
+
+
+
+# ----- 9. a config that cannot run ----------------------------------------------------------------
+
+def test_a_config_that_cannot_run_is_one_error_before_anything_is_built(tmp_path):
+    config = tiny_mae_config(**{"input.batch_size": 7, "input.channels": 3})   # 8 devices; mean/std for 1
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    message = str(error.value)
+    assert "batch_size=7 must be divisible by the 8 devices that share the batch and by the 1 processes: use a " \
+           "multiple of 8 (--config.input.batch_size=8)" in message
+    assert "config.input.channels=3 needs 3 values in config.input.mean and config.input.std (they have 1 and 1)" \
+           in message and "\n" not in message
+    assert not (tmp_path / "workdir").exists()

@@ -47,8 +47,10 @@ def records(name, split, data_dir, channels):
 
 
 def stats(arrays, channels):
-    pixels = np.concatenate([a.reshape(-1, channels) for a in arrays]).astype(np.float64) / 255
-    return pixels.mean(0), pixels.std(0)
+    """Per-channel mean and std where every image weighs the same."""
+    pixels = [a.reshape(-1, channels).astype(np.float64) / 255 for a in arrays]
+    mean = np.mean([p.mean(0) for p in pixels], axis=0)
+    return mean, np.sqrt(np.mean([np.square(p).mean(0) for p in pixels], axis=0) - mean ** 2)
 
 
 def test_class_folders_become_sorted_labels_in_rgb_with_junk_skipped(tmp_path):
@@ -223,3 +225,36 @@ def test_command_prepares_a_folder_that_pre_training_and_its_probes_run_on(tmp_p
     assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2]
     probe = [r for r in rows if "eval/knn/knn_top1" in r]   # read the held-out `test` split
     assert probe and 0 <= probe[-1]["eval/knn/knn_top1"] <= 1 and "eval/linear/linear_top1" in probe[-1]
+
+
+def test_a_symlink_loop_is_skipped_and_each_real_file_listed_once(tmp_path):
+    src = tmp_path / "src"
+    for cls in ("cat", "dog"):
+        save(src / cls / "0.png", rgb(len(cls)))
+    (src / "loop").symlink_to(".")                       # ln -s . SRC/loop
+    (src / "cat" / "again").symlink_to("..")             # a loop inside a class
+    (src / "dog" / "alias.png").symlink_to(src / "dog" / "0.png")
+    (src / "more").symlink_to(src / "cat")               # a second name of a class folder
+    classes, files, skipped, _ = pf.list_folder(str(src))
+    assert classes == ["cat", "dog"] and files == [("cat/0.png", 0), ("dog/0.png", 1)]
+    reasons = dict(skipped)
+    assert set(reasons) == {"loop", "more", "cat/again", "dog/alias.png"}
+    assert "(a loop or a second name)" in reasons["loop"] and reasons["dog/alias.png"] == "the same file as dog/0.png"
+
+
+def test_a_large_image_is_stored_downscaled_and_weighs_as_one_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(pf, "MAX_SIDE", 64)
+    src = tmp_path / "src"
+    save(src / "big.png", np.full((100, 200, 3), 255, np.uint8))   # over MAX_SIDE: 32x64 stored
+    save(src / "small.png", np.zeros((8, 8, 3), np.uint8))
+    huge = tmp_path / "huge.png"
+    save(huge, np.zeros((60, 60), np.uint8))
+    monkeypatch.setattr(pf.Image, "MAX_IMAGE_PIXELS", 1000)        # PIL refuses over 2 x this: undecoded
+    assert pf.inspect(str(huge)).startswith("too large to decode (Image size (3600 pixels) exceeds limit")
+    monkeypatch.undo()
+    monkeypatch.setattr(pf, "MAX_SIDE", 64)
+    p = pf.prepare_folder(str(src), "sized", data_dir=str(tmp_path / "tfds"), val_fraction=0.0)
+    _, got = records("sized", "train", tmp_path / "tfds", 3)
+    assert got["big.png"][0].shape == (32, 64, 3) and (got["big.png"][0] == 255).all()
+    np.testing.assert_allclose(p.mean, [0.5] * 3)   # one white and one black image, whatever their sizes
+    np.testing.assert_allclose(p.std, [0.5] * 3)

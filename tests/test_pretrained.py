@@ -3,6 +3,7 @@ restore and evaluate identically, resume training, and a checkpoint that does no
 is an error that names what differs."""
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -129,6 +130,28 @@ def test_rerunning_the_same_command_resumes_an_older_run(run, tmp_path, monkeypa
     assert moved.shape == before.shape and not np.array_equal(moved, before)
 
 
+
+def test_a_resume_with_another_batch_size_or_width_is_refused_naming_what_differs(tmp_path, monkeypatch):
+    workdir = tmp_path / "mae"
+    shutil.copytree(FIXTURES / "mae", workdir)
+    source = pipeline.SyntheticSource(60_000, image_shape=(28, 28, 1), num_classes=10, seed=0)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: source)
+
+    def resume(**changes):
+        config = _same_command_config("mae")
+        config.update_from_flattened_dict(changes)
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            train.train_and_evaluate(config, str(workdir))
+        assert "\n" not in str(error.value) and "strict" not in str(error.value)
+        return str(error.value)
+
+    assert re.search(r"trained with config.input.batch_size=16, this command gives 32: .* Resume with "
+                     r"--config.input.batch_size=16", resume(**{"input.batch_size": 32}))
+    message = resume(**{"model.width": 48, "total_steps": 5})
+    assert "differ from the checkpoint's saved config: model.width: 32 in the checkpoint, 48 here." in message
+    assert "total_steps" not in message
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]   # nothing moved aside
+
 def _tiny_mae(**model):
     from conftest import tiny_mae_config
     config = tiny_mae_config()
@@ -194,3 +217,35 @@ def test_a_chosen_step_restores_and_a_missing_one_names_the_steps_there():
     jax.tree.map(np.testing.assert_array_equal, chosen.params, newest.params)
     with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 5 in .*: it has steps \[2\]"):
         pretrained.load(FIXTURES / "mae", mesh, step=5)
+
+
+def _truncate_largest_chunk(step_dir: pathlib.Path):
+    chunk = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+def _listing(folder: pathlib.Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_reader_falls_back_past_a_truncated_newest_step_and_changes_nothing(tmp_path, caplog):
+    """Evaluators, warm starts, run teachers and export all read a run through pretrained.load."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "mae", run)
+    shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / "4")   # a newer step, then torn
+    _truncate_largest_chunk(run / "checkpoints" / "4")
+    before = _listing(run)
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+    assert pretrained.read_config(run).method.name == "mae"
+    weights = pretrained.load(run, mesh)
+    assert weights.step == 2 and weights.description.endswith("@ step 2")
+    assert any("Using checkpoint step 2" in r.getMessage() and "[4]" in r.getMessage() for r in caplog.records)
+    features = encoder_lib.load(str(run), mesh, feature="patch_tokens").features(_expected("mae")["images"])
+    np.testing.assert_allclose(features, _expected("mae")["feature/patch_tokens"], rtol=1e-5, atol=1e-6)
+    assert _listing(run) == before   # nothing moved, written or deleted
+
+    _truncate_largest_chunk(run / "checkpoints" / "2")
+    with pytest.raises(checkpoint.CheckpointError, match=r"No readable checkpoint in .*step 4: .*step 2: .*"
+                                                         r"resume its training") as error:
+        pretrained.load(run, mesh)
+    assert "\n" not in str(error.value)

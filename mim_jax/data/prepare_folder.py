@@ -10,7 +10,9 @@ channels/mean/std overrides the command prints at the end (the data set is not i
 Layout. DIR with (non-hidden) subfolders: each subfolder is a class, labels follow the sorted
 folder names (stored as the ClassLabel's names), images are found at any depth inside them and
 files lying directly in DIR are skipped. DIR without subfolders: every image gets label 0, of a
-single class named after DIR. Hidden files and folders (".name") are ignored.
+single class named after DIR. Hidden files and folders (".name") are ignored. Symbolic links are
+followed, each real file and folder once: a link to a folder listed already (a loop such as
+`ln -s . DIR/loop`, or a second name) and a second name of a file are skipped and listed.
 
 Images. Every file is opened and fully decoded with PIL: a file that is not an image, or cannot be
 decoded (truncated, corrupt), is skipped, and its name and the reason are written to
@@ -21,16 +23,19 @@ dropping alpha). The channel count is the Image feature's shape, (None, None, C)
 `pipeline.open_source(..., channels=)` checks against config.input.channels. JPEG and PNG files
 already in the data set's form (8-bit L or RGB) are stored byte for byte; everything else is
 converted and stored as PNG (lossless, EXIF orientation applied, as OpenCV applies it when the
-pipeline decodes a stored JPEG). Records keep the encoded bytes, which the pipeline decodes
-itself (data/decode.py).
+pipeline decodes a stored JPEG). Images whose longer side exceeds MAX_SIDE (2048) are stored
+downscaled to it, as PNG (a JPEG is decoded at a reduced scale first); files over PIL's
+decompression-bomb limit (about 179 million pixels) are skipped. Records keep the encoded bytes,
+which the pipeline decodes itself (data/decode.py).
 
 Splits. `train`, and with --val_fraction > 0 a held-out split named `test`: the split the
 evaluators (kNN, linear/attentive probes, fine-tuning's accuracy) read for data sets outside
 `catalog.EVAL_SPLITS`, so periodic and standalone evaluations work without an eval_split
 override. It takes round(val_fraction x n) images of every class (stratified), chosen by a
 permutation seeded by --seed over the sorted file names: the same folder and seed give the same
-split. Per-channel mean/std are computed over the train images' pixels (in [0, 1]) and saved
-with the channel count and class names in the data set's metadata (metadata.json).
+split. Per-channel mean/std are computed over the train images' pixels (in [0, 1]), every image
+weighing the same whatever its size, and saved with the channel count and class names in the data
+set's metadata (metadata.json).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,6 +62,10 @@ GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", 
 # (format, mode) stored byte for byte: OpenCV decodes them to exactly what the conversion gives.
 PASSTHROUGH = frozenset({("JPEG", "L"), ("JPEG", "RGB"), ("PNG", "L"), ("PNG", "RGB")})
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Images are stored with their longer side at most MAX_SIDE (larger ones downscaled: training crops
+# and resizes to a few hundred pixels); files over PIL's decompression-bomb limit (2 x
+# Image.MAX_IMAGE_PIXELS, about 179 million pixels) are skipped undecoded.
+MAX_SIDE = 2048
 _POOL_MIN_FILES = 64   # fewer files are inspected in this process (worker start-up costs more)
 
 
@@ -97,23 +107,58 @@ def _visible(names):
 
 
 def list_folder(src: str):
-    """(class names, [(relative path, label)], [(relative path, reason)], layout) of the folder."""
+    """(class names, [(relative path, label)], [(relative path, reason)], layout) of the folder.
+    Symbolic links are followed, each real file and folder once: a link to a folder already listed
+    (a loop such as `ln -s . SRC/loop`) and a second name of a file already listed are skipped."""
     if not os.path.isdir(src):
         raise FolderError(f"--src={src} is not a folder.")
     top = _visible(os.listdir(src))
-    subdirs = [n for n in top if os.path.isdir(os.path.join(src, n))]
+    walked = {os.path.realpath(src)}       # folders listed: a link to one of them is not followed
+    skipped, subdirs = [], []
+    for name in (n for n in top if os.path.isdir(os.path.join(src, n))):
+        real = os.path.realpath(os.path.join(src, name))
+        if real in walked or os.path.realpath(src).startswith(real + os.sep):
+            skipped.append((name, f"a link to {real}, listed already (a loop or a second name)"))
+        else:
+            walked.add(real)
+            subdirs.append(name)
+    files_seen = {}                        # real path -> the relative path it is listed under
     if not subdirs:   # flat: one class
         base = os.path.basename(os.path.normpath(os.path.abspath(src))) or "images"
-        return [base], [(n, 0) for n in top], [], "flat"
-    skipped = [(n, "outside the class folders") for n in top if n not in subdirs]
+        flat = [n for n in top if not os.path.isdir(os.path.join(src, n))]
+        return [base], [(n, 0) for n in _once(src, flat, files_seen, skipped)], skipped, "flat"
+    skipped += [(n, "outside the class folders") for n in top if n not in subdirs and
+                not os.path.isdir(os.path.join(src, n))]
     files = []
     for label, cls in enumerate(subdirs):
         found = []
-        for root, dirs, names in os.walk(os.path.join(src, cls)):
-            dirs[:] = _visible(dirs)
+        for root, dirs, names in os.walk(os.path.join(src, cls), followlinks=True):
+            kept = []
+            for d in _visible(dirs):
+                real = os.path.realpath(os.path.join(root, d))
+                if real in walked:
+                    skipped.append((os.path.relpath(os.path.join(root, d), src),
+                                    f"a link to {real}, listed already (a loop or a second name)"))
+                else:
+                    walked.add(real)
+                    kept.append(d)
+            dirs[:] = kept
             found += [os.path.relpath(os.path.join(root, n), src) for n in _visible(names)]
-        files += [(path, label) for path in sorted(found)]
+        files += [(path, label) for path in _once(src, sorted(found), files_seen, skipped)]
     return subdirs, files, skipped, "class_folders"
+
+
+def _once(src: str, paths, files_seen: dict, skipped: list) -> list:
+    """`paths` (relative to src) less the second names of files already listed (noted in `skipped`)."""
+    kept = []
+    for rel in paths:
+        real = os.path.realpath(os.path.join(src, rel))
+        if real in files_seen:
+            skipped.append((rel, f"the same file as {files_seen[real]}"))
+        else:
+            files_seen[real] = rel
+            kept.append(rel)
+    return kept
 
 
 def _gray(im: Image.Image) -> np.ndarray:
@@ -140,31 +185,53 @@ def pixels(im: Image.Image, channels: int) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def _decoded(im: Image.Image) -> Image.Image:
+    """The fully decoded image, its longer side at most MAX_SIDE (a JPEG decodes at a reduced scale
+    first), so memory and time stay bounded whatever the file holds."""
+    if max(im.size) <= MAX_SIDE:
+        im.load()   # the full decode: truncated or corrupt data fails here
+        return im
+    im.draft(im.mode, (MAX_SIDE, MAX_SIDE))
+    im.thumbnail((MAX_SIDE, MAX_SIDE))
+    return im
+
+
+def _open(data: bytes) -> Image.Image:
+    """PIL's open, without its warning for images of 89-179 million pixels (`_decoded` bounds them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def inspect(path: str):
-    """{'format', 'mode', 'sum', 'sumsq', 'count'} of a readable image (per-channel sums over its
-    pixels, as RGB), or the reason it is skipped (a str). Runs in worker processes."""
+    """{'format', 'mode', 'size', 'mean', 'meansq'} of a readable image (its size as decoded, its
+    per-channel mean and mean square, as RGB), or the reason it is skipped (a str). Runs in worker
+    processes."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _open(data)
+    except Image.DecompressionBombError as e:
+        return f"too large to decode ({e})"
     except Exception:   # noqa: BLE001 (PIL raises many types)
         return "not an image"
     try:
-        fmt, mode = im.format, im.mode
-        im.load()   # the full decode: truncated or corrupt data fails here
+        fmt, mode, size = im.format, im.mode, im.size
+        im = _decoded(im)
         rgb = pixels(im, 3).reshape(-1, 3)
     except Exception as e:   # noqa: BLE001
         return f"cannot be decoded ({type(e).__name__}: {str(e)[:100]})"
+    if im.size != size:
+        fmt = None   # stored downscaled, as PNG
     if (fmt, mode) in PASSTHROUGH:
         import cv2   # the pipeline's decoder must read the stored bytes as well
         if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None:
             return "cannot be decoded by OpenCV"
-    values = rgb.astype(np.float64)
-    return {"format": fmt, "mode": mode, "sum": values.sum(0), "sumsq": np.square(values).sum(0),
-            "count": rgb.shape[0]}
+    return {"format": fmt, "mode": mode, "size": im.size, "mean": rgb.mean(0, dtype=np.float64),
+            "meansq": np.square(rgb, dtype=np.float32).mean(0, dtype=np.float64)}
 
 
 def _inspect_all(paths, num_workers: int):
@@ -184,8 +251,8 @@ def encoded(path: str, info: dict, channels: int) -> bytes:
         data = f.read()
     if (info["format"], info["mode"]) in PASSTHROUGH and (channels == 3 or info["mode"] == "L"):
         return data
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
+    with _open(data) as im:
+        im = ImageOps.exif_transpose(_decoded(im))
         image = pixels(im, channels)
     out = io.BytesIO()
     Image.fromarray(image[..., 0] if channels == 1 else image).save(out, format="PNG")
@@ -283,11 +350,9 @@ def prepare_folder(src: str, name: str, *, data_dir: str | None = None, val_frac
     if not train:
         raise FolderError(f"--val_fraction={val_fraction} leaves no train images ({len(kept)} readable).")
 
-    total = sum(kept[i][2]["sum"] for i in train)
-    total_sq = sum(kept[i][2]["sumsq"] for i in train)
-    count = sum(kept[i][2]["count"] for i in train)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    # Every image weighs the same, whatever its size.
+    mean = np.mean([kept[i][2]["mean"] for i in train], axis=0)
+    std = np.sqrt(np.maximum(np.mean([kept[i][2]["meansq"] for i in train], axis=0) - mean ** 2, 0.0))
     mean, std = tuple(float(v) / 255 for v in mean[:channels]), tuple(float(v) / 255 for v in std[:channels])
 
     stored = {"png" if (i["format"], i["mode"]) not in PASSTHROUGH or (channels == 1 and i["mode"] != "L")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 
 import grain
@@ -50,12 +51,43 @@ def tree_mismatch(stored, wanted, limit: int = 8) -> str | None:
     return "; ".join(problems) or None
 
 
+def _drop_expected_reports():
+    """Drops, process-wide, what orbax and tensorstore print for a failure this module reports as
+    one message (installed once):
+
+    - a failed restore ends orbax's event loop while tensorstore still completes the step's other
+      reads; each completion reports "RuntimeError: Event loop is closed" as an unraisable
+      exception, a traceback per array;
+    - a full or unwritable disk met by a save's background threads is logged by orbax with a
+      traceback per thread and array; the next save or wait raises it as one StorageError.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_no_storage_fault_records)   # orbax logs through absl
+
+
+def _no_storage_fault_records(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+        return True
+    error = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
+    return not storage.is_fault(error)
+
+
 class Checkpointer:
 
     def __init__(self, directory, *, save_interval_steps: int = 1, max_to_keep: int = 1, async_save: bool = True,
                  read_only: bool = False):
         """`read_only=True` opens someone else's run (evaluation, warm starts, teachers): nothing is
         created, written or deleted there."""
+        _drop_expected_reports()
         self.directory = epath.Path(directory)
         self.max_to_keep = None if read_only else max_to_keep
         self._failure = None  # a save's storage error, once reported
@@ -150,6 +182,30 @@ class Checkpointer:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         return (self.directory / str(step) / "data" / name).exists()
 
+    def first_readable(self, read, steps=None, *, advice: str):
+        """(step, read(step)) for the newest of `steps` (default: every step) that `read` succeeds on.
+        Each unreadable newer step is logged once one is found; a UserFacingError from `read` (a
+        request the checkpoint cannot serve) is raised as it is. Nothing is moved or changed, so
+        readers of another run use it as they are; no readable step is one CheckpointError, listing
+        why each failed, followed by `advice`."""
+        errors = []
+        for candidate in self.all_steps()[::-1] if steps is None else steps:
+            try:
+                result = read(candidate)
+            except UserFacingError:
+                raise
+            except Exception as e:  # orbax raises many types for missing/corrupt files.
+                errors.append((candidate, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+                continue
+            for bad, message in errors:
+                logging.error("Checkpoint %s step %d could not be restored: %s", self.directory, bad, message)
+            if errors:
+                logging.warning("Using checkpoint step %d of %s: the newer steps %s are unreadable.", candidate,
+                                self.directory, [bad for bad, _ in errors])
+            return candidate, result
+        listed = "; ".join(f"step {bad}: {message}" for bad, message in errors) or "it holds none"
+        raise CheckpointError(f"No readable checkpoint in {self.directory} ({listed}). {advice}")
+
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
         """Restores the newest readable checkpoint (or `step`) onto `abstract_state`'s shardings.
 
@@ -160,29 +216,21 @@ class Checkpointer:
         target, the newer unreadable ones are corrupt (not from another config) and are moved aside,
         or the next save of their step would find it taken.
         """
-        candidates = [step] if step is not None else self.all_steps()[::-1]
-        errors, unreadable = [], []
-        for candidate in candidates:
+        def read(candidate):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             with_data = data_iterator is not None and self._has_data_state(candidate)
             if with_data:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-            except Exception as e:  # orbax raises many types for missing/corrupt files.
-                message = f"step {candidate}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                logging.error("Checkpoint %s could not be restored: %s", self.directory, message)
-                errors.append(message)
-                unreadable.append(candidate)
-                continue
-            if errors:
-                logging.warning("Restored older checkpoint %d because newer ones were unreadable.", candidate)
-                self._move_aside(unreadable, candidate)
-            return candidate, restored["state"], with_data
-        raise CheckpointError(
-            f"No readable checkpoint in {self.directory} ({'; '.join(errors)}). If the checkpoints were "
-            "written by an incompatible config (model size, method), start a new --workdir; if they are "
-            "corrupt, move their step folders aside to start over.")
+            return self.manager.restore(candidate, args=ocp.args.Composite(**items))["state"], with_data
+
+        restored, (state, with_data) = self.first_readable(
+            read, None if step is None else [step],
+            advice="If the checkpoints were written by an incompatible config (model size, method), start a new "
+                   "--workdir; if they are corrupt, move their step folders aside to start over.")
+        unreadable = [s for s in self.all_steps() if s > restored] if step is None else []
+        if unreadable:
+            self._move_aside(unreadable, restored)
+        return restored, state, with_data
 
     def _move_aside(self, steps, restored: int):
         """Renames unreadable step folders to `<step>.corrupt-<time>`, a name orbax never takes for a

@@ -47,8 +47,11 @@ def unwritable(directory, error: BaseException) -> StorageError:
 
 def full(directory, *, needed: int | None = None, kept: str = "") -> StorageError:
     usage = _usage(directory)
-    space = f" ({_size(usage.free)} free of {_size(usage.total)})" if usage else ""
-    need = f"; this write needs about {_size(needed)}" if needed else ""
+    free, need = _size(usage.free) if usage else None, _size(needed) if needed else None
+    if usage and needed and free == need:   # close: the exact numbers that decided
+        free, need = f"{usage.free:,} bytes", f"{needed:,} bytes"
+    space = f" ({free} free of {_size(usage.total)})" if usage else ""
+    need = f"; this write needs about {need}" if needed else ""
     return StorageError(
         f"The filesystem holding {directory} is full or over its quota{space}{need}.{kept} Free space there "
         "(e.g. lower config.keep_ckpts) or move the workdir to a bigger disk, then rerun the same command: it "
@@ -75,6 +78,11 @@ def explain(error: BaseException, directory, *, needed: int | None = None, kept:
 
 def is_full(error: BaseException) -> bool:
     return _errno(error) in _FULL
+
+
+def is_fault(error: BaseException) -> bool:
+    """A full disk or an unwritable folder (what `explain` turns into one message)."""
+    return _errno(error) in _FULL + _DENIED
 
 
 def size_on_disk(path) -> int | None:

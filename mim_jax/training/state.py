@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mim_jax import parallel, pretrained
+from mim_jax.errors import ConfigError
 from mim_jax.methods.base import ACCUMULATION
 from mim_jax.training import optim
 
@@ -78,12 +79,12 @@ def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
     `config.allow_inexact_accumulation` (then a warning says what changes)."""
     k = config.grad_accum_steps
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"config.grad_accum_steps={k!r} must be a positive integer (1: no accumulation).")
+        raise ConfigError(f"config.grad_accum_steps={k!r} must be a positive integer (1: no accumulation).")
     if k == 1:
         return 1
     n = parallel.batch_sharding(mesh).num_devices
     if global_batch_size % (k * n):
-        raise ValueError(
+        raise ConfigError(
             f"config.input.batch_size={global_batch_size} must be divisible by config.grad_accum_steps={k} x the "
             f"{n} devices that share the batch (= {k * n}): each of the {k} micro-batches is split over every "
             f"device. Use a batch size that is a multiple of {k * n}, or another grad_accum_steps.")
@@ -92,7 +93,7 @@ def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
     if method.accumulation != "exact":
         why = method.accumulation_note.format(k=k, micro=global_batch_size // k, batch=global_batch_size)
         if not config.allow_inexact_accumulation:
-            raise ValueError(
+            raise ConfigError(
                 f"{why} Gradient accumulation would change the method, not just its memory use: set "
                 f"config.grad_accum_steps=1 (fit the batch with more devices, config.model.remat=True or a "
                 f"smaller config.input.batch_size), or config.allow_inexact_accumulation=True to run it anyway.")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 
 import jax
@@ -15,11 +17,11 @@ from etils import epath
 
 from mim_jax import config_lib, flops, parallel
 from mim_jax.data import pipeline
-from mim_jax.errors import UserFacingError
+from mim_jax.errors import ConfigError, UserFacingError
 from mim_jax.evaluators.periodic import PeriodicEvals
 from mim_jax.methods import get_method, resolve_config
 from mim_jax.methods.base import RefreshInterrupted
-from mim_jax.runtime import checkpoint, console, metrics, storage
+from mim_jax.runtime import checkpoint, console, metrics, storage, workdir_lock
 from mim_jax.training import state as state_lib
 
 
@@ -27,25 +29,39 @@ class DivergenceError(UserFacingError, FloatingPointError):
     pass
 
 
-class _StopSignal:
-    """Turns SIGTERM into a flag checked between steps, so the loop saves and exits cleanly.
+class Interrupted(UserFacingError):
+    """Ctrl-C stopped the run after saving its step: the shell's 128 + SIGINT."""
+    exit_code = 130
 
-    Multi-process runs leave SIGTERM to JAX's preemption sync manager instead (orbax's
-    `reached_preemption` then agrees on a common step across hosts).
+
+class _StopSignal:
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag checked between steps, so the loop saves
+    and exits cleanly; a second Ctrl-C exits at once, without saving.
+
+    Multi-process runs leave both signals alone: JAX's preemption sync manager handles SIGTERM
+    (orbax's `reached_preemption` then agrees on a common step across hosts).
     """
 
     def __init__(self):
-        self.received = False
+        self.received = None   # the signal that asked to stop
+        self._previous = {}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
-        self.received = True
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            sys.stderr.write("Second Ctrl-C: exiting now, without saving; the same command resumes from the newest "
+                             "complete checkpoint.\n")
+            sys.stderr.flush()
+            os._exit(130)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        again = " (Ctrl-C again exits at once, without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: saving a checkpoint after this step, then exiting%s.", name, again)
+        self.received = signum
 
     def restore(self):
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def durations(config, num_examples: int) -> dict:
@@ -58,13 +74,24 @@ def durations(config, num_examples: int) -> dict:
 
 
 def validate(config, mesh):
+    """What would otherwise fail after the data, the model and the compilation were set up, as one
+    ConfigError naming every problem and its fix."""
+    problems = []
     bs, n_proc = config.input.batch_size, jax.process_count()
     n_batch = parallel.batch_sharding(mesh).num_devices
     if bs % n_batch or bs % n_proc:
-        raise ValueError(f"config.input.batch_size={bs} must be divisible by the {n_batch} devices that "
-                         f"share the batch and by the {n_proc} processes.")
-    if len(config.input.mean) != config.input.channels or len(config.input.std) != config.input.channels:
-        raise ValueError(f"config.input.mean/std need {config.input.channels} values (config.input.channels).")
+        multiple = math.lcm(n_batch, n_proc)
+        problems.append(f"config.input.batch_size={bs} must be divisible by the {n_batch} devices that share the "
+                        f"batch and by the {n_proc} processes: use a multiple of {multiple} "
+                        f"(--config.input.batch_size={max(multiple, bs // multiple * multiple)})")
+    channels, mean, std = config.input.channels, config.input.mean, config.input.std
+    if len(mean) != channels or len(std) != channels:
+        problems.append(f"config.input.channels={channels} needs {channels} values in config.input.mean and "
+                        f"config.input.std (they have {len(mean)} and {len(std)}): set both to the data set's "
+                        "per-channel statistics in [0, 1], e.g. --config.input.mean='(0.5,)' for one channel "
+                        "(python -m mim_jax.data.prepare_folder prints them for a folder of images)")
+    if problems:
+        raise ConfigError("The config cannot run: " + "; ".join(problems) + ".")
 
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
@@ -83,13 +110,17 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
     # Before anything else: a missing teacher or init run is the first error, and the checkpoints
     # save the resolved config, which later rebuilds the model without those files.
     config = resolve_config(config)
+    mesh = parallel.make_mesh(config.mesh)
+    validate(config, mesh)
     # An unwritable workdir is one clear error now, not a timeout at the first checkpoint.
     storage.ensure_writable(workdir)
     storage.ensure_writable(workdir / "checkpoints")
+    with workdir_lock.held(workdir, enabled=jax.process_index() == 0):   # one trainer per workdir
+        return _train_locked(config, workdir, mesh)
 
-    # ----- mesh, method, data source ----------------------------------------------------------
-    mesh = parallel.make_mesh(config.mesh)
-    validate(config, mesh)
+
+def _train_locked(config, workdir: epath.Path, mesh) -> state_lib.TrainState:
+    # ----- method, data source -------------------------------------------------------------------
     source = pipeline.open_source(config.input.dataset, config.input.split, config.input.data_dir,
                                   channels=config.input.channels)
     method = get_method(config, num_examples=len(source))
@@ -114,7 +145,18 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                                    max_to_keep=config.keep_ckpts, async_save=config.async_ckpt)
     resume_step = _resume_step(ckpt, config)
     if resume_step is not None or ckpt.latest_step() is not None:
-        start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
+        stored = _stored_config(ckpt, ckpt.latest_step() if resume_step is None else resume_step)
+        _check_batch_size(stored, config, workdir)
+        try:
+            start, state, _ = ckpt.restore(setup.abstract, step=resume_step)
+        except checkpoint.CheckpointError as e:
+            changes = _model_changes(stored, config)
+            if not changes:
+                raise
+            raise checkpoint.CheckpointError(
+                f"The checkpoints in {ckpt.directory} do not fit the model this config builds; these config fields "
+                f"differ from the checkpoint's saved config: {'; '.join(changes)}. Rerun with the checkpoint's "
+                f"values, or pass a new --workdir (--config.init={workdir} starts a new run from its weights).") from e
         if start >= steps["total"]:   # nothing to train: say so rather than just "Resumed"
             logging.info("%s", _complete_message(workdir, start, steps["total"]))
             ckpt.close()
@@ -176,7 +218,7 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                     data.close()
                     data = data_iterator(step, state)
 
-            preempted = stop.received or ckpt.reached_preemption(step)
+            preempted = stop.received is not None or ckpt.reached_preemption(step)
             saving = preempted or step == steps["total"] or step % steps["ckpt"] == 0
             if saving:  # this step's own metrics, stored with its checkpoint
                 latest = metrics.to_host_scalars(pending[-1:])
@@ -204,7 +246,8 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
                 writer.flush()  # the metrics up to a checkpoint are on disk before it is
                 ckpt.save(step, state, data, config, metrics=latest, force=preempted or step == steps["total"])
             if preempted:
-                logging.warning("Stopped at step %d after a preemption notice; checkpoint saved.", step)
+                if stop.received != signal.SIGINT:   # Ctrl-C: `Interrupted` says it
+                    logging.warning("Stopped at step %d after a preemption notice; checkpoint saved.", step)
                 break
     finally:
         try:
@@ -213,6 +256,9 @@ def _train(config, workdir: epath.Path) -> state_lib.TrainState:
             writer.flush()
             stop.restore()
             data.close()  # stops the data workers and frees their shared-memory batches
+    if stop.received == signal.SIGINT:
+        raise Interrupted(f"Interrupted (Ctrl-C) at step {step}: its checkpoint is saved; run the same command to "
+                          "resume from it.")
     return state
 
 
@@ -272,6 +318,41 @@ def _resume_step(ckpt: checkpoint.Checkpointer, config) -> int | None:
                         "step %d.", step, later, step)
         ckpt.delete(later)
     return step
+
+
+def _check_batch_size(stored: dict | None, config, workdir):
+    """A resume keeps the global batch size: the data stream's position, the lr schedule and every
+    count in steps are per batch of that size."""
+    saved = stored["input"]["batch_size"] if stored else None
+    if saved is not None and saved != config.input.batch_size:
+        raise checkpoint.CheckpointError(
+            f"The run in {workdir} was trained with config.input.batch_size={saved}, this command gives "
+            f"{config.input.batch_size}: its data position, lr schedule and step counts are per batch of {saved}. "
+            f"Resume with --config.input.batch_size={saved} (--config.grad_accum_steps=k splits it into k "
+            f"micro-batches when memory is short), or pass a new --workdir (--config.init={workdir} starts a new "
+            "run from its weights).")
+
+
+def _model_changes(stored: dict | None, config, limit: int = 10) -> list[str]:
+    """The config fields, outside the run-length and evaluation settings, whose values differ from
+    the stored config ('model.width: 64 in the checkpoint, 32 here')."""
+    if stored is None:
+        return []
+    theirs, mine = _flat(stored), _flat(_as_saved(config))
+    changed = [f"{k}: {theirs.get(k, 'absent')} in the checkpoint, {mine.get(k, 'absent')} here"
+               for k in sorted(theirs.keys() | mine.keys())
+               if "." in k and not k.startswith("evals.") and theirs.get(k, "absent") != mine.get(k, "absent")]
+    return changed[:limit] + ([f"{len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _as_saved(config) -> dict:
@@ -341,7 +422,7 @@ def _refresh(method, state, setup, source, writer, step: int, stop: _StopSignal)
     before the preemption is acted on."""
     try:
         extras, logs = method.refresh.run(state.params, state.extras, source, setup.sharding,
-                                           should_stop=lambda: stop.received)
+                                           should_stop=lambda: stop.received is not None)
     except RefreshInterrupted as interrupted:
         logging.warning("The refresh after step %d stopped at %d of %d examples for the preemption notice: step %d "
                         "is saved without it, and resuming redoes it.", step, interrupted.done, interrupted.total,
