@@ -39,8 +39,8 @@ def test_an_export_that_dies_half_way_leaves_nothing_in_out(tmp_path, monkeypatc
     (abandoned / "model.safetensors").write_bytes(b"half")
     real = files.write
 
-    def write_then_die(tensors, path, meta):
-        real(tensors, path, meta)
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
         raise OSError("killed")   # after the weights file, before its config.json
 
     monkeypatch.setattr(files, "write", write_then_die)
