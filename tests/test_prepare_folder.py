@@ -258,3 +258,37 @@ def test_a_large_image_is_stored_downscaled_and_weighs_as_one_image(tmp_path, mo
     assert got["big.png"][0].shape == (32, 64, 3) and (got["big.png"][0] == 255).all()
     np.testing.assert_allclose(p.mean, [0.5] * 3)   # one white and one black image, whatever their sizes
     np.testing.assert_allclose(p.std, [0.5] * 3)
+
+
+def test_masks_become_the_segmentation_feature_that_the_segmentation_probe_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(pf, "MAX_SIDE", 32)
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    rng = np.random.default_rng(9)
+    labels = {name: rng.integers(0, 5, (16, 16), dtype=np.uint8) for name in ("a", "b", "c", "big")}
+    for name in ("a", "b", "c"):
+        save(src / "cls" / f"{name}.jpg", smooth(ord(name), 16, 16))
+    save(src / "cls" / "big.png", smooth(1, 64, 64))               # stored 32x32: its 16x16 mask resized nearest
+    save(src / "cls" / "lonely.png", smooth(2, 16, 16))            # no mask: skipped
+    save(src / "cls" / "wide.png", smooth(3, 16, 16))              # a mask of another shape: skipped
+    save(masks / "cls" / "a.png", labels["a"])
+    save(masks / "cls" / "b.png", labels["b"], mode="L")
+    palette = Image.fromarray(labels["c"], mode="P")
+    palette.putpalette(list(rng.integers(0, 256, 768)))            # palette indices are the labels
+    (masks / "cls").mkdir(parents=True, exist_ok=True)
+    palette.save(masks / "cls" / "c.png")
+    save(masks / "cls" / "big.png", labels["big"])
+    save(masks / "cls" / "wide.png", np.zeros((16, 40), np.uint8))
+    p = pf.prepare_folder(str(src), "masked", data_dir=str(tmp_path / "tfds"), val_fraction=0.0, masks=str(masks))
+    assert p.mask_labels == sorted(set(np.concatenate([v.ravel() for v in labels.values()]).tolist()))
+    reasons = dict(p.skipped)
+    assert reasons["cls/lonely.png"].startswith("no mask cls/lonely{.png,") and "wide.png" in "".join(reasons)
+    assert reasons["cls/wide.png"] == "its mask is 40x16, the image 16x16"   # width x height
+    assert "--config=configs/segmentation_probe.py:init=WORKDIR,dense=masked" in pf.summary(p)
+    source = pipeline.open_source("masked", "train", str(tmp_path / "tfds"), channels=3)
+    stored = {source[i]["file_name"].decode(): decode.label_map(source[i]["segmentation"]) for i in range(len(source))}
+    assert sorted(stored) == ["cls/a.jpg", "cls/b.jpg", "cls/big.png", "cls/c.jpg"]
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(stored[f"cls/{name}.jpg"], labels[name])
+    np.testing.assert_array_equal(stored["cls/big.png"], labels["big"].repeat(2, 0).repeat(2, 1))
+    view = pipeline.DenseTransform(resolution=8, mean=(0.5,) * 3, std=(0.25,) * 3)(source[0], None)
+    assert view["image"].shape == (8, 8, 3) and view["label"].shape == (8, 8)

@@ -1,7 +1,7 @@
 """Turns a folder of your own images into a TFDS data set (array_record) that any config reads.
 
   python -m mim_jax.data.prepare_folder --src=DIR --name=NAME [--val_fraction=0.1] [--seed=0]
-      [--data_dir=TFDS_DIR] [--overwrite] [--num_workers=N]
+      [--data_dir=TFDS_DIR] [--overwrite] [--num_workers=N] [--masks=MASK_DIR]
 
 then train with `--config.input.dataset=NAME [--config.input.data_dir=TFDS_DIR]` plus the
 channels/mean/std overrides the command prints at the end (the data set is not in
@@ -27,6 +27,13 @@ pipeline decodes a stored JPEG). Images whose longer side exceeds MAX_SIDE (2048
 downscaled to it, as PNG (a JPEG is decoded at a reduced scale first); files over PIL's
 decompression-bomb limit (about 179 million pixels) are skipped. Records keep the encoded bytes,
 which the pipeline decodes itself (data/decode.py).
+
+Masks (--masks=MASK_DIR, for the segmentation probe). Each image's per-pixel labels are the file
+at the same relative path in MASK_DIR with the extension .png, .bmp, .tif or .tiff (lossless: the
+values are the labels): one channel (mode L, P (palette indices), 1 or I with values <= 255).
+They are stored as the feature `segmentation` (PNG), resized nearest to the stored image's size
+when that was downscaled; an image without a mask, or whose mask has another aspect ratio, is
+skipped and listed. The labels found are saved in the metadata (mask_labels).
 
 Splits. `train`, and with --val_fraction > 0 a held-out split named `test`: the split the
 evaluators (kNN, linear/attentive probes, fine-tuning's accuracy) read for data sets outside
@@ -87,6 +94,7 @@ class Prepared:
     skipped: list            # (relative path, reason)
     skipped_log: str
     data_dir_given: bool = True
+    mask_labels: list | None = None   # with --masks: the labels the masks hold
 
     def overrides(self) -> str:
         """The config flags that train on this data set."""
@@ -259,6 +267,38 @@ def encoded(path: str, info: dict, channels: int) -> bytes:
     return out.getvalue()
 
 
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+MASK_MODES = frozenset({"L", "P", "1", "I", "I;16"})
+
+
+def mask_path(masks: str, rel: str) -> str | None:
+    stem = os.path.join(masks, os.path.splitext(rel)[0])
+    return next((stem + ext for ext in MASK_EXTENSIONS if os.path.isfile(stem + ext)), None)
+
+
+def mask_labels(path: str, size) -> np.ndarray:
+    """The label map of `path` as HxW uint8 at `size` (width, height), nearest; ValueError with the
+    reason when it cannot be one."""
+    with Image.open(path) as im:
+        if im.mode not in MASK_MODES:
+            raise ValueError(f"its mask is {im.mode}: a label map has one channel of labels")
+        if abs(im.size[0] * size[1] - im.size[1] * size[0]) > 0.01 * im.size[0] * size[1]:
+            raise ValueError(f"its mask is {im.size[0]}x{im.size[1]}, the image {size[0]}x{size[1]}")
+        labels = np.asarray(im)
+    if labels.max(initial=0) > 255:
+        raise ValueError("its mask has labels over 255")
+    labels = labels.astype(np.uint8)
+    if labels.shape[::-1] != tuple(size):
+        labels = np.asarray(Image.fromarray(labels).resize(tuple(size), Image.NEAREST))
+    return labels
+
+
+def encoded_mask(path: str, size) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(mask_labels(path, size)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def split_indices(labels, val_fraction: float, seed: int):
     """(train indices, held-out indices), both sorted: round(val_fraction x n) of each class."""
     labels = np.asarray(labels)
@@ -275,7 +315,8 @@ def split_indices(labels, val_fraction: float, seed: int):
 
 # ------------------------------------------------------------------------------------- the builder
 
-def _builder(name: str, data_dir, *, examples: dict, channels: int, class_names, encoding, metadata, src):
+def _builder(name: str, data_dir, *, examples: dict, channels: int, class_names, encoding, metadata, src,
+             masks: str | None = None):
     import tensorflow_datasets as tfds
 
     class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -288,7 +329,9 @@ def _builder(name: str, data_dir, *, examples: dict, channels: int, class_names,
                 features=tfds.features.FeaturesDict({
                     "image": tfds.features.Image(shape=(None, None, channels), encoding_format=encoding),
                     "label": tfds.features.ClassLabel(names=list(class_names)),
-                    "file_name": tfds.features.Text()}),
+                    "file_name": tfds.features.Text(),
+                    **({"segmentation": tfds.features.Image(shape=(None, None, 1), encoding_format="png")}
+                       if masks else {})}),
                 supervised_keys=("image", "label"), metadata=tfds.core.MetadataDict(metadata))
 
         def _split_generators(self, dl_manager):
@@ -297,8 +340,10 @@ def _builder(name: str, data_dir, *, examples: dict, channels: int, class_names,
 
         def _generate_examples(self, rows):
             for rel, label, info in rows:
-                yield rel, {"image": encoded(os.path.join(src, rel), info, channels), "label": label,
-                            "file_name": rel}
+                record = {"image": encoded(os.path.join(src, rel), info, channels), "label": label, "file_name": rel}
+                if masks:
+                    record["segmentation"] = encoded_mask(info["mask"], info["size"])
+                yield rel, record
 
     FolderImages.name = name   # the folder and file names the TFDS readers look for
     return FolderImages(data_dir=data_dir, file_format="array_record")
@@ -318,7 +363,7 @@ def _check_name(name: str) -> None:
 
 
 def prepare_folder(src: str, name: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-                   overwrite: bool = False, num_workers: int = 1) -> Prepared:
+                   overwrite: bool = False, num_workers: int = 1, masks: str | None = None) -> Prepared:
     """Builds data set `name` from the images in `src` into `data_dir` (TFDS's default data dir if
     None: $TFDS_DATA_DIR or ~/tensorflow_datasets). See the module docstring for the rules."""
     import tensorflow_datasets as tfds
@@ -335,8 +380,20 @@ def prepare_folder(src: str, name: str, *, data_dir: str | None = None, val_frac
     src = os.path.abspath(os.path.expanduser(src))
     class_names, files, skipped, layout = list_folder(src)
     infos = _inspect_all([os.path.join(src, rel) for rel, _ in files], num_workers)
-    kept = []
+    if masks is not None:
+        masks = os.path.abspath(os.path.expanduser(masks))
+        if not os.path.isdir(masks):
+            raise FolderError(f"--masks={masks} is not a folder.")
+    kept, labels_seen = [], set()
     for (rel, label), info in zip(files, infos):
+        if not isinstance(info, str) and masks is not None:
+            info = dict(info, mask=mask_path(masks, rel))
+            try:
+                if info["mask"] is None:
+                    raise ValueError(f"no mask {os.path.splitext(rel)[0]}{{{','.join(MASK_EXTENSIONS)}}} in {masks}")
+                labels_seen.update(np.unique(mask_labels(info["mask"], info["size"])).tolist())
+            except (ValueError, OSError) as e:
+                info = str(e)
         if isinstance(info, str):
             skipped.append((rel, info))
         else:
@@ -362,8 +419,10 @@ def prepare_folder(src: str, name: str, *, data_dir: str | None = None, val_frac
     metadata = dict(channels=channels, mean=[round(v, 6) for v in mean], std=[round(v, 6) for v in std],
                     class_names=list(class_names), num_classes=len(class_names), source=src, layout=layout,
                     val_fraction=val_fraction, seed=seed, held_out_split=HELD_OUT_SPLIT, num_skipped=len(skipped))
+    if masks is not None:
+        metadata["mask_labels"] = sorted(int(v) for v in labels_seen)
     builder = _builder(name, root, examples=examples, channels=channels, class_names=class_names,
-                       encoding=stored.pop() if len(stored) == 1 else None, metadata=metadata, src=src)
+                       encoding=stored.pop() if len(stored) == 1 else None, metadata=metadata, src=src, masks=masks)
     if os.path.exists(version_dir):   # --overwrite, and the folder has images: replace the old copy
         shutil.rmtree(version_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -376,7 +435,8 @@ def prepare_folder(src: str, name: str, *, data_dir: str | None = None, val_frac
     return Prepared(name=name, data_dir=root, dataset_dir=str(builder.data_dir), channels=channels, mean=mean,
                     std=std, class_names=list(class_names),
                     split_sizes={s: len(rows) for s, rows in examples.items() if rows},
-                    skipped=skipped, skipped_log=log, data_dir_given=data_dir is not None)
+                    skipped=skipped, skipped_log=log, data_dir_given=data_dir is not None,
+                    mask_labels=metadata.get("mask_labels"))
 
 
 def summary(p: Prepared) -> str:
@@ -392,6 +452,13 @@ def summary(p: Prepared) -> str:
               f"  python -m mim_jax.main --config=configs/mae.py --workdir=WORKDIR {p.overrides()}",
               f"Fine-tune with --config.method.num_classes={len(p.class_names)} (configs/finetune.py).",
               json.dumps({"channels": p.channels, "mean": p.mean, "std": p.std})]
+    if p.mask_labels is not None:
+        data_dir = f" --config.data_dir={p.data_dir}" if p.data_dir_given else ""
+        lines += [f"Its masks hold the labels {p.mask_labels}; probe an encoder's patch features on them with "
+                  "(label 255, if any, is ignored):",
+                  f"  python -m mim_jax.main --config=configs/segmentation_probe.py:init=WORKDIR,dense={p.name} "
+                  f"--workdir=OUT --config.num_classes={max(p.mask_labels) + 1}"
+                  f"{data_dir}"]
     return "\n".join(lines)
 
 
@@ -401,7 +468,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         prepared = prepare_folder(f.src, f.name, data_dir=f.data_dir, val_fraction=f.val_fraction, seed=f.seed,
-                                  overwrite=f.overwrite, num_workers=f.num_workers)
+                                  overwrite=f.overwrite, num_workers=f.num_workers, masks=f.masks)
     except UserFacingError as e:
         sys.exit(f"Error: {e}")
     print(summary(prepared))
@@ -424,6 +491,8 @@ def define_flags(flag_values=None):
     flags.DEFINE_bool("overwrite", False, "Build again if the data set exists already.", flag_values=fv)
     flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "Processes that inspect the images.",
                          flag_values=fv)
+    flags.DEFINE_string("masks", None, "Folder of per-pixel label maps, one per image at the same relative path "
+                        "(stored as the feature 'segmentation').", flag_values=fv)
 
 
 if __name__ == "__main__":

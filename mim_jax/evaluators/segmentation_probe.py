@@ -50,7 +50,7 @@ def dense_data(config, inp) -> tuple[str, catalog.DenseData]:
     if not dense.num_classes:
         raise UserFacingError(f"{name!r} is not a known dense data set: set num_classes= (and mask_key=, "
                               "ignore_labels= if they are not 'segmentation' and (255,)).")
-    channels = catalog.DATASETS.get(name, (None, 3))[1]
+    channels = catalog.DATASETS[name][1] if name in catalog.DATASETS else inp.channels   # else TFDS checks
     if channels != inp.channels:
         raise UserFacingError(f"{name} has {channels}-channel images; this encoder takes {inp.channels}.")
     return name, dense
