@@ -53,8 +53,8 @@ def main(argv):
     try:
         _main(argv)
     except KeyboardInterrupt:   # Ctrl-C outside the training loop (start-up, an evaluation job)
-        logging.error("Interrupted (Ctrl-C) outside the training loop: the same command resumes from the newest "
-                      "complete checkpoint.")
+        logging.error("Interrupted (Ctrl-C). Run the same command again to go on (training resumes from its "
+                      "newest complete checkpoint).")
         sys.exit(130)
 
 
