@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
-from mim_jax import config_lib
+from mim_jax import config_lib, parallel
 from mim_jax.evaluators import common, encoder as encoder_lib, get as get_evaluator, patch_pca, reconstructions, views
 
 
@@ -29,7 +30,7 @@ class PeriodicEvals:
             self.evals[name] = (cfg, every, get_evaluator(cfg.type))
         self._encode = {}
         self._open = {}
-        self._reconstruct = self._batch = self._tokens = None
+        self._reconstruct = self._batch = self._tokens = self._images = None
         self._seconds = {}   # name -> how long its last run took
 
     def due(self, step: int, last: bool) -> list[str]:
@@ -90,10 +91,14 @@ class PeriodicEvals:
             return {}
         if self._batch is None:
             self._batch = reconstructions.eval_batch(self.method, count)
-            self._tokens = self.sharding.jit(lambda p, images: self.method.encode(p, images)["patch_tokens"])
+            # The small batch and the tokens are replicated, so every process of a multi-host run reads them.
+            replicated = parallel.replicated(self.sharding.mesh)
+            self._tokens = self.sharding.jit(lambda p, images: self.method.encode(p, images)["patch_tokens"],
+                                             out_shardings=replicated)
+            self._images = jax.device_put(self._batch["image"], replicated)
         inp, out = self.config.input, {}
         images = self._batch["image"]
-        colours = patch_pca.pca_rgb(np.asarray(self._tokens(params, images)))
+        colours = patch_pca.pca_rgb(np.asarray(jax.device_get(self._tokens(params, self._images))))
         shown = images * np.asarray(inp.std) + np.asarray(inp.mean)
         out["patch_pca"] = patch_pca.picture(shown, colours, reconstructions.default_scale(images.shape[1]))[None]
         if self.method.reconstructions is not None:
