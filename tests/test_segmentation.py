@@ -102,6 +102,8 @@ def test_the_probe_reaches_99_percent_miou_on_a_task_separable_in_patch_space():
     assert results["seg_knn_miou"] > 0.99 and results["seg_logreg_miou"] > 0.99, results
     assert set(results["seg_logreg_sweep"]) == {"C=0.1", "C=10"}
     assert results["seg_knn_best"].startswith("k=")
+    with pytest.raises(UserFacingError, match=r"unknown \['svm'\]"):
+        seg.evaluate(_probe_config(classifiers=("knn", "svm")), feats, view, _mesh())
 
 
 def test_upsampled_logits_are_bilinear_between_patch_centres():

@@ -212,9 +212,13 @@ def evaluate(config, feats, view, mesh) -> dict:
     rows = lambda images: (images[:, None] * tokens + np.arange(tokens)).ravel()  # noqa: E731
     fit_rows, val_rows = rows(order[held_out:]), rows(order[:held_out])
 
+    searches = {"knn": probe.knn, "logreg": probe.logreg}
+    unknown = set(config.classifiers) - set(searches)
+    if unknown:
+        raise UserFacingError(f"--config.classifiers: unknown {sorted(unknown)}; the probe has {sorted(searches)}.")
     results = {}
     for name in config.classifiers:
-        search = {"knn": probe.knn, "logreg": probe.logreg}[name]
+        search = searches[name]
         sweep = {point: probe.scores(pixels[val_rows], predicted)["miou"]
                  for point, predicted in search((flat_x[fit_rows], pixels[fit_rows]), flat_x[val_rows]).items()}
         best = max(sweep, key=sweep.get)
