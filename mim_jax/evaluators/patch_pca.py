@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mim_jax.evaluators.reconstructions import PAD
+from mim_jax.evaluators.reconstructions import tile
 
 RANGE = 2.3   # CAPI's colour range, in units of the first component's standard deviation
 
@@ -61,16 +61,9 @@ def pca_rgb(tokens: np.ndarray, *, background: bool = True) -> np.ndarray:
 
 
 def picture(images: np.ndarray, colours: np.ndarray, scale: int = 1) -> np.ndarray:
-    """uint8 [rows, 2 columns] grid: each image (in [0, 1], grey or RGB) beside its PCA colours
-    enlarged to the image's size (nearest), PAD white pixels between and around them."""
-    b, s = images.shape[:2]
+    """uint8 grid of two columns: each image (in [0, 1], grey or RGB) beside its PCA colours
+    enlarged to the image's size (nearest)."""
+    s = images.shape[1]
     images = np.broadcast_to(images, images.shape[:3] + (3,)) if images.shape[-1] == 1 else images
     colours = colours.repeat(s // colours.shape[1], axis=1).repeat(s // colours.shape[2], axis=2)
-    cell = s * scale
-    out = np.ones((b * (cell + PAD) + PAD, 2 * (cell + PAD) + PAD, 3), np.float32)
-    for j, column in enumerate((images, colours)):
-        big = np.clip(column, 0, 1).repeat(scale, axis=1).repeat(scale, axis=2)
-        for i in range(b):
-            top, left = PAD + i * (cell + PAD), PAD + j * (cell + PAD)
-            out[top:top + cell, left:left + cell] = big[i]
-    return np.round(out * 255.0).astype(np.uint8)
+    return tile([images, colours], scale)

@@ -55,10 +55,10 @@ def reconstructor(method, sharding: parallel.Sharding, seed: int):
     return reconstruct
 
 
-def grid(columns: dict, scale: int = 1) -> np.ndarray:
-    """uint8 [rows * cell + pad, 4 * cell + pad, C] image of the COLUMNS (each [B, S, S, C] in
-    [0, 1]), cells enlarged `scale` times (nearest), PAD white pixels between and around them."""
-    cols = [np.clip(np.asarray(columns[k], np.float32), 0.0, 1.0) for k in COLUMNS]
+def tile(columns, scale: int = 1) -> np.ndarray:
+    """uint8 [rows * cell + pad, len(columns) * cell + pad, C] image of `columns` (each [B, S, S, C]
+    in [0, 1]), cells enlarged `scale` times (nearest), PAD white pixels between and around them."""
+    cols = [np.clip(np.asarray(col, np.float32), 0.0, 1.0) for col in columns]
     b, s, _, c = cols[0].shape
     cell = s * scale
     out = np.ones((b * (cell + PAD) + PAD, len(cols) * (cell + PAD) + PAD, c), np.float32)
@@ -68,6 +68,11 @@ def grid(columns: dict, scale: int = 1) -> np.ndarray:
             top, left = PAD + i * (cell + PAD), PAD + j * (cell + PAD)
             out[top:top + cell, left:left + cell] = big[i]
     return np.round(out * 255.0).astype(np.uint8)
+
+
+def grid(columns: dict, scale: int = 1) -> np.ndarray:
+    """The COLUMNS of a reconstruction as one image (`tile`)."""
+    return tile([columns[k] for k in COLUMNS], scale)
 
 
 def default_scale(size: int) -> int:
