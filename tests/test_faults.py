@@ -4,9 +4,11 @@ metrics file, an unwritable or full disk, a diverged run.
 In-process runs train the tiny MAE on synthetic data; the subprocess ones run `mim_jax.main` on
 Fashion-MNIST like tests/test_e2e.py and are marked slow.
 """
+import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -144,6 +146,26 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_its_step_saved_again(tm
     ckpt.save(4, restored, force=True)  # what raised StepAlreadyExistsError before
     ckpt.close()
     assert checkpoint.Checkpointer(tmp_path, max_to_keep=3).all_steps() == [2, 4]
+
+
+def test_reads_a_failed_restore_left_failing_are_not_reported_again(tmp_path, caplog):
+    """A failed restore has many reads in flight; the ones that fail after the first are logged by
+    asyncio ("Task exception was never retrieved", a traceback each) when their tasks are collected.
+    The restore reported the failure once; other unretrieved errors are still shown."""
+    checkpoint.Checkpointer(tmp_path)   # installs the filters, process-wide
+
+    async def fail(message):
+        raise ValueError(message)
+
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(fail(f"OUT_OF_RANGE: Error reading array {i} [tensorstore_spec='{{}}']"))
+             for i in range(3)] + [loop.create_task(fail("an error of the user's own"))]
+    loop.run_until_complete(asyncio.wait(tasks))
+    loop.close()
+    del tasks
+    gc.collect()
+    reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
+    assert reported == ["an error of the user's own"]
 
 
 def test_a_checkpoint_no_step_can_read_moves_nothing(tmp_path):

@@ -57,7 +57,8 @@ def _drop_expected_reports():
 
     - a failed restore ends orbax's event loop while tensorstore still completes the step's other
       reads; each completion reports "RuntimeError: Event loop is closed" as an unraisable
-      exception, a traceback per array;
+      exception, a traceback per array, and the reads that failed too are logged by asyncio as
+      "Task exception was never retrieved" when their tasks are collected;
     - a full or unwritable disk met by a save's background threads is logged by orbax with a
       traceback per thread and array; the next save or wait raises it as one StorageError.
     """
@@ -72,6 +73,7 @@ def _drop_expected_reports():
     hook.drops_closed_loop_reports = True
     sys.unraisablehook = hook
     logging.getLogger("absl").addFilter(_no_storage_fault_records)   # orbax logs through absl
+    logging.getLogger("asyncio").addFilter(_no_unretrieved_read_failures)
 
 
 def _no_storage_fault_records(record: logging.LogRecord) -> bool:
@@ -79,6 +81,13 @@ def _no_storage_fault_records(record: logging.LogRecord) -> bool:
         return True
     error = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
     return not storage.is_fault(error)
+
+
+def _no_unretrieved_read_failures(record: logging.LogRecord) -> bool:
+    # Only tensorstore's errors name their spec; the restore that met the first one reported it.
+    error = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage().startswith("Task exception was never retrieved")
+                and "tensorstore_spec" in str(error))
 
 
 class Checkpointer:
