@@ -23,9 +23,9 @@ TINY = ["--config.model.depth=2", "--config.model.width=64", "--config.model.num
         "--config.log_steps=1", *EVALS]
 
 
-def run_main(workdir, data_dir, *extra, devices=8, timeout=300):
+def run_main(workdir, data_dir, *extra, devices=8, timeout=300, config="configs/mae.py:local"):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "mim_jax.main", "--config=configs/mae.py:local", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "mim_jax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.input.data_dir={data_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

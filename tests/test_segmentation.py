@@ -1,5 +1,7 @@
 """The segmentation probe: its metrics, classifiers and patch labels against independent
 computations (scikit-learn, numpy float64), sharded against single-device, and the embedded task."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -184,3 +186,36 @@ def test_a_sharded_extraction_of_patch_tokens_and_label_maps_equals_a_single_dev
     assert sharded.shape == (11, 16, 32) and maps.shape == (11, 16, 16)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(maps, single_maps)
+
+
+CONFIG_WITH_A_PERIODIC_SEGMENTATION_PROBE = '''
+from configs import mae
+from mim_jax import config_defaults
+
+
+def get_config(arg=None):
+    c = mae.get_config("local")
+    c.evals = {}
+    c.evals.seg = config_defaults.periodic_eval("segmentation_probe", every_epochs=None, every_steps=2,
+                                                max_train_examples=48, max_eval_examples=16, train_subsampling=4)
+    return c
+'''
+
+
+@pytest.mark.slow
+def test_pre_training_runs_the_segmentation_probe_periodically_on_the_embedded_dense_task(tmp_path,
+                                                                                          fashion_mnist_dir):
+    from test_e2e import TINY, run_main
+    fashion_mnist_mosaic.prepare(fashion_mnist_dir, train_size=48, test_size=16)
+    config_file = tmp_path / "mae_with_segmentation.py"
+    config_file.write_text(CONFIG_WITH_A_PERIODIC_SEGMENTATION_PROBE)
+    workdir = tmp_path / "run"
+    tiny = [flag for flag in TINY if not flag.startswith("--config.evals.")]   # this config has only `seg`
+    out = run_main(workdir, fashion_mnist_dir, "--config.total_steps=4", *tiny, config=str(config_file))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    probes = {r["step"]: r for r in rows if "eval/seg/seg_knn_miou" in r}
+    assert sorted(probes) == [2, 4], rows
+    for row in probes.values():
+        assert 0 < row["eval/seg/seg_knn_miou"] <= 1 and 0 < row["eval/seg/seg_logreg_acc"] <= 1
+    assert list(workdir.glob("events.out.tfevents*"))
