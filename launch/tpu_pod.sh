@@ -19,6 +19,9 @@
 #   --done_marker=PATH       stop as soon as PATH exists (e.g. gs://bucket/run/DONE); optional
 #   --remote_dir=DIR         checkout directory on the workers (default mim_jax, under ~)
 #   --dry_run                print every command (gcloud, tar) instead of running it
+#   --check                  first compile the run's train step for --accelerator_type on this
+#                            machine (python -m mim_jax.aot, needs pip install "jax[tpu]", no TPU)
+#                            and stop, creating nothing, when it does not fit
 # The run is finished when the command exits 0 on every worker (or the done marker appears). A
 # failure on a TPU that is still READY is a real failure: the script stops with its status.
 set -euo pipefail
@@ -27,10 +30,11 @@ usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0";
 retry_sleep=${TPU_POD_RETRY_SLEEP:-30}   # seconds between a preemption and the relaunch
 
 dry_run=0 queued=0 spot=0 accelerator_type="" runtime_version=tpu-ubuntu2204-base project=""
-max_attempts=20 done_marker="" remote_dir=mim_jax
+max_attempts=20 done_marker="" remote_dir=mim_jax check=0
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --dry_run) dry_run=1 ;;
+    --check) check=1 ;;
     --queued) queued=1 ;;
     --spot) spot=1 queued=1 ;;
     --accelerator_type=*) accelerator_type=${1#*=} ;;
@@ -46,8 +50,8 @@ while [[ $# -gt 0 && $1 == --* ]]; do
 done
 [[ $# -ge 2 ]] || usage
 tpu=$1 zone=$2; shift 2
-if [[ $queued == 1 && -z $accelerator_type ]]; then
-  echo "--queued/--spot need --accelerator_type=..." >&2; exit 2
+if [[ ( $queued == 1 || $check == 1 ) && -z $accelerator_type ]]; then
+  echo "--queued/--spot/--check need --accelerator_type=..." >&2; exit 2
 fi
 if [[ ! $remote_dir =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]]; then
   echo "--remote_dir must be a plain directory name under ~" >&2; exit 2
@@ -126,6 +130,25 @@ launch() {
   run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_flags[@]}" --worker=all --command \
     "cd ~/$remote_dir && python3 -m mim_jax.main$main_args"
 }
+
+if [[ $check == 1 ]]; then  # the run's own step, compiled for the slice before anything is created
+  aot_args=()
+  skip_next=0
+  for arg in "$@"; do
+    if [[ $skip_next == 1 ]]; then skip_next=0; continue; fi
+    case $arg in
+      --workdir=*) ;;
+      --workdir) skip_next=1 ;;
+      *) aot_args+=("$arg") ;;
+    esac
+  done
+  if [[ $dry_run == 1 ]]; then
+    run python3 -m mim_jax.aot "--topology=$accelerator_type" "${aot_args[@]}"
+  elif ! (cd "$repo" && python3 -m mim_jax.aot "--topology=$accelerator_type" "${aot_args[@]}"); then
+    echo "--check: the run does not compile or fit on $accelerator_type (see above); nothing was created." >&2
+    exit 1
+  fi
+fi
 
 for ((attempt = 1; attempt <= max_attempts; attempt++)); do
   if finished; then echo "Done marker $done_marker exists: finished."; exit 0; fi

@@ -32,6 +32,13 @@ from mim_jax.weights import clip as clip_weights, spec as weight_spec
 
 # The recipes' teachers (projection widths): no hub request for their config.json.
 CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
+# The two recipe towers' shapes (their config.json), so a step compiles (mim_jax.aot) without them.
+CLIP_TOWERS = {
+    "openai/clip-vit-base-patch16": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                                         proj_dim=512, image_size=224, layer_norm_eps=1e-5),
+    "openai/clip-vit-large-patch14": dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                                          proj_dim=768, image_size=224, layer_norm_eps=1e-5),
+}
 
 
 def renormalize(images, src_mean, src_std, dst_mean, dst_std, size: int | None = None):
@@ -57,6 +64,8 @@ class ClipTeacher:
     @functools.cached_property
     def _fields(self) -> dict:
         from mim_jax.models import clip
+        if self.source in CLIP_TOWERS:
+            return dict(CLIP_TOWERS[self.source])
         return clip.clip_config_from_hf(clip_weights.read_config(self.source))
 
     @functools.cached_property

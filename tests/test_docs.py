@@ -26,7 +26,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # reads sys.argv itself (one workdir) and defines no flags.
 ENTRY_POINTS = {"mim_jax.main": 0, "mim_jax.bench": 0, "mim_jax.export": 0, "mim_jax.visualize": 1,
                 "mim_jax.data.fashion_mnist": 0, "mim_jax.data.fashion_mnist_mosaic": 0, "mim_jax.data.prepare_folder": 0,
-                "mim_jax.plot": 1}
+                "mim_jax.plot": 1, "mim_jax.aot": 0}
 SHELL_LANGUAGES = ("", "bash", "sh", "shell", "console")
 
 

@@ -22,9 +22,9 @@ LAYERS = [
     ("mim_jax.methods.*",),
     # 6. optimizer, train state and step; evaluators
     ("mim_jax.training", "mim_jax.evaluators"),
-    # 7. the training loop and the entry points
-    ("mim_jax.training.train", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export",
-     "mim_jax.visualize"),
+    # 7. the training loop, compiles for TPU slices, and the entry points
+    ("mim_jax.training.train", "mim_jax.tpu", "mim_jax.bench", "mim_jax.main", "mim_jax.plot", "mim_jax.export",
+     "mim_jax.visualize", "mim_jax.aot"),
 ]
 
 

@@ -240,3 +240,25 @@ def test_pod_script_relaunches_after_preemption(tmp_path):
     assert sum("queued-resources create" in c for c in calls) == 1     # only after the preemption
     assert sum("tpu-vm scp" in c for c in calls) == 2                  # fresh workers get the code
     assert "Run finished (attempt 2)" in r.stdout
+
+
+@pytest.mark.parametrize("fits", [False, True])
+def test_pod_script_check_compiles_for_the_slice_first_and_creates_nothing_when_it_does_not_fit(tmp_path, fits):
+    """--check runs `python3 -m mim_jax.aot --topology=<accelerator type>` with the run's arguments
+    (without --workdir) before any gcloud command; a python3 and a gcloud that log their argv stand
+    in for both."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for tool, status in (("python3", 0 if fits else 1), ("gcloud", 0)):
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> {log}\nexit {status}\n')
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_POD_RETRY_SLEEP="0")
+    out = subprocess.run(["bash", str(SCRIPT), "--check", "--accelerator_type=v5p-128", "--max_attempts=1",
+                          "pod", "zone-a", "--config=configs/capi.py", "--workdir", "gs://b/run", "--config.seed=3"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert calls[0] == "python3 -m mim_jax.aot --topology=v5p-128 --config=configs/capi.py --config.seed=3"
+    if fits:
+        assert any(c.startswith("gcloud compute tpus") for c in calls[1:])
+    else:
+        assert out.returncode == 1 and calls == calls[:1] and "nothing was created" in out.stderr

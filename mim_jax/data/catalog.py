@@ -13,6 +13,9 @@ DATASETS = {
 }
 # Held-out split used by evaluators (TFDS names).
 EVAL_SPLITS = {"imagenet2012": "validation", "scene_parse150": "test", "cityscapes": "validation"}
+# Training-split sizes, for what is sized by the data set before any is read (per-example state in
+# an ahead-of-time compile).
+TRAIN_EXAMPLES = {"imagenet2012": 1_281_167, "fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
 NUM_CLASSES = {"imagenet2012": 1000, "fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 

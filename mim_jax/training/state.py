@@ -129,7 +129,7 @@ def build(config, method, mesh, *, total_steps: int, warmup_steps: int, global_b
                  frozen=frozen, train_step=step, lr_schedule=lr_schedule)
 
 
-def _init_batch(method, mesh) -> dict:
+def init_batch(method, mesh) -> dict:
     # Params depend on shapes only: initialise on a batch as small as the mesh allows.
     return method.batch_spec(parallel.batch_sharding(mesh).num_devices)
 
@@ -139,7 +139,7 @@ def abstract_state(config, method, sharding: parallel.Sharding, lr_schedule) -> 
     an abstract PRNG key, so nothing runs on a device. Each optimizer-state leaf takes the sharding
     of the parameter it mirrors."""
     mesh = sharding.mesh
-    params, extras = sharding.abstract(method.init_variables, parallel.abstract_key(), _init_batch(method, mesh))
+    params, extras = sharding.abstract(method.init_variables, parallel.abstract_key(), init_batch(method, mesh))
     tx = optim.make_optimizer(config.optax, params, lr_schedule)
     opt_state = jax.eval_shape(tx.init, params)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -148,11 +148,19 @@ def abstract_state(config, method, sharding: parallel.Sharding, lr_schedule) -> 
     return TrainState(step=step, params=params, opt_state=opt_state, extras=extras), tx
 
 
+def abstract_frozen(method, sharding: parallel.Sharding) -> Any:
+    """The method's frozen weights as ShapeDtypeStructs on their shardings ({} for none): what a
+    step compiles against, without reading a file or touching a device."""
+    if not method.frozen:
+        return {}
+    return sharding.abstract(method.frozen.template, parallel.abstract_key(), init_batch(method, sharding.mesh))
+
+
 def frozen_weights(method, sharding: parallel.Sharding) -> tuple[Any, Any]:
     """(the method's frozen weights on the device, their shardings); ({}, {}) for none."""
-    if not method.frozen:
+    abstract = abstract_frozen(method, sharding)
+    if not abstract:
         return {}, {}
-    abstract = sharding.abstract(method.frozen.template, parallel.abstract_key(), _init_batch(method, sharding.mesh))
     return method.frozen.load(abstract, parallel.shardings_of(abstract)), parallel.shardings_of(abstract)
 
 
@@ -161,7 +169,7 @@ def initial_state(config, method, sharding: parallel.Sharding, tx, abstract: Tra
     `config.init_keys` start from `config.init`'s weights when it names a pre-training workdir
     (fine-tuning's warm start)."""
     def create(rng, loaded):
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _init_batch(method, sharding.mesh))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_batch(method, sharding.mesh))
         params, extras = nn.unbox(method.init_variables(rng, zeros))
         params = dict(params, **loaded)     # warm start (config.init) before the optimizer sees them
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extras=extras)
