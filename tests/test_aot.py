@@ -52,6 +52,16 @@ HLO = """HloModule hand_counted
   ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %x)
 }
 
+%fused_gather (param_0: f32[64]) -> f32[256] {
+  %param_0 = f32[64]{0} parameter(0)
+  ROOT %ag.fused = f32[256]{0} all-gather(%param_0), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%fused_gather.clone (param_0.1: f32[64]) -> f32[256] {
+  %param_0.1 = f32[64]{0} parameter(0)
+  ROOT %ag.fused.1 = f32[256]{0} all-gather(%param_0.1), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
 %cond (p: (s32[], f32[1024])) -> pred[] {
   %p = (s32[], f32[1024]{0}) parameter(0)
   ROOT %lt = pred[] compare(%i, %n), direction=LT
@@ -64,6 +74,8 @@ ENTRY %main (a: f32[1024], b: bf16[512,64]) -> f32[1024] {
   %scattered = f32[256]{0} reduce-scatter(%a), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
   %ars = bf16[512,64]{1,0} all-reduce-start(%b), channel_id=4, to_apply=%add
   %ard = bf16[512,64]{1,0} all-reduce-done(%ars)
+  %f1 = f32[256]{0} fusion(%a), kind=kOutput, calls=%fused_gather
+  %f2 = f32[256]{0} fusion(%a), kind=kOutput, calls=%fused_gather.clone
   %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
   %send = (bf16[128,512]{1,0}, u32[], token[]) send(%b, %tok), channel_id=5, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
   %recv = (bf16[128,512]{1,0}, u32[], token[]) recv(%tok), channel_id=6, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
@@ -74,8 +86,9 @@ ENTRY %main (a: f32[1024], b: bf16[512,64]) -> f32[1024] {
 
 def test_collectives_are_counted_per_step_with_loop_bodies_once_per_iteration():
     found = collectives.parse(HLO)
-    # In the 12-iteration loop: a 4096-float all-gather and an async 1024x8 bf16 one.
-    assert found.in_slice["all-gather"] == (24, 12 * (4096 * 4 + 1024 * 8 * 2))
+    # In the 12-iteration loop: a 4096-float all-gather and an async 1024x8 bf16 one; outside it
+    # one 256-float all-gather that the compiler split over two fusions (one channel_id).
+    assert found.in_slice["all-gather"] == (25, 12 * (4096 * 4 + 1024 * 8 * 2) + 256 * 4)
     assert found.in_slice["reduce-scatter"] == (1, 1024 * 4)        # its input, the larger side
     assert found.in_slice["all-reduce"] == (1, 512 * 64 * 2)         # start counted, done not
     assert found.across_slices == {"all-reduce": (1, 128 * 512 * 2)}  # the send, not the recv
@@ -115,7 +128,9 @@ def test_the_local_mae_step_compiles_for_two_tpu_slices_with_fsdp(v5e_two_slices
     assert report["argument_parts"]["optimizer"] == pytest.approx(2 * report["argument_parts"]["params"], rel=0.01)
     assert 0.9 < report["xla_flops"] / report["analytic_flops"] < 1.2
     found = report["collectives"]
-    assert found["in_slice"]["all-gather"][0] > 0          # fsdp gathers the weights inside a slice
+    # FSDP gathers the weights inside a slice, in bf16, for the forward pass and again for the
+    # backward one: together about the parameters' float32 size, never more.
+    assert 0.5 * report["param_bytes"] < found["in_slice"]["all-gather"][1] <= 1.05 * report["param_bytes"]
     assert "all-reduce" in found["across_slices"]          # the gradients are summed over DCN
     assert "fits (" in aot.verdict(report)
 

@@ -16,6 +16,7 @@ _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = ")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # Across slices XLA sends a collective's data over DCN as host transfers tagged with its kind.
 _DCN = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 
 
 @dataclasses.dataclass
@@ -93,25 +94,35 @@ def parse(hlo_text: str) -> Collectives:
     if entry is not None:
         visit(entry, 1)
 
-    in_slice = collections.defaultdict(lambda: [0, 0.0])
-    across = collections.defaultdict(lambda: [0, 0.0])
+    # One collective can appear in several computations: the TPU compiler splits a collective
+    # fused with its consumers over several fusions that keep its channel_id. Count it once.
+    found = {}   # (place, kind, channel or instruction) -> (runs, bytes)
     for name, times in runs.items():
-        for _, shape, op, rest in computations.get(name, ()):
+        for instruction, shape, op, rest in computations.get(name, ()):
+            channel = _CHANNEL.search(rest)
             dcn = _DCN.search(rest)
             if op == "send" and dcn:
-                kind = dcn.group(1).lower().replace("_", "-")
                 buffer = _ARRAY.search(shape)
-                across[kind][0] += times
-                across[kind][1] += times * shape_bytes(buffer.group(0) if buffer else "")
-                continue
-            kind = op.removesuffix("-start")
-            if kind not in KINDS or op.endswith("-done"):
-                continue
-            operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _operands(rest))
-            result_bytes = shape_bytes(shape)
-            if op.endswith("-start"):   # an async start's result holds its operands too
-                result_bytes -= operand_bytes
-            in_slice[kind][0] += times
-            in_slice[kind][1] += times * max(operand_bytes, result_bytes)
+                key = ("across", dcn.group(1).lower().replace("_", "-"), channel.group(1) if channel else instruction)
+                size = shape_bytes(buffer.group(0) if buffer else "")
+            else:
+                kind = op.removesuffix("-start")
+                if kind not in KINDS or op.endswith("-done"):
+                    continue
+                operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _operands(rest))
+                result_bytes = shape_bytes(shape)
+                if op.endswith("-start"):   # an async start's result holds its operands too
+                    result_bytes -= operand_bytes
+                key = ("in", kind, channel.group(1) if channel else instruction)
+                size = max(operand_bytes, result_bytes)
+            previous = found.get(key, (0, 0.0))
+            found[key] = (max(previous[0], times), max(previous[1], size))
+
+    in_slice = collections.defaultdict(lambda: [0, 0.0])
+    across = collections.defaultdict(lambda: [0, 0.0])
+    for (place, kind, _), (times, size) in found.items():
+        totals = in_slice[kind] if place == "in" else across[kind]
+        totals[0] += times
+        totals[1] += times * size
     return Collectives(in_slice={k: tuple(v) for k, v in in_slice.items()},
                        across_slices={k: tuple(v) for k, v in across.items()})
