@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 
 # This command never runs on the local accelerator (on a TPU VM it would take the chips).
@@ -56,11 +57,14 @@ def check(config, tpu, devices, *, eval_batch_size: int | None = None) -> dict:
     except steps.DoesNotFit as e:
         return dict(head, fits=False, refused=str(e), needed=e.needed, available=e.available)
     memory = train.memory()
+    hlo = train.compiled.as_text()
     report = dict(
         head, batch_per_device=train.batch_size / train.batch_devices,
         compile_s=train.compile_s, memory=memory, argument_parts=train.argument_parts, param_bytes=train.param_bytes,
         fits=memory["total"] <= hbm, xla_flops=train.xla_flops(len(devices)), analytic_flops=train.analytic_flops,
-        collectives=collectives.parse(train.compiled.as_text()).__dict__)
+        collectives=collectives.parse(hlo).__dict__,
+        # XLA's cost analysis counts a loop body once (model.scan, gradient accumulation).
+        loops=bool(re.search(r'"known_trip_count":\{"n":"([2-9]|\d\d+)"', hlo)))
     if eval_batch_size:
         try:
             features = steps.compile_feature_step(config, devices, eval_batch_size)
@@ -99,7 +103,8 @@ def describe(report: dict) -> str:
         f"{_gib(m['arguments'])} (" + ", ".join(f"{k} {_gib(v)}" for k, v in parts.items()) + f"), temporaries "
         f"{_gib(m['temporaries'])}, outputs {_gib(m['outputs'])} less {_gib(m['aliased'])} donated, code {_gib(m['code'])}",
         f"FLOPs per step: XLA {report['xla_flops']:.4g}, analytic {report['analytic_flops']:.4g} "
-        f"(XLA / analytic {report['xla_flops'] / max(report['analytic_flops'], 1):.3f})",
+        f"(XLA / analytic {report['xla_flops'] / max(report['analytic_flops'], 1):.3f}"
+        + ("; XLA counts each loop body once, so its count is low here)" if report["loops"] else ")"),
     ]
     for where, kinds in (("in slice", report["collectives"]["in_slice"]),
                          ("across slices", report["collectives"]["across_slices"])):
@@ -107,7 +112,9 @@ def describe(report: dict) -> str:
             lines.append(f"collectives per step {where} (per device): " + ", ".join(
                 f"{kind} {count} x, {_bytes(size)}" for kind, (count, size) in sorted(kinds.items())))
     gathered = report["collectives"]["in_slice"].get("all-gather", (0, 0.0))[1]
-    if gathered:
+    # Across slices, all-gathers also finish the gradients' all-reduce (reduce-scatter in a slice,
+    # all-reduce over DCN, all-gather back): the ratio is about the weights on one slice only.
+    if gathered and not report["collectives"]["across_slices"]:
         lines.append(f"all-gathered per step: {gathered / max(report['param_bytes'], 1):.2f} x the parameters' "
                      f"{_bytes(report['param_bytes'])}")
     if "features" in report and "refused" not in report["features"]:
