@@ -46,15 +46,15 @@ done
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 GIB = 2 ** 30
-rows = ["| recipe | slice | batch (per chip) | compile | GiB per device (of HBM) | fits | collectives per step, per device |",
-        "|---|---|---|---|---|---|---|"]
+rows = ["| recipe | slice | batch (per chip) | compile | GiB per device (of HBM) | fits | XLA / analytic FLOPs "
+        "| collectives per step, per device |", "|---|---|---|---|---|---|---|---|"]
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
     name = path.stem.split("@")[0]
     per_chip = r["batch_size"] / r["devices"]
     if "refused" in r:
         rows.append(f"| {name} | {r['topology']} | {r['batch_size']} ({per_chip:g}) | - | "
-                    f"{(r['needed'] or 0) / GIB:.1f} (of {r['available'] / GIB:.1f}) | no | - |")
+                    f"{(r['needed'] or 0) / GIB:.1f} (of {r['available'] / GIB:.1f}) | no | - | - |")
         continue
     moved = []
     for where, kinds in (("", r["collectives"]["in_slice"]), ("DCN ", r["collectives"]["across_slices"])):
@@ -62,6 +62,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     need = max(r["memory"]["total"], r.get("features", {}).get("memory", {}).get("total", 0))
     rows.append(f"| {name} | {r['topology']} | {r['batch_size']} ({per_chip:g}) | {r['compile_s']:.0f} s | "
                 f"{need / GIB:.1f} (of {r['hbm_per_device'] / GIB:.0f}) | {'yes' if r['fits'] else 'no'} | "
-                f"{', '.join(moved) or '-'} |")
+                f"{r['xla_flops'] / r['analytic_flops']:.3f} | {', '.join(moved) or '-'} |")
 print("\n".join(rows))
+import importlib.metadata as md, os, platform
+print(f"\n{os.cpu_count()}-core {platform.machine()} CPU, Python {platform.python_version()}, "
+      f"jax {md.version('jax')}, libtpu {md.version('libtpu')}")
 PY

@@ -67,6 +67,23 @@ def test_encoder_restored_from_a_pretraining_workdir_gives_identical_features(tm
         "train features: 16/64 images (25%)", "train features: 32/64 images (50%)", "train features: 48/64 images (75%)"]
 
 
+def test_an_evaluation_batch_smaller_than_the_mesh_extracts_every_example_once():
+    """A pod has more devices than a periodic evaluation's batch (512 chips, batch 256): the batch is
+    rounded up to one image per device and the padding dropped."""
+    from mim_jax.data import pipeline
+    from mim_jax.evaluators import encoder as encoder_lib
+    mesh = parallel.make_mesh((("data", -1), ("fsdp", 1)))
+    assert encoder_lib.extraction_batch(4, mesh) == 8 and encoder_lib.extraction_batch(9, mesh) == 16
+    source = pipeline.SyntheticSource(13, image_shape=(8, 8, 1), seed=0)
+    encoder = encoder_lib.Encoder(features=jax.jit(lambda images: images.reshape(len(images), -1)), config=None,
+                                  description="pixels")
+    feats, labels = encoder_lib.extract(encoder, source, mesh, batch_size=4,
+                                        transform=pipeline.EvalTransform(8, (0.5,), (0.25,)))
+    expected = [pipeline.EvalTransform(8, (0.5,), (0.25,))(source[i], None) for i in range(13)]
+    np.testing.assert_allclose(feats, np.stack([e["image"].reshape(-1) for e in expected]), rtol=1e-6)
+    np.testing.assert_array_equal(labels, [e["label"] for e in expected])
+
+
 def test_a_standalone_evaluation_says_what_it_extracts(tmp_path, monkeypatch, caplog):
     """Between loading the weights and the result, the console says which features of how many images."""
     from configs import knn as knn_config

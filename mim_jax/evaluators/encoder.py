@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -52,14 +53,22 @@ def load(init: str, mesh, *, feature: str = "cls", base_config: ml_collections.C
     return Encoder(lambda images: encode(weights.params, images), weights.config, weights.description)
 
 
+def extraction_batch(batch_size: int, mesh) -> int:
+    """`batch_size` rounded up to a multiple of the devices that share a batch and of the processes:
+    on a slice with more devices than an evaluation's batch (512 TPU chips, batch 256) each device
+    takes at least one image a step (the padding is masked out)."""
+    n = math.lcm(parallel.batch_sharding(mesh).num_devices, jax.process_count())
+    return -(-batch_size // n) * n
+
+
 def extract(encoder: Encoder, source, mesh, *, batch_size: int, transform, max_examples: int | None = None,
             what: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a whole split (the views `transform` makes: the centre view, or an
-    image and its label map), gathered on the host in order; a long pass logs its progress as
-    `what: n/N images`."""
+    image and its label map), gathered on the host in order, `batch_size` images a step (rounded
+    up by `extraction_batch`); a long pass logs its progress as `what: n/N images`."""
     if max_examples:
         source = _Head(source, max_examples)
-    it = pipeline.eval_iterator(source, global_batch_size=batch_size, process_index=jax.process_index(),
+    it = pipeline.eval_iterator(source, global_batch_size=extraction_batch(batch_size, mesh), process_index=jax.process_index(),
                                 process_count=jax.process_count(), transform=transform)
     progress = console.Progress(what, len(source), "images")
     feats, labels = [], []

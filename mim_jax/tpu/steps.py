@@ -15,6 +15,7 @@ import numpy as np
 from mim_jax import flops, parallel
 from mim_jax.data import catalog, pipeline
 from mim_jax.errors import ConfigError
+from mim_jax.evaluators import encoder as encoder_lib
 from mim_jax.methods import get_method
 from mim_jax.training import optim, state as state_lib
 
@@ -131,9 +132,10 @@ def compile_train_step(config, devices) -> CompiledStep:
 
 def compile_feature_step(config, devices, batch_size: int) -> CompiledStep:
     """The evaluators' feature extraction (`Method.encode`, every feature at once) of the train
-    state's parameters, on their training shardings, for a batch of normalised images."""
+    state's parameters, on their training shardings, for a batch of normalised images (rounded up
+    to a multiple of the devices, as `encoder.extract` does)."""
     mesh = parallel.make_mesh(config.mesh, devices=devices)
-    _check_batch(config, mesh, batch_size, "the evaluation batch size")
+    batch_size = encoder_lib.extraction_batch(batch_size, mesh)   # as an evaluation rounds it
     method = get_method(config, num_examples=batch_size)
     sharding = parallel.Sharding.of(config, mesh)
     params, _ = sharding.abstract(method.init_variables, parallel.abstract_key(), state_lib.init_batch(method, mesh))
