@@ -114,7 +114,7 @@ def describe(report: dict) -> str:
     gathered = report["collectives"]["in_slice"].get("all-gather", (0, 0.0))[1]
     # Across slices, all-gathers also finish the gradients' all-reduce (reduce-scatter in a slice,
     # all-reduce over DCN, all-gather back): the ratio is about the weights on one slice only.
-    if gathered and not report["collectives"]["across_slices"]:
+    if gathered and report["mesh"].get("fsdp", 1) > 1 and not report["collectives"]["across_slices"]:
         lines.append(f"all-gathered per step: {gathered / max(report['param_bytes'], 1):.2f} x the parameters' "
                      f"{_bytes(report['param_bytes'])}")
     if "features" in report and "refused" not in report["features"]:
