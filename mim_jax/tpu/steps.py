@@ -97,7 +97,7 @@ def bytes_per_device(tree) -> float:
                      for x in jax.tree.leaves(tree)))
 
 
-def _check_batch(config, mesh, batch_size: int, what: str):
+def _check_batch(mesh, batch_size: int, what: str):
     devices = parallel.batch_sharding(mesh).num_devices
     if batch_size % devices:
         raise ConfigError(f"{what}={batch_size} must be divisible by the {devices} devices that share the batch "
@@ -108,7 +108,7 @@ def compile_train_step(config, devices) -> CompiledStep:
     """The train step of `config` (resolved) on `devices` with the config's mesh and rules."""
     mesh = parallel.make_mesh(config.mesh, devices=devices)
     batch_size = config.input.batch_size
-    _check_batch(config, mesh, batch_size, "config.input.batch_size")
+    _check_batch(mesh, batch_size, "config.input.batch_size")
     method = get_method(config, num_examples=catalog.TRAIN_EXAMPLES.get(config.input.dataset, batch_size))
     sharding = parallel.Sharding.of(config, mesh)
     # The schedule's length changes constants of the program, not its shapes or memory.
