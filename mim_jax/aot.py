@@ -36,13 +36,6 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def check(config, tpu, devices, *, eval_batch_size: int | None = None) -> dict:
     """The report of one config on one slice: every number `main` prints, as a dict."""
     from mim_jax import parallel
@@ -90,6 +83,7 @@ def verdict(report: dict) -> str:
 
 
 def describe(report: dict) -> str:
+    from mim_jax.runtime import storage
     per_device = report["batch_size"] / math.prod(report["mesh"].values())
     header = (f"{report['topology']}: {report['devices']} devices, {report['hosts']} host{'s' if report['hosts'] > 1 else ''}; mesh {report['mesh']}; "
               f"batch {report['batch_size']} ({per_device:g} per device)")
@@ -110,13 +104,13 @@ def describe(report: dict) -> str:
                          ("across slices", report["collectives"]["across_slices"])):
         if kinds:
             lines.append(f"collectives per step {where} (per device): " + ", ".join(
-                f"{kind} {count} x, {_bytes(size)}" for kind, (count, size) in sorted(kinds.items())))
+                f"{kind} {count} x, {storage.size_text(size)}" for kind, (count, size) in sorted(kinds.items())))
     gathered = report["collectives"]["in_slice"].get("all-gather", (0, 0.0))[1]
     # Across slices, all-gathers also finish the gradients' all-reduce (reduce-scatter in a slice,
     # all-reduce over DCN, all-gather back): the ratio is about the weights on one slice only.
     if gathered and report["mesh"].get("fsdp", 1) > 1 and not report["collectives"]["across_slices"]:
         lines.append(f"all-gathered per step: {gathered / max(report['param_bytes'], 1):.2f} x the parameters' "
-                     f"{_bytes(report['param_bytes'])}")
+                     f"{storage.size_text(report['param_bytes'])}")
     if "features" in report and "refused" not in report["features"]:
         f = report["features"]
         lines.append(f"feature step (evaluations, batch {f['batch_size']}): compiled in {f['compile_s']:.1f} s, "

@@ -92,7 +92,6 @@ def test_collectives_are_counted_per_step_with_loop_bodies_once_per_iteration():
     assert found.in_slice["reduce-scatter"] == (1, 1024 * 4)        # its input, the larger side
     assert found.in_slice["all-reduce"] == (1, 512 * 64 * 2)         # start counted, done not
     assert found.across_slices == {"all-reduce": (1, 128 * 512 * 2)}  # the send, not the recv
-    assert found.total_bytes() == sum(b for _, b in found.in_slice.values()) + 128 * 512 * 2
 
 
 def _config(name, arg, **overrides):
@@ -130,7 +129,9 @@ def test_the_local_mae_step_compiles_for_two_tpu_slices_with_fsdp(v5e_two_slices
     found = report["collectives"]
     assert found["in_slice"]["all-gather"][0] > 0          # fsdp gathers the weights inside a slice
     assert "all-reduce" in found["across_slices"]          # the gradients are summed over DCN
-    assert "fits (" in aot.verdict(report)
+    printed = aot.describe(report)
+    assert "collectives per step across slices (per device): all-reduce" in printed and printed.endswith(
+        aot.verdict(report)) and aot.verdict(report).startswith("fits (")
 
 
 def test_aot_says_does_not_fit_and_exits_1_for_a_batch_no_chip_holds():

@@ -47,10 +47,10 @@ def unwritable(directory, error: BaseException) -> StorageError:
 
 def full(directory, *, needed: int | None = None, kept: str = "") -> StorageError:
     usage = _usage(directory)
-    free, need = _size(usage.free) if usage else None, _size(needed) if needed else None
+    free, need = size_text(usage.free) if usage else None, size_text(needed) if needed else None
     if usage and needed and free == need:   # close: the exact numbers that decided
         free, need = f"{usage.free:,} bytes", f"{needed:,} bytes"
-    space = f" ({free} free of {_size(usage.total)})" if usage else ""
+    space = f" ({free} free of {size_text(usage.total)})" if usage else ""
     need = f"; this write needs about {need}" if needed else ""
     return StorageError(
         f"The filesystem holding {directory} is full or over its quota{space}{need}.{kept} Free space there "
@@ -113,7 +113,8 @@ def _usage(directory):
         return None
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes as a short text in powers of 1024 ("1.5 GB")."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

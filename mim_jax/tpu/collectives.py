@@ -26,9 +26,6 @@ class Collectives:
     in_slice: dict
     across_slices: dict
 
-    def total_bytes(self) -> float:
-        return sum(b for _, b in self.in_slice.values()) + sum(b for _, b in self.across_slices.values())
-
 
 def shape_bytes(shape: str) -> float:
     total = 0.0
