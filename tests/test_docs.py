@@ -2,7 +2,9 @@
 a file, and for `#anchor` links to one of its headings, by GitHub's slug rules); every
 `python -m mim_jax.<module> ...` command in their code blocks parses its flags, `--config=FILE:ARGS`
 included (which builds the config, so a wrong config argument fails here); and every
-`docs/....md §N` that the code cites names a page and a section that exist.
+`docs/....md §N` that the code cites names a page and a section that exist; every table's header,
+delimiter and rows have one number of cells (GitHub shows a table whose delimiter row differs from
+its header as plain text).
 
 Commands are parsed in-process, each on a fresh absl FlagValues that the entry point's own
 `define_flags` fills, so nothing runs and the whole file takes seconds."""
@@ -227,6 +229,37 @@ def test_relative_link_resolves(page, target):
     if anchor:
         assert resolved.suffix == ".md", f"{target}: an anchor into a file that is not Markdown"
         assert anchor in anchors(resolved), f"{target}: no heading with that anchor in {resolved.name}"
+
+
+def tables():
+    """(page, first line, rows) of each Markdown table outside code blocks."""
+    found = []
+    for page in PAGES:
+        prose, _ = split_page(page)
+        current = []
+        for number, line in prose + [(0, "")]:
+            if line.lstrip().startswith("|"):
+                current.append((number, line))
+            elif current:
+                found.append(pytest.param(page, current, id=f"{page.name}:{current[0][0]}"))
+                current = []
+    return found
+
+
+def cells(row: str) -> int:
+    """Cells of one table row: pipes that are neither escaped nor inside `code`."""
+    row = re.sub(r"`[^`]*`", "", row.strip()).replace("\\|", "")
+    return len(row.strip("|").split("|"))
+
+
+@pytest.mark.parametrize("page,rows", tables())
+def test_table_rows_match_the_header(page, rows):
+    (first, header), (_, delimiter), *body = rows
+    assert re.fullmatch(r"\|?(\s*:?-+:?\s*\|)*\s*:?-+:?\s*\|?", delimiter.strip()), (
+        f"{page.name}:{first}: the line after a table's header is not a delimiter row")
+    width = cells(header)
+    for number, row in [(first + 1, delimiter), *body]:
+        assert cells(row) == width, f"{page.name}:{number}: {cells(row)} cells, the header has {width}"
 
 
 @pytest.mark.parametrize("module,args", documented_commands())
