@@ -55,7 +55,7 @@ def check(config, tpu, devices, *, eval_batch_size: int | None = None) -> dict:
         head, batch_per_device=train.batch_size / train.batch_devices,
         compile_s=train.compile_s, memory=memory, argument_parts=train.argument_parts, param_bytes=train.param_bytes,
         fits=memory["total"] <= hbm, xla_flops=train.xla_flops(len(devices)), analytic_flops=train.analytic_flops,
-        collectives=collectives.parse(hlo).__dict__,
+        collectives=collectives.parse(hlo, devices_per_slice=len(devices) // tpu.num_slices).__dict__,
         # XLA's cost analysis counts a loop body once (model.scan, gradient accumulation).
         loops=bool(re.search(r'"known_trip_count":\{"n":"([2-9]|\d\d+)"', hlo)))
     if eval_batch_size:

@@ -94,6 +94,37 @@ def test_collectives_are_counted_per_step_with_loop_bodies_once_per_iteration():
     assert found.across_slices == {"all-reduce": (1, 128 * 512 * 2)}  # the send, not the recv
 
 
+@pytest.mark.parametrize("attribute, groups", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=[4,2]<=[2,4]T(1,0)", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("replica_groups={}", [list(range(8))]),
+    ("to_apply=%add", [list(range(8))]),
+])
+def test_replica_groups_are_read_in_both_of_hlos_notations(attribute, groups):
+    assert collectives.replica_groups(f"%x), channel_id=1, {attribute}, dimensions={{0}}", 8) == groups
+
+
+def test_a_collective_whose_groups_mix_two_slices_devices_counts_as_crossing_them():
+    program = """HloModule two_slices, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %inside = f32[256]{0} all-reduce(%a), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  ROOT %across = f32[256]{0} all-reduce(%inside), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+}
+"""
+    assert collectives.parse(program, devices_per_slice=4) == collectives.Collectives(
+        in_slice={"all-reduce": (1, 1024)}, across_slices={"all-reduce": (1, 1024)})
+    assert collectives.parse(program).across_slices == {}      # no slices given: none crossed
+
+
 def _config(name, arg, **overrides):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
     with config.unlocked():
@@ -128,7 +159,10 @@ def test_the_local_mae_step_compiles_for_two_tpu_slices_with_fsdp(v5e_two_slices
     assert 0.9 < report["xla_flops"] / report["analytic_flops"] < 1.2
     found = report["collectives"]
     assert found["in_slice"]["all-gather"][0] > 0          # fsdp gathers the weights inside a slice
-    assert "all-reduce" in found["across_slices"]          # the gradients are summed over DCN
+    # The gradients are summed over DCN: each device sends its share of them after the sum inside
+    # its slice (the float32 gradients over a slice's 4 devices); no collective's groups mix slices.
+    assert found["across_slices"].keys() == {"all-reduce"}
+    assert 0.9 < found["across_slices"]["all-reduce"][1] / (report["param_bytes"] / 4) < 1.3
     printed = aot.describe(report)
     assert "collectives per step across slices (per device): all-reduce" in printed and printed.endswith(
         aot.verdict(report)) and aot.verdict(report).startswith("fits (")

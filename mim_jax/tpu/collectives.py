@@ -1,11 +1,18 @@
 """The collectives of one step, read from its compiled HLO text: how many of each kind run and how
 many bytes each moves per device, counting a loop body once per iteration (scanned blocks, gradient
-accumulation), and which cross slices (multislice: the data-centre network, DCN)."""
+accumulation), and which cross slices (multislice: the data-centre network, DCN).
+
+A multislice step is compiled as one program per slice: inside it the collectives' replica groups
+name devices of that slice, and what crosses slices is sent over DCN by host transfers the
+compiler tags with the collective's kind. A collective whose replica groups mix devices of two
+slices (a program compiled over several slices' devices) is counted as crossing them too."""
 from __future__ import annotations
 
 import collections
 import dataclasses
 import re
+
+import numpy as np
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
@@ -17,6 +24,9 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # Across slices XLA sends a collective's data over DCN as host transfers tagged with its kind.
 _DCN = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
 @dataclasses.dataclass
@@ -61,10 +71,29 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
-def parse(hlo_text: str) -> Collectives:
+def replica_groups(rest: str, devices: int) -> list[list[int]]:
+    """The device groups of one collective: listed (`{{0,1},{2,3}}`), or as an iota (`[2,2]<=[4]`,
+    `[2,2]<=[2,2]T(1,0)`: arange, reshaped, transposed, regrouped); none given is every device."""
+    iota = _IOTA_GROUPS.search(rest)
+    if iota:
+        shape, dims = ([int(n) for n in g.split(",")] for g in iota.group(1, 2))
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if iota.group(3):
+            ids = ids.transpose([int(n) for n in iota.group(3).split(",")])
+        return ids.reshape(shape).tolist()
+    explicit = _EXPLICIT_GROUPS.search(rest)
+    groups = [[int(n) for n in g.split(",") if n] for g in re.findall(r"\{([\d,]*)\}", explicit.group(1))] if explicit else []
+    return [g for g in groups if g] or [list(range(devices))]
+
+
+def parse(hlo_text: str, devices_per_slice: int | None = None) -> Collectives:
+    """`devices_per_slice`: a collective whose groups span two blocks of that many device ids is
+    counted across slices (None: only DCN transfers are)."""
     computations: dict[str, list[tuple[str, str, str, str]]] = {}
     shapes: dict[str, str] = {}
     entry = current = None
+    partitions = _PARTITIONS.search(hlo_text.partition("\n")[0])
+    devices = int(partitions.group(1)) if partitions else 1
     for line in hlo_text.splitlines():
         header = _HEADER.match(line)
         if header:
@@ -110,7 +139,9 @@ def parse(hlo_text: str) -> Collectives:
                 result_bytes = shape_bytes(shape)
                 if op.endswith("-start"):   # an async start's result holds its operands too
                     result_bytes -= operand_bytes
-                key = ("in", kind, channel.group(1) if channel else instruction)
+                groups = replica_groups(rest, devices) if devices_per_slice else []
+                place = "across" if any(len({i // devices_per_slice for i in g}) > 1 for g in groups) else "in"
+                key = (place, kind, channel.group(1) if channel else instruction)
                 size = max(operand_bytes, result_bytes)
             previous = found.get(key, (0, 0.0))
             found[key] = (max(previous[0], times), max(previous[1], size))
