@@ -85,19 +85,19 @@ class ExportError(UserFacingError, ValueError):
 
 def export(workdir, fmt: str, out, *, overwrite: bool = False) -> pathlib.Path:
     """Writes the run's weights into a hidden folder beside `out`, then renames it to `out`: a
-    killed export leaves no half-written file there (its `.OUT.partial-PID` folder is removed by the
-    next export to `out`). A non-empty `out` is replaced only with `overwrite`."""
+    killed export leaves no half-written file there (the next export to `out` cleans up after it).
+    A non-empty `out` is replaced only with `overwrite`."""
     import jax
 
     from mim_jax import parallel, pretrained
 
     out = pathlib.Path(out).absolute()
+    _clean_up_after_killed_exports(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out={out} exists and is not empty: pass --overwrite to replace it, or another --out.")
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])   # the rules name both axes
     weights = pretrained.load(workdir, mesh)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     partial.mkdir()
     try:
@@ -118,16 +118,30 @@ def export(workdir, fmt: str, out, *, overwrite: bool = False) -> pathlib.Path:
     return out
 
 
-def _remove_abandoned(out: pathlib.Path):
-    """The partial folders of killed exports to `out` (their process is gone)."""
-    for folder in out.parent.glob(f".{out.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, ValueError):
+def _clean_up_after_killed_exports(out: pathlib.Path):
+    """What exports to `out` killed before they finished left beside it (their process is gone):
+    a partial folder is removed; the previous contents that an `--overwrite` had moved aside go
+    back to `out` if the new files never took their place, and are removed if they did."""
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = folder.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("partial", "replaced") or _alive(pid):
+            continue
+        if kind == "replaced" and not out.exists():
+            folder.rename(out)
+        elif folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:   # alive, another user's
-            pass
+        else:
+            folder.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:   # another user's
+        pass
+    return True
 
 
 def main(argv):

@@ -52,6 +52,23 @@ def test_an_export_that_dies_half_way_leaves_nothing_in_out(tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_an_overwrite_killed_between_its_two_renames_gives_the_users_files_back(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    moved_aside = tmp_path / f".out.replaced-{dead}"   # out renamed away, the new files not yet in place
+    moved_aside.mkdir()
+    (moved_aside / "model.safetensors").write_bytes(b"the user's own")
+    with pytest.raises(export.ExportError, match="exists and is not empty"):
+        export.export(RUN, "timm", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"the user's own"
+    assert _leftovers(tmp_path) == []
+    # Killed after the swap: the new export is in place, what was moved aside goes.
+    moved_aside.mkdir()
+    (moved_aside / "model.safetensors").write_bytes(b"old")
+    export.export(RUN, "timm", tmp_path / "out", overwrite=True)
+    assert _leftovers(tmp_path) == [] and (tmp_path / "out" / "config.json").exists()
+
+
 @pytest.mark.slow   # a subprocess
 def test_the_command_says_why_it_refuses(tmp_path):
     (tmp_path / "taken").write_text("x")
