@@ -188,14 +188,17 @@ def test_without_libtpu_the_command_says_how_to_install_it(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["cae_v2", "capi", "beyond_masking", "cmae"])
-def test_every_methods_local_preset_compiles_with_its_feature_step_for_two_v5e_slices(method, v5e_two_slices):
-    """Two v5e 2x2 slices over DCN (MAE's preset: the default tier's two-slice test)."""
+def test_every_methods_local_preset_compiles_for_two_v5e_slices(method, v5e_two_slices):
+    """Two v5e 2x2 slices over DCN (MAE's preset: the default tier's two-slice test). The feature
+    step is compiled once, for CAPI (the evaluators' program is the same for every method: its
+    encoder, on the train state's shardings), to keep this tier's compiles few."""
     from mim_jax import aot
     tpu, devices = v5e_two_slices
     # CAE v2's local teacher is a MAE run on disk; the recipe CLIP's shapes are known without one.
     overrides = {"teacher.source": "openai/clip-vit-base-patch16"} if method == "cae_v2" else {}
-    report = aot.check(_config(method, "local", **overrides), tpu, devices, eval_batch_size=64)
-    assert report["fits"] and report["features"]["fits"]
+    report = aot.check(_config(method, "local", **overrides), tpu, devices,
+                       eval_batch_size=64 if method == "capi" else 0)
+    assert report["fits"] and (method != "capi" or report["features"]["fits"])
     assert 0.8 < report["xla_flops"] / report["analytic_flops"] < 1.3, report
     assert "all-reduce" in report["collectives"]["across_slices"]
 
