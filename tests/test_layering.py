@@ -16,8 +16,8 @@ LAYERS = [
     ("mim_jax.weights",),
     # 3. the method interface and registry (concrete methods load by name, lazily)
     ("mim_jax.methods", "mim_jax.methods.base", "mim_jax.methods.masked"),
-    # 4. trained weights of runs, frozen teachers
-    ("mim_jax.pretrained", "mim_jax.teachers"),
+    # 4. trained weights of runs
+    ("mim_jax.pretrained",),
     # 5. the methods, one folder each
     ("mim_jax.methods.*",),
     # 6. optimizer, train state and step; evaluators
@@ -89,7 +89,7 @@ def test_imports_only_go_downward():
 
 def test_the_rules_that_matter_most_hold():
     """Methods never import evaluators or the trainer; models are Linen modules that import no
-    methods, teachers, evaluators or weight files."""
+    methods, evaluators or weight files."""
     for name, path in modules():
         imported = set(imports_of(name, path))
         if name.startswith("mim_jax.methods"):
@@ -97,8 +97,7 @@ def test_the_rules_that_matter_most_hold():
         if name.startswith(("mim_jax.models", "mim_jax.weights")):
             assert not {m for m in imported if m.startswith("mim_jax.methods")}, name
         if name.startswith("mim_jax.models"):
-            assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.teachers", "mim_jax.evaluators",
-                                                              "mim_jax.weights"))}
+            assert not {m for m in imported if m.startswith(("mim_jax.methods", "mim_jax.evaluators", "mim_jax.weights"))}
 
 
 def _method_folder(module: str) -> str | None:

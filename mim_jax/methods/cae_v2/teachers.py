@@ -1,4 +1,4 @@
-"""Frozen feature teachers: the targets of feature-distillation MIM (CAE v2's CLIP targets).
+"""CAE v2's frozen feature teachers: the targets of its feature distillation (CLIP by default).
 
 A teacher turns the student's batch into per-token target features [B, (1+)N, D] on the same
 patch grid as the student. It lives in the method's `frozen` tree: sharded by logical axis names
