@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, masking
+from mim_jax import flops
 from mim_jax.methods.base import Component
 from mim_jax.methods.capi import sinkhorn
 from mim_jax.methods.capi.heads import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
@@ -35,6 +35,15 @@ def ema_momentum(lr, scale: float = 1.0):
     """CAPI's teacher momentum is exactly 1 - lr(t) (paper Table 6; `scale` > 1 speeds the teacher
     up for short runs such as the `local` preset)."""
     return 1.0 - scale * lr
+
+
+def predict_subset(key, mask: jax.Array, num_predict: int) -> jax.Array:
+    """CAPI prediction subsampling: `num_predict` distinct masked positions, a uniformly random
+    subset (in random order), int32 [num_predict]. Needs num_predict <= the mask's count."""
+    # Masked cells get a random score in [0, 1), visible ones -1: the top scores are a uniformly
+    # random subset of the masked cells.
+    scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
+    return jax.lax.top_k(scores, num_predict)[1].astype(jnp.int32)
 
 
 class TeacherEMA(Component):
@@ -78,7 +87,7 @@ class CAPI(MaskedEncoderMethod):
     def masks_and_queries(self, rng, batch):
         """(visible_idx [B, N-K], the masked positions the predictor queries [B, num_predict])."""
         masks, visible, _ = self.sample_masks(rng, batch)
-        predict = jax.vmap(lambda k, m: masking.predict_subset(k, m, self.num_predict))(
+        predict = jax.vmap(lambda k, m: predict_subset(k, m, self.num_predict))(
             self.example_keys(rng, batch, purpose=1), masks)
         return visible, predict
 
