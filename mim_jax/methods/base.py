@@ -128,6 +128,11 @@ class Method(abc.ABC):
     # The layout (`weights.registry` name) of the method's official code, which `mim_jax.export
     # --format=official` writes; timm's where there is no official code.
     weight_layout: str = "timm"
+    # What the method's released weights were trained with, as far as rebuilding their model needs
+    # it: config fields over the library's defaults (`model`, `method`, ...; the file gives its
+    # encoder), read by `pretrained.imported_config` for a layout this method evaluates
+    # (`Layout.evaluated_by`). They describe the published files, so they stay when configs/ changes.
+    released: dict | None = None
 
     @classmethod
     def resolve_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
