@@ -65,11 +65,10 @@ class CAPI(MaskedEncoderMethod):
         method=dict(name="capi", num_prototypes=16384, target_temp=0.06, student_temp=0.12, clustering_temp=0.12,
                     sinkhorn_iterations=3, sinkhorn_chunk=32, prediction_subsampling=0.05, ema_lr_scale=1.0,
                     mask=dict(type="inverse_block", ratio=0.65, num_masked=None, aspect=(0.5, 2.0), roll=True)))
-    accumulation = "changes_method"
-    accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
-                         "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
-                         "normalisation would see 1/{k} of it ({micro} of {batch} images), so the targets "
-                         "would change.")
+    inexact_accumulation = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
+                             "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
+                             "normalisation would see 1/{k} of it ({micro} of {batch} images), so the targets "
+                             "would change.")
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)
