@@ -126,6 +126,34 @@ def test_a_method_is_one_folder():
         assert (ROOT / "configs" / f"{method}.py").is_file(), f"no configs/{method}.py for the method {method!r}"
 
 
+# Modules outside methods/ that one method folder alone imports, and why they stay where they are.
+SHARED_THOUGH_ONE_FOLDER_IMPORTS_THEM = {
+    "mim_jax.models.decoder": "MAE's pixel decoder, which Beyond Masking and CMAE inherit with MAE",
+    "mim_jax.weights.clip": "the CLIP weight files (Hugging Face, OpenAI): a weight format, kept in weights/",
+}
+
+
+def test_no_method_private_module_outside_its_folder():
+    """A module outside methods/ that exactly one method folder imports, and nothing else in the
+    library, is that method's private code: it belongs in the folder (or in the list above, with
+    the reason it does not)."""
+    importers = {}
+    for name, path in modules():
+        for imported in imports_of(name, path):
+            if imported != name:
+                importers.setdefault(imported, set()).add(name)
+    private = set()
+    for name, _ in modules():
+        folders = {_method_folder(m) for m in importers.get(name, ())}
+        if name != "mim_jax" and _method_folder(name) is None and len(folders) == 1 and None not in folders:
+            private.add(name)
+    misplaced = sorted(f"{m} (only methods/{_method_folder(next(iter(importers[m])))}/ imports it)"
+                       for m in private - set(SHARED_THOUGH_ONE_FOLDER_IMPORTS_THEM))
+    assert not misplaced, "move into the method's folder: " + ", ".join(misplaced)
+    stale = set(SHARED_THOUGH_ONE_FOLDER_IMPORTS_THEM) - private
+    assert not stale, f"no longer imported by one method folder alone, drop from the list: {sorted(stale)}"
+
+
 def test_no_import_cycle():
     """No two modules import each other, directly or through others (function-level imports
     included): layers allow imports within a layer, so this is checked on its own."""
