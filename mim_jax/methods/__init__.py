@@ -1,4 +1,6 @@
-"""Pre-training methods by name. Adding one is a module here plus a config, never a trainer edit."""
+"""Methods by name. Adding one is a folder `methods/<name>/`, a `configs/<name>.py` and one line in
+REGISTRY (plus, if its official code has a weight file format, a layout in `weights/`): never an
+edit of the trainer, the evaluators or the checkpointing (docs/contributing.md, "Adding a method")."""
 from __future__ import annotations
 
 import copy
