@@ -197,13 +197,6 @@ class PretrainTransform:
         return {"image": np.ascontiguousarray(self.crop_and_flip(record, rng)), "label": np.int32(record["label"])}
 
 
-def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
-                       interpolation="auto", max_reduction=8) -> PretrainTransform:
-    return PretrainTransform(image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, mean=mean,
-                             std=std, color_jitter=color_jitter, interpolation=interpolation,
-                             max_reduction=max_reduction)
-
-
 class EvalTransform:
     """Deterministic view: centre crop + resize + normalise."""
 

@@ -193,7 +193,7 @@ class Method(abc.ABC):
         the source; uint8 images are normalised with config.input's mean/std in the train step."""
         image_size = self.batch_spec(1)["image"].shape[1]
         inp = self.config.input
-        return pipeline.pretrain_transform(
+        return pipeline.PretrainTransform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.color_jitter,
             interpolation=inp.interpolation, max_reduction=inp.max_decode_reduction)
