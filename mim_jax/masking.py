@@ -12,6 +12,8 @@ Samplers:
   random_mask         MAE: a uniformly random subset of exactly K positions.
   block_mask          BEiT/CAE block-wise masking (CAE `furnace/masking_generator.py`), exact K.
   inverse_block_mask  CAPI (`data.py`, InverseBlockMasking): one visible rectangle, rolled.
+Each is a `config.method.mask.type` that every masked-encoder method's MaskPlan reads, so they are
+shared even where only one recipe picks them (MAE's paper ablates block masking).
 """
 from __future__ import annotations
 
@@ -233,15 +235,6 @@ def mask_indices(mask: jax.Array, num_masked: int):
     n = mask.shape[0]
     order = jnp.argsort(mask, stable=True)        # False (visible) first; stable keeps positions ascending
     return order[: n - num_masked].astype(jnp.int32), order[n - num_masked:].astype(jnp.int32)
-
-
-def predict_subset(key, mask: jax.Array, num_predict: int) -> jax.Array:
-    """CAPI prediction subsampling: `num_predict` distinct masked positions, a uniformly random
-    subset (in random order), int32 [num_predict]. Needs num_predict <= the mask's count."""
-    # Masked cells get a random score in [0, 1), visible ones -1: the top scores are a uniformly
-    # random subset of the masked cells.
-    scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
-    return jax.lax.top_k(scores, num_predict)[1].astype(jnp.int32)
 
 
 # ---- config --------------------------------------------------------------------------------------

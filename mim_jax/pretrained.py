@@ -16,7 +16,6 @@ checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -30,7 +29,7 @@ from etils import epath
 
 from mim_jax import config_defaults, parallel
 from mim_jax.errors import WeightsError, WeightsNotFoundError
-from mim_jax.methods import Method, get_method
+from mim_jax.methods import Method, get_method, released_settings
 from mim_jax.runtime import checkpoint
 from mim_jax.weights import registry
 from mim_jax.weights import spec as weight_spec
@@ -38,30 +37,6 @@ from mim_jax.weights import vit as vit_layouts
 from mim_jax.weights.layout import Description
 
 PyTree = object
-
-# What the released weights of each method were trained with, as far as rebuilding their model
-# needs it (`imported_config`); a file gives its encoder (MAE's *_full.pth its decoder, CAPI's its
-# predictor's size). These describe the published files, so they stay when a recipe in configs/ changes.
-RELEASED = {
-    "mae": dict(decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048),
-                method=dict(name="mae", norm_pix_loss=True, mask=dict(type="random", ratio=0.75, num_masked=None))),
-    # Without a degradation: an evaluation needs none, and any resolution fits it.
-    "beyond_masking": dict(
-        model=dict(init_style="torch", linear_init="trunc_normal"),
-        decoder=dict(width=384, depth=4, num_heads=6, mlp_dim=1536, posemb="sincos1d", embed_bias=False,
-                     linear_init="trunc_normal"),
-        method=dict(name="beyond_masking", degradation="none", norm_pix_loss=True,
-                    mask=dict(type="random", ratio=0.75, num_masked=None), zoom_in_view=288 / 224,
-                    centre_weight=0.8, edge_weight=0.2, zoom_out_view=160 / 224, distort_magnitude=(0.15, 0.25),
-                    blur_kernel=7, blur_std=0.02, decolorize_max=0.667)),
-    "capi": dict(
-        model=dict(drop_path=0.2, drop_path_uniform=True, qkv_init="per_projection", drop_path_form="subset"),
-        predictor=dict(drop_path=0.2),
-        method=dict(name="capi", num_prototypes=16384, target_temp=0.06, student_temp=0.12, clustering_temp=0.12,
-                    sinkhorn_iterations=3, sinkhorn_chunk=32, prediction_subsampling=0.05, ema_lr_scale=1.0,
-                    mask=dict(type="inverse_block", ratio=0.65, num_masked=None, aspect=(0.5, 2.0), roll=True))),
-}
-
 
 class UnknownParamsError(WeightsError):
     """Params asked for (`keys`) that the run's model does not have."""
@@ -123,9 +98,9 @@ def abstract_variables(method: Method, mesh, parts=("params", "extras")) -> dict
 
 def imported_config(desc: Description) -> ml_collections.ConfigDict:
     """The config of a weight file's model at its resolution: the library's defaults, its method's
-    `RELEASED` settings and the encoder the file holds; data stay ImageNet (whose statistics
+    `Method.released` settings and the encoder the file holds; data stay ImageNet (whose statistics
     released weights expect) unless the file records its normalisation."""
-    released = copy.deepcopy(RELEASED[desc.config_name])
+    released = released_settings(desc.config_name)
     config = config_defaults.base_config(dataset="imagenet2012", image_size=desc.image_size, batch_size=256)
     config.model = config_defaults.vit_config(desc.model["variant"], **released.pop("model", {}))
     config.model.update(desc.model)

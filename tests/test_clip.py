@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mim_jax import parallel, teachers
+from mim_jax import parallel
+from mim_jax.methods.cae_v2 import teachers
 from mim_jax.models import clip
 from mim_jax.weights import clip as clip_weights
 

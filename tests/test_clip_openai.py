@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from mim_jax import teachers
+from mim_jax.methods.cae_v2 import teachers
 from mim_jax.models import clip
 from mim_jax.weights import clip as clip_weights, openai_clip, tensors as tensors_lib
 

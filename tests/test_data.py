@@ -10,7 +10,7 @@ from conftest import FASHION_MNIST_FILES
 from mim_jax.data import pipeline, transforms
 
 SOURCE = pipeline.SyntheticSource(50, image_shape=(12, 12, 3), num_classes=10, seed=0)
-TRANSFORM = pipeline.pretrain_transform(8, (0.3, 1.0), (3 / 4, 4 / 3), True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+TRANSFORM = pipeline.PretrainTransform(8, (0.3, 1.0), (3 / 4, 4 / 3), True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def make(process_index=0, process_count=1, source=SOURCE, transform=TRANSFORM, seed=3, **kw):

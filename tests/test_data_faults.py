@@ -51,7 +51,7 @@ def test_a_damaged_shard_names_its_file_and_how_to_prepare_again(fashion_mnist_d
         source.__getitems__(range(len(source)))
     assert str(shard) in str(error.value)
     # Through Grain worker processes, as training reads it: the same message reaches the trainer.
-    transform = pipeline.pretrain_transform(image_size=28, crop_scale=(0.35, 1.0), crop_ratio=(0.75, 1.333),
+    transform = pipeline.PretrainTransform(image_size=28, crop_scale=(0.35, 1.0), crop_ratio=(0.75, 1.333),
                                             flip=True, mean=(0.286,), std=(0.353,))
     stream = pipeline.train_iterator(source, global_batch_size=256, seed=0, process_index=0, process_count=1,
                                      transform=transform, num_workers=1)
@@ -89,7 +89,7 @@ def test_data_workers_exit_when_the_trainer_is_killed():
         from absl import flags
         from mim_jax.data import pipeline
         flags.FLAGS.mark_as_parsed()
-        transform = pipeline.pretrain_transform(image_size=16, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.333),
+        transform = pipeline.PretrainTransform(image_size=16, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.333),
                                                 flip=True, mean=(0.5,), std=(0.5,))
         stream = pipeline.train_iterator(pipeline.SyntheticSource(512, image_shape=(16, 16, 1)),
                                          global_batch_size=16, seed=0, process_index=0, process_count=1,
@@ -125,7 +125,7 @@ def test_a_sigterm_to_the_whole_process_group_leaks_no_shared_memory():
         flags.FLAGS.mark_as_parsed()
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))    # the trainer's _StopSignal
-        transform = pipeline.pretrain_transform(image_size=16, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.333),
+        transform = pipeline.PretrainTransform(image_size=16, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.333),
                                                 flip=True, mean=(0.5,), std=(0.5,))
         stream = pipeline.train_iterator(pipeline.SyntheticSource(512, image_shape=(16, 16, 1)),
                                          global_batch_size=16, seed=0, process_index=0, process_count=1,

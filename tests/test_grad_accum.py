@@ -19,8 +19,9 @@ from conftest import tiny_mae_config
 
 from configs import beyond_masking as bm_config
 from configs import cmae as cmae_config
-from mim_jax import parallel, pretrained, teachers
+from mim_jax import parallel, pretrained
 from mim_jax.methods import get_method, resolve_config
+from mim_jax.methods.cae_v2 import teachers
 from mim_jax.training import state as state_lib
 
 B, K = 32, 4

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mim_jax.data import randaugment as ra
+from mim_jax.methods.finetune import augment as ra
 
 IMG = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
 

@@ -21,7 +21,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from mim_jax.data import decode, randaugment, transforms
+from mim_jax.data import decode, transforms
 from mim_jax.errors import UserFacingError
 
 INT32_MAX = 2**31 - 1
@@ -195,30 +195,6 @@ class PretrainTransform:
 
     def __call__(self, record, rng):
         return {"image": np.ascontiguousarray(self.crop_and_flip(record, rng)), "label": np.int32(record["label"])}
-
-
-class FinetuneTransform(PretrainTransform):
-    """Pre-training crops + RandAugment before normalising + random erasing after (MAE fine-tuning)."""
-
-    def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, rand_augment=(2, 9.0, 0.5),
-                 erase_prob=0.25):
-        super().__init__(image_size, crop_scale, crop_ratio, flip, mean, std)
-        self.rand_augment, self.erase_prob = rand_augment, erase_prob
-
-    def __call__(self, record, rng):
-        image = self.crop_and_flip(record, rng)
-        if self.rand_augment:
-            num_ops, magnitude, std = self.rand_augment
-            image = randaugment.rand_augment(image, rng, int(num_ops), magnitude, std)
-        image = randaugment.random_erasing(transforms.normalize(image, self.mean, self.std), rng, self.erase_prob)
-        return {"image": image, "label": np.int32(record["label"])}
-
-
-def pretrain_transform(image_size, crop_scale, crop_ratio, flip, mean, std, color_jitter=0.0,
-                       interpolation="auto", max_reduction=8) -> PretrainTransform:
-    return PretrainTransform(image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, mean=mean,
-                             std=std, color_jitter=color_jitter, interpolation=interpolation,
-                             max_reduction=max_reduction)
 
 
 class EvalTransform:

@@ -14,9 +14,10 @@ with one of the small protocols below (`frozen`, `ema`, `refresh`, `host_state`,
 `reconstructions`); the trainer, evaluators and exports ask whether a method has one.
 Global-batch operations (Sinkhorn-Knopp column sums, contrastive negatives) are written as plain
 jnp over the global batch axis: under `jax.jit` with a sharded batch XLA inserts the collectives.
-A method with such an operation declares it (`accumulation = "changes_method"` and a note): with
-gradient accumulation (`config.grad_accum_steps`) its loss would see only a micro-batch, and the
-trainer refuses to run it that way unless told to (`config.allow_inexact_accumulation`).
+A method with such an operation declares it (`inexact_accumulation`, a sentence saying what would
+change): with gradient accumulation (`config.grad_accum_steps`) its loss would see only a
+micro-batch, and the trainer refuses to run it that way unless told to
+(`config.allow_inexact_accumulation`).
 """
 from __future__ import annotations
 
@@ -32,16 +33,6 @@ from mim_jax import parallel
 from mim_jax.data import pipeline
 
 PyTree = Any
-
-# What gradient accumulation does to a method's update (`Method.accumulation`):
-# "exact": the loss is a mean of per-example terms (per-example randomness keyed by the example
-#   index), so k micro-batches give the global batch's update, to float rounding; only per-step
-#   randomness (drop path, a mixing coefficient) is drawn per micro-batch, as a data-parallel
-#   trainer draws it per device;
-# "changes_method": the loss reads the batch as a whole (batch normalisation, negatives, a
-#   balanced assignment): each micro-batch would see 1/k of it.
-ACCUMULATION = ("exact", "changes_method")
-
 
 class RefreshInterrupted(Exception):
     """`Refresh.run` stopped early because `should_stop()` said so (a preemption notice): the
@@ -119,15 +110,25 @@ class Method(abc.ABC):
     host_state: HostState | None = None
     reconstructions: Reconstructions | None = None
 
-    # Gradient accumulation (`config.grad_accum_steps`): one of ACCUMULATION, and for
-    # "changes_method" a sentence saying what would change, formatted with {k} (micro-batches),
-    # {micro} (their size) and {batch} (the global batch size) for the trainer's refusal.
-    accumulation: str = "exact"
-    accumulation_note: str = ""
+    # A declaration, not a capability (no code runs for it): what gradient accumulation
+    # (`config.grad_accum_steps`) does to the method's update. None: it is exact, the loss being a
+    # mean of per-example terms (per-example randomness keyed by the example index), so k
+    # micro-batches give the global batch's update, to float rounding; only per-step randomness
+    # (drop path, a mixing coefficient) is drawn per micro-batch, as a data-parallel trainer draws
+    # it per device. A sentence: the loss reads the batch as a whole (batch normalisation,
+    # negatives, a balanced assignment), each micro-batch would see 1/k of it, and the sentence
+    # says what would change, formatted with {k} (micro-batches), {micro} (their size) and {batch}
+    # (the global batch size) for the trainer's refusal.
+    inexact_accumulation: str | None = None
 
     # The layout (`weights.registry` name) of the method's official code, which `mim_jax.export
     # --format=official` writes; timm's where there is no official code.
     weight_layout: str = "timm"
+    # What the method's released weights were trained with, as far as rebuilding their model needs
+    # it: config fields over the library's defaults (`model`, `method`, ...; the file gives its
+    # encoder), read by `pretrained.imported_config` for a layout this method evaluates
+    # (`Layout.evaluated_by`). They describe the published files, so they stay when configs/ changes.
+    released: dict | None = None
 
     @classmethod
     def resolve_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -173,7 +174,7 @@ class Method(abc.ABC):
         `step` identifies this forward pass for per-step randomness only (no schedule may read it):
         the optimizer step, or with k-step gradient accumulation `step * k + j` for micro-batch j,
         so each micro-batch draws its own drop path while its masks stay the global batch's.
-        With `accumulation = "exact"` the loss and metrics must be means over the examples."""
+        Unless `inexact_accumulation` says otherwise, the loss and metrics must be means over the examples."""
 
     # -- host side -----------------------------------------------------------------------------
     def batch_spec(self, global_batch_size: int) -> dict:
@@ -192,7 +193,7 @@ class Method(abc.ABC):
         the source; uint8 images are normalised with config.input's mean/std in the train step."""
         image_size = self.batch_spec(1)["image"].shape[1]
         inp = self.config.input
-        return pipeline.pretrain_transform(
+        return pipeline.PretrainTransform(
             image_size=image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), color_jitter=inp.color_jitter,
             interpolation=inp.interpolation, max_reduction=inp.max_decode_reduction)

@@ -16,7 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 from mim_jax import parallel, pretrained
 from mim_jax.errors import ConfigError
-from mim_jax.methods.base import ACCUMULATION
 from mim_jax.training import optim
 
 
@@ -75,7 +74,7 @@ def shardings_by_param_path(tree, param_shardings, mesh):
 def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
     """`config.grad_accum_steps` (k), checked against the batch, the mesh and the method: every
     micro-batch of `global_batch_size / k` must split evenly over the devices that share the batch,
-    and a method whose loss reads the whole batch at once (`Method.accumulation`) is refused unless
+    and a method whose loss reads the whole batch at once (`Method.inexact_accumulation`) is refused unless
     `config.allow_inexact_accumulation` (then a warning says what changes)."""
     k = config.grad_accum_steps
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -88,10 +87,8 @@ def accumulation_steps(config, method, mesh, global_batch_size: int) -> int:
             f"config.input.batch_size={global_batch_size} must be divisible by config.grad_accum_steps={k} x the "
             f"{n} devices that share the batch (= {k * n}): each of the {k} micro-batches is split over every "
             f"device. Use a batch size that is a multiple of {k * n}, or another grad_accum_steps.")
-    if method.accumulation not in ACCUMULATION:
-        raise ValueError(f"{type(method).__name__}.accumulation={method.accumulation!r}: use one of {ACCUMULATION}.")
-    if method.accumulation != "exact":
-        why = method.accumulation_note.format(k=k, micro=global_batch_size // k, batch=global_batch_size)
+    if method.inexact_accumulation is not None:
+        why = method.inexact_accumulation.format(k=k, micro=global_batch_size // k, batch=global_batch_size)
         if not config.allow_inexact_accumulation:
             raise ConfigError(
                 f"{why} Gradient accumulation would change the method, not just its memory use: set "

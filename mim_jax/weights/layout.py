@@ -31,7 +31,7 @@ class Layout:
 
     `family` groups layouts that name tensors alike (official MAE files are timm's); a file named
     with one layout must be in its family. `evaluated_by` is the method whose config evaluates an
-    encoder of this layout (`pretrained.RELEASED`); None for weights that are no such encoder (a
+    encoder of this layout (`Method.released`); None for weights that are no such encoder (a
     CLIP tower, which only a teacher reads)."""
     name: str
     family: str

@@ -65,6 +65,15 @@ class DegradedReconstructions(PixelReconstructions):
 
 class BeyondMasking(MAE):
     weight_layout = "beyond_masking"
+    # Without a degradation: an evaluation needs none, and any resolution fits it.
+    released = dict(
+        model=dict(init_style="torch", linear_init="trunc_normal"),
+        decoder=dict(width=384, depth=4, num_heads=6, mlp_dim=1536, posemb="sincos1d", embed_bias=False,
+                     linear_init="trunc_normal"),
+        method=dict(name="beyond_masking", degradation="none", norm_pix_loss=True,
+                    mask=dict(type="random", ratio=0.75, num_masked=None), zoom_in_view=288 / 224,
+                    centre_weight=0.8, edge_weight=0.2, zoom_out_view=160 / 224, distort_magnitude=(0.15, 0.25),
+                    blur_kernel=7, blur_std=0.02, decolorize_max=0.667))
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

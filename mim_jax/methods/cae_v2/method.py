@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, teachers
+from mim_jax import flops
 from mim_jax.methods.base import Component
+from mim_jax.methods.cae_v2 import teachers
 from mim_jax.methods.cae_v2.regressor import LatentRegressor
 from mim_jax.methods.masked import MaskedEncoderMethod, dropout_key
 from mim_jax.models.layers import Dtype, l2_normalize, make_norm, param_init, sincos_2d

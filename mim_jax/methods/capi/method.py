@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import flops, masking
+from mim_jax import flops
 from mim_jax.methods.base import Component
 from mim_jax.methods.capi import sinkhorn
 from mim_jax.methods.capi.heads import ClusteringHead, Predictor, WeightNormHead, predictor_pooling
@@ -37,6 +37,15 @@ def ema_momentum(lr, scale: float = 1.0):
     return 1.0 - scale * lr
 
 
+def predict_subset(key, mask: jax.Array, num_predict: int) -> jax.Array:
+    """CAPI prediction subsampling: `num_predict` distinct masked positions, a uniformly random
+    subset (in random order), int32 [num_predict]. Needs num_predict <= the mask's count."""
+    # Masked cells get a random score in [0, 1), visible ones -1: the top scores are a uniformly
+    # random subset of the masked cells.
+    scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
+    return jax.lax.top_k(scores, num_predict)[1].astype(jnp.int32)
+
+
 class TeacherEMA(Component):
     """`Method.ema`: the teacher of step 4 above; a finished run is evaluated with it."""
 
@@ -50,11 +59,16 @@ class TeacherEMA(Component):
 
 class CAPI(MaskedEncoderMethod):
     weight_layout = "capi"
-    accumulation = "changes_method"
-    accumulation_note = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
-                         "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
-                         "normalisation would see 1/{k} of it ({micro} of {batch} images), so the targets "
-                         "would change.")
+    released = dict(
+        model=dict(drop_path=0.2, drop_path_uniform=True, qkv_init="per_projection", drop_path_form="subset"),
+        predictor=dict(drop_path=0.2),
+        method=dict(name="capi", num_prototypes=16384, target_temp=0.06, student_temp=0.12, clustering_temp=0.12,
+                    sinkhorn_iterations=3, sinkhorn_chunk=32, prediction_subsampling=0.05, ema_lr_scale=1.0,
+                    mask=dict(type="inverse_block", ratio=0.65, num_masked=None, aspect=(0.5, 2.0), roll=True)))
+    inexact_accumulation = ("CAPI's Sinkhorn-Knopp normalises the teacher's cluster assignments over the batch "
+                             "(each prototype gets an equal share of it); with grad_accum_steps={k} each "
+                             "normalisation would see 1/{k} of it ({micro} of {batch} images), so the targets "
+                             "would change.")
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)
@@ -78,7 +92,7 @@ class CAPI(MaskedEncoderMethod):
     def masks_and_queries(self, rng, batch):
         """(visible_idx [B, N-K], the masked positions the predictor queries [B, num_predict])."""
         masks, visible, _ = self.sample_masks(rng, batch)
-        predict = jax.vmap(lambda k, m: masking.predict_subset(k, m, self.num_predict))(
+        predict = jax.vmap(lambda k, m: predict_subset(k, m, self.num_predict))(
             self.example_keys(rng, batch, purpose=1), masks)
         return visible, predict
 

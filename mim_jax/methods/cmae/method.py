@@ -121,11 +121,10 @@ class ContrastiveCrop(Component):
 class CMAE(MAE):
     # No official code: the encoder alone, in MAE's (= timm's) names, which SDMAE's encoder shares.
     weight_layout = "timm"
-    accumulation = "changes_method"
-    accumulation_note = ("CMAE's InfoNCE takes its negatives from the batch and its heads' BatchNorm (SyncBN) "
-                         "normalises over it; with grad_accum_steps={k} both would see 1/{k} of it ({micro} of "
-                         "{batch} images), and the momentum head and BatchNorm statistics would advance "
-                         "{k} times per step.")
+    inexact_accumulation = ("CMAE's InfoNCE takes its negatives from the batch and its heads' BatchNorm (SyncBN) "
+                             "normalises over it; with grad_accum_steps={k} both would see 1/{k} of it ({micro} of "
+                             "{batch} images), and the momentum head and BatchNorm statistics would advance "
+                             "{k} times per step.")
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

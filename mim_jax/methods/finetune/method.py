@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax import flops, pretrained
-from mim_jax.data import catalog, pipeline
+from mim_jax.data import catalog
 from mim_jax.methods.base import Method
+from mim_jax.methods.finetune.augment import FinetuneTransform
 from mim_jax.models.layers import param_init, trunc_normal
 from mim_jax.models.vit import decode_variant, vit_from_config
 
@@ -127,7 +128,7 @@ class Finetune(Method):
 
     def train_transform(self, host_state=None):
         inp, cfg = self.config.input, self.config.method
-        return pipeline.FinetuneTransform(
+        return FinetuneTransform(
             image_size=inp.image_size, crop_scale=tuple(inp.crop_scale), crop_ratio=tuple(inp.crop_ratio),
             flip=inp.flip, mean=tuple(inp.mean), std=tuple(inp.std), rand_augment=tuple(cfg.rand_augment) or None,
             erase_prob=cfg.erase_prob)

@@ -79,6 +79,8 @@ class PixelReconstructions(Component):
 
 class MAE(MaskedEncoderMethod):
     weight_layout = "mae"
+    released = dict(decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048),
+                    method=dict(name="mae", norm_pix_loss=True, mask=dict(type="random", ratio=0.75, num_masked=None)))
 
     def __init__(self, config, num_examples=None):
         super().__init__(config, num_examples)

@@ -1,4 +1,4 @@
-"""Frozen feature teachers: the targets of feature-distillation MIM (CAE v2's CLIP targets).
+"""CAE v2's frozen feature teachers: the targets of its feature distillation (CLIP by default).
 
 A teacher turns the student's batch into per-token target features [B, (1+)N, D] on the same
 patch grid as the student. It lives in the method's `frozen` tree: sharded by logical axis names
@@ -27,12 +27,11 @@ import numpy as np
 
 from mim_jax import flops, parallel, pretrained
 from mim_jax.methods import get_method
-from mim_jax.models import vit
+from mim_jax.models import clip, vit
 from mim_jax.weights import clip as clip_weights, spec as weight_spec
 
-# The recipes' teachers (projection widths): no hub request for their config.json.
-CLIP_DIMS = {"openai/clip-vit-base-patch16": 512, "openai/clip-vit-large-patch14": 768}
-# The two recipe towers' shapes (their config.json), so a step compiles (mim_jax.aot) without them.
+# The two recipe towers' shapes (their config.json): no hub request for it, and a step compiles
+# (mim_jax.aot) without the weights.
 CLIP_TOWERS = {
     "openai/clip-vit-base-patch16": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
                                          proj_dim=512, image_size=224, layer_norm_eps=1e-5),
@@ -63,14 +62,12 @@ class ClipTeacher:
 
     @functools.cached_property
     def _fields(self) -> dict:
-        from mim_jax.models import clip
         if self.source in CLIP_TOWERS:
             return dict(CLIP_TOWERS[self.source])
-        return clip.clip_config_from_hf(clip_weights.read_config(self.source))
+        return clip_weights.vision_fields(self.source)
 
     @functools.cached_property
     def tower(self):
-        from mim_jax.models import clip
         return clip.CLIPVisionTower(**self._fields, dtype=self.dtype)
 
     @property
@@ -96,7 +93,6 @@ class ClipTeacher:
         return parallel.place(jax.tree.map(lambda x: np.asarray(x, self.dtype), params), shardings)
 
     def __call__(self, params, images):
-        from mim_jax.models import clip
         x = renormalize(images, self.student_mean, self.student_std, clip.CLIP_MEAN, clip.CLIP_STD, self.input_size)
         return self.tower.apply({"params": params}, x.astype(self.dtype)).astype(jnp.float32)
 
@@ -200,13 +196,10 @@ def output_dim(source: str) -> int:
     run starts, so the run records its target width and its trained model can be rebuilt later
     without the teacher."""
     _check_source(source)
-    if source in CLIP_DIMS:
-        return CLIP_DIMS[source]
     if weight_spec.names_an_encoder(weight_spec.parse(source)):
         model = pretrained.read_config(source).model
         return model.width or vit.decode_variant(model.variant)["width"]
-    from mim_jax.models import clip
-    fields = clip.clip_config_from_hf(clip_weights.read_config(source))
+    fields = CLIP_TOWERS.get(source) or clip_weights.vision_fields(source)
     return fields["proj_dim"] or fields["width"]
 
 

@@ -1,5 +1,6 @@
-"""RandAugment (timm's `rand-m9-mstd0.5-inc1`, used by MAE/BEiT fine-tuning) and random erasing, in
-NumPy/OpenCV for HWC uint8 images with 1 or 3 channels. Runs in Grain workers: no jax here.
+"""Fine-tuning's host transform (`FinetuneTransform`): RandAugment (timm's `rand-m9-mstd0.5-inc1`,
+used by MAE/BEiT fine-tuning) and random erasing, in NumPy/OpenCV for HWC uint8 images with 1 or 3
+channels. Runs in Grain workers: no jax here.
 
 Magnitudes follow timm's increasing variant: every op gets stronger with the magnitude m in
 [0, 10], which is drawn per op as N(m, std) and clipped; geometric ops and signed enhancements flip
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from mim_jax.data import transforms
+from mim_jax.data.pipeline import PretrainTransform
 
 _MAX = 10.0
 
@@ -95,3 +99,20 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator, prob: float = 0.25
             img[top:top + eh, left:left + ew] = rng.normal(size=(eh, ew, c)).astype(img.dtype)
             return img
     return img
+
+
+class FinetuneTransform(PretrainTransform):
+    """Pre-training crops + RandAugment before normalising + random erasing after (MAE fine-tuning)."""
+
+    def __init__(self, image_size, crop_scale, crop_ratio, flip, mean, std, rand_augment=(2, 9.0, 0.5),
+                 erase_prob=0.25):
+        super().__init__(image_size, crop_scale, crop_ratio, flip, mean, std)
+        self.rand_augment, self.erase_prob = rand_augment, erase_prob
+
+    def __call__(self, record, rng):
+        image = self.crop_and_flip(record, rng)
+        if self.rand_augment:
+            num_ops, magnitude, std = self.rand_augment
+            image = rand_augment(image, rng, int(num_ops), magnitude, std)
+        image = random_erasing(transforms.normalize(image, self.mean, self.std), rng, self.erase_prob)
+        return {"image": image, "label": np.int32(record["label"])}
