@@ -387,7 +387,7 @@ def test_timm_architecture_is_timms_own_name_or_the_nearest_registered(width, pa
     assert all(timm.is_model(arch) for arch in folders.TIMM_ARCHS)
 
 
-@pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking"])
+@pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking", "cmae"])
 def test_official_export_imports_back_exactly(tmp_path, name):
     from mim_jax import export
     weights = _random_weights(name)
@@ -396,9 +396,11 @@ def test_official_export_imports_back_exactly(tmp_path, name):
     state = torch.load(path, weights_only=True)
     assert state["mim_jax"]["weights"] == "student" and "model" in state
     assert json.loads((tmp_path / "config.json").read_text())["num_heads"] == 2   # what tensors cannot say
-    back = pretrained.load(f"{name}:{path}", _mesh(), keys=keys)
+    back = pretrained.load(f"{name}:{path}", _mesh(), keys=keys)     # cmae: is timm: (CMAE's official is MAE's)
     for key in keys:
         jax.tree.map(np.testing.assert_array_equal, back.params[key], weights.params[key])
+    for field in ("posemb", "qkv_bias", "cls_token", "num_heads"):
+        assert back.config.model[field] == weights.config.model[field]
 
 
 def test_export_to_hugging_face_gives_the_same_features(tmp_path):
