@@ -403,20 +403,33 @@ def test_official_export_imports_back_exactly(tmp_path, name):
         assert back.config.model[field] == weights.config.model[field]
 
 
-def test_export_to_hugging_face_gives_the_same_features(tmp_path):
+@pytest.mark.parametrize("name", ["mae", pytest.param("cmae", marks=_SLOW)])
+def test_export_to_hugging_face_gives_the_same_features(tmp_path, name):
+    """transformers loads every tensor of the folder and needs no other; its features and those of
+    the folder imported back (hf:) equal the run's."""
     transformers = pytest.importorskip("transformers")
     from mim_jax import export
-    weights = _random_weights("mae")
+    weights = _random_weights(name)
     export.export_hf(weights, tmp_path)
-    model = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    model, info = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}     # no missing, unexpected or mis-shaped tensors
     size = weights.config.input.image_size
     images = np.random.default_rng(2).normal(size=(2, size, size, 1)).astype(np.float32)
     with torch.no_grad():
-        ref = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
+        ref = model.eval()(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="LayerScale"):
-        export.export_hf(_random_weights("cae_v2"), tmp_path / "caev2")
+    back, _ = _our_tokens(f"hf:{tmp_path}", images)
+    np.testing.assert_allclose(back, np.asarray(ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, why, works", [("cae_v2", "no LayerScale", "--format=timm"),
+                                              ("beyond_masking", "a [CLS] token", "--format=timm")])
+def test_the_hugging_face_export_names_the_format_that_works(tmp_path, name, why, works):
+    from mim_jax import export
+    with pytest.raises(ValueError) as info:
+        export.export_hf(_random_weights(name), tmp_path)
+    assert why in str(info.value) and works in str(info.value)
 
 
 def test_the_export_command_records_run_step_and_weights(tmp_path):
