@@ -4,6 +4,10 @@ timm / transformers with strict key matching; every mismatch is named."""
 import argparse
 import gc
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import jax
@@ -245,6 +249,20 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         files.read(tmp_path / "absent.pth")
 
+
+@pytest.mark.slow   # a run of the command (about 20 s each)
+@pytest.mark.parametrize("layout, content, message", [
+    ("nosuch", b"", "names the layout 'nosuch', which is not one of beyond_masking, cae_v2, capi"),
+    ("mae", b"PK\x03\x04 not really a zip", "is not a readable PyTorch checkpoint")])
+def test_the_command_prints_a_wrong_layout_or_a_truncated_file_as_one_message(tmp_path, layout, content, message):
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    path.write_bytes(content)
+    out = subprocess.run([sys.executable, "-m", "mim_jax.main", f"--workdir={tmp_path / 'run'}",
+                          f"--config=configs/knn.py:init={layout}:{path}"], check=False, capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=pathlib.Path(__file__).parents[1],
+                         timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.count(message) == 1, out.stderr[-2000:]
 
 
 def official_training_checkpoint(model, path, **args):

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn as tnn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+from test_interop import _random_weights
+from torch import nn as tnn
+from torch.nn import functional as F
 
-from mim_jax import export  # noqa: E402
-from test_interop import _random_weights  # noqa: E402
-
+from mim_jax import export
 
 # ---- the official encoder (eval path), names as there ------------------------------------------
 

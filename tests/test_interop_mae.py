@@ -11,12 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import Block, PatchEmbed  # noqa: E402
-from torch import nn as tnn  # noqa: E402
+from test_interop import _mesh, _perturbed, _tiny
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch import nn as tnn
 
-from mim_jax import export, pretrained  # noqa: E402
-from test_interop import _mesh, _perturbed, _tiny  # noqa: E402
-
+from mim_jax import export, pretrained
 
 # ---- the official model (models_mae.py, its eval path before the loss), names as there ----------
 
