@@ -599,13 +599,21 @@ def test_a_warm_start_from_a_file_of_another_architecture_names_what_differs(tmp
     from mim_jax import export
     (tmp_path / "full").mkdir()
     export.export_official(_random_weights("mae"), tmp_path / "full")
+    file = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}"
+    desc = pretrained.load(file, _mesh(), keys=("encoder", "decoder")).imported
+    assert desc.extra["decoder"]["posemb"] == "sincos2d" and desc.extra["decoder"]["embed_bias"] is True
+    for key, stated in [("encoder", desc.model), ("decoder", desc.extra["decoder"])]:   # every fact is compared
+        assert set(stated) <= set(pretrained.STATED[key][1].values())
     config = _tiny("mae")
-    config.decoder.num_heads = 1
-    config.init, config.init_keys = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}", ("encoder", "decoder")
+    config.decoder.update(num_heads=1, posemb="sincos1d", embed_bias=False)
+    config.init, config.init_keys = file, ("encoder", "decoder")
     setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
                             global_batch_size=config.input.batch_size)
-    with pytest.raises(UserFacingError, match=r"decoder.num_heads \(the file's 4, this run's 1\)"):
+    with pytest.raises(UserFacingError) as info:
         setup.create(jax.random.key(0))
+    for part in ["decoder.num_heads (the file's 4, this run's 1)", "decoder.posemb (the file's 'sincos2d', this run's "
+                 "'sincos1d')", "decoder.embed_bias (the file's True, this run's False)"]:
+        assert part in str(info.value)
 
 
 @pytest.mark.slow
