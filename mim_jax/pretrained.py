@@ -204,17 +204,28 @@ def _fit_positions(weights: Weights, encoder: dict, target: dict) -> dict:
     return dict(encoder, pos_embedding=resized)
 
 
+# What a weight file's description can state about each params subtree, as (config block, {the
+# module's attribute: the description's field}); a warm start compares each it states with the run's
+# module. Shapes alone miss a sin-cos table of another layout, another head count or a bias-free
+# embedding of the same width.
+STATED = {
+    "encoder": ("model", {**{f: f for f in ("width", "depth", "mlp_dim", "num_heads", "cls_token", "posemb",
+                                            "qkv_bias", "use_bias", "layerscale", "norm", "norm_eps", "num_registers",
+                                            "final_norm_affine")},
+                          "patch_size": "variant"}),     # the variant ("B/16") states the patch
+    "decoder": ("decoder", {f: f for f in ("width", "depth", "num_heads", "mlp_dim", "posemb", "embed_bias")}),
+    "predictor": ("predictor", {"depth": "depth", "num_heads": "num_heads", "mlp_dim": "mlp_ratio"}),
+}
+
+
 def _architecture_differences(weights: Weights, method: Method, keys) -> list[str]:
-    """What a weight file's description states about the model (the encoder's posemb, heads, biases,
-    ...; the sizes of a decoder or predictor where those are loaded) that differs in `method`:
-    shapes alone miss a sin-cos table of another layout or another head count."""
+    """The facts of `STATED` that a weight file's description states and that differ in `method`."""
     desc, out = weights.imported, []
-    compared = [("model", "encoder", [k for k in desc.model if k != "variant"] + ["patch_size"])] \
-        if "encoder" in keys else []
-    compared += [(key, key, ["width", "depth", "num_heads", "mlp_dim"]) for key in desc.extra if key in keys]
-    for block, module, fields in compared:
-        file_module, run_module = getattr(weights.method, module), getattr(method, module)
-        for field in (f for f in fields if hasattr(file_module, f)):
+    for key in (k for k in STATED if k in keys):
+        stated = desc.model if key == "encoder" else desc.extra.get(key, {})
+        block, fields = STATED[key]
+        file_module, run_module = getattr(weights.method, key), getattr(method, key)
+        for field in (f for f, said_as in fields.items() if said_as in stated):
             theirs, ours = getattr(file_module, field), getattr(run_module, field)
             if field == "layerscale":       # the file says whether there is LayerScale, not its init value
                 theirs, ours = theirs is not None, ours is not None

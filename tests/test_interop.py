@@ -4,6 +4,10 @@ timm / transformers with strict key matching; every mismatch is named."""
 import argparse
 import gc
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import jax
@@ -246,6 +250,20 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
         files.read(tmp_path / "absent.pth")
 
 
+@pytest.mark.slow   # a run of the command (about 20 s each)
+@pytest.mark.parametrize("layout, content, message", [
+    ("nosuch", b"", "names the layout 'nosuch', which is not one of beyond_masking, cae_v2, capi"),
+    ("mae", b"PK\x03\x04 not really a zip", "is not a readable PyTorch checkpoint")])
+def test_the_command_prints_a_wrong_layout_or_a_truncated_file_as_one_message(tmp_path, layout, content, message):
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    path.write_bytes(content)
+    out = subprocess.run([sys.executable, "-m", "mim_jax.main", f"--workdir={tmp_path / 'run'}",
+                          f"--config=configs/knn.py:init={layout}:{path}"], check=False, capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=pathlib.Path(__file__).parents[1],
+                         timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.count(message) == 1, out.stderr[-2000:]
+
 
 def official_training_checkpoint(model, path, **args):
     """As the official scripts' `utils.save_model` writes it (MAE, Beyond Masking's MAE-pytorch,
@@ -387,7 +405,7 @@ def test_timm_architecture_is_timms_own_name_or_the_nearest_registered(width, pa
     assert all(timm.is_model(arch) for arch in folders.TIMM_ARCHS)
 
 
-@pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking"])
+@pytest.mark.parametrize("name", ["mae", "cae_v2", "beyond_masking", "cmae"])
 def test_official_export_imports_back_exactly(tmp_path, name):
     from mim_jax import export
     weights = _random_weights(name)
@@ -396,25 +414,40 @@ def test_official_export_imports_back_exactly(tmp_path, name):
     state = torch.load(path, weights_only=True)
     assert state["mim_jax"]["weights"] == "student" and "model" in state
     assert json.loads((tmp_path / "config.json").read_text())["num_heads"] == 2   # what tensors cannot say
-    back = pretrained.load(f"{name}:{path}", _mesh(), keys=keys)
+    back = pretrained.load(f"{name}:{path}", _mesh(), keys=keys)     # cmae: is timm: (CMAE's official is MAE's)
     for key in keys:
         jax.tree.map(np.testing.assert_array_equal, back.params[key], weights.params[key])
+    for field in ("posemb", "qkv_bias", "cls_token", "num_heads"):
+        assert back.config.model[field] == weights.config.model[field]
 
 
-def test_export_to_hugging_face_gives_the_same_features(tmp_path):
+@pytest.mark.parametrize("name", ["mae", pytest.param("cmae", marks=_SLOW)])
+def test_export_to_hugging_face_gives_the_same_features(tmp_path, name):
+    """transformers loads every tensor of the folder and needs no other; its features and those of
+    the folder imported back (hf:) equal the run's."""
     transformers = pytest.importorskip("transformers")
     from mim_jax import export
-    weights = _random_weights("mae")
+    weights = _random_weights(name)
     export.export_hf(weights, tmp_path)
-    model = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    model, info = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}     # no missing, unexpected or mis-shaped tensors
     size = weights.config.input.image_size
     images = np.random.default_rng(2).normal(size=(2, size, size, 1)).astype(np.float32)
     with torch.no_grad():
-        ref = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
+        ref = model.eval()(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     ours = weights.method.encode(weights.params, jnp.asarray(images))["encoded"]
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="LayerScale"):
-        export.export_hf(_random_weights("cae_v2"), tmp_path / "caev2")
+    back, _ = _our_tokens(f"hf:{tmp_path}", images)
+    np.testing.assert_allclose(back, np.asarray(ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, why, works", [("cae_v2", "no LayerScale", "--format=timm"),
+                                              ("beyond_masking", "a [CLS] token", "--format=timm")])
+def test_the_hugging_face_export_names_the_format_that_works(tmp_path, name, why, works):
+    from mim_jax import export
+    with pytest.raises(ValueError) as info:
+        export.export_hf(_random_weights(name), tmp_path)
+    assert why in str(info.value) and works in str(info.value)
 
 
 def test_the_export_command_records_run_step_and_weights(tmp_path):
@@ -460,17 +493,28 @@ def test_capi_official_export_imports_back_through_the_generic_loader(tmp_path):
                                weights.method.encode(weights.params, images)["cls"], rtol=1e-5, atol=1e-5)
 
 
-def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion_mnist_dir):
-    """kNN on Fashion-MNIST from the run's workdir and from its timm export (init=timm:FILE)."""
+FIXTURES = "tests/fixtures/checkpoints_9ddba71"
+
+
+@pytest.mark.parametrize("run, fmt, spec", [
+    ("mae", "timm", "timm:{out}/model.safetensors"),
+    pytest.param("mae", "hf", "hf:{out}", marks=_SLOW),
+    pytest.param("mae", "official", "mae:{out}/checkpoint.pth", marks=_SLOW),
+    pytest.param("cae_v2", "timm", "timm:{out}/model.safetensors", marks=_SLOW),
+    pytest.param("cae_v2", "official", "cae_v2:{out}/checkpoint.pth", marks=_SLOW)])
+def test_evaluating_an_exported_file_equals_evaluating_the_run(tmp_path, fashion_mnist_dir, run, fmt, spec):
+    """kNN on Fashion-MNIST from a fixture run's workdir and from its export (init=<layout>:FILE).
+    The CAPI fixture run's MLPs are twice its width, which the official layout (4 x) cannot hold:
+    its export's features are compared in test_capi_official_export_imports_back_through_the_generic_loader."""
     from configs import knn
     from mim_jax import export
-    from mim_jax.evaluators import run
-    export.export(FIXTURE_MAE, "timm", tmp_path / "timm")
+    from mim_jax.evaluators import run as evaluate
+    export.export(f"{FIXTURES}/{run}", fmt, tmp_path / fmt)
     results = {}
-    for name, init in [("run", FIXTURE_MAE), ("file", f"timm:{tmp_path / 'timm' / 'model.safetensors'}")]:
+    for name, init in [("run", f"{FIXTURES}/{run}"), ("file", spec.format(out=tmp_path / fmt))]:
         config = knn.get_config(f"init={init},dataset=fashion_mnist")
         config.update(max_train_examples=512, max_eval_examples=256, batch_size=128, data_dir=fashion_mnist_dir)
-        results[name] = run.evaluate(config, tmp_path / name)
+        results[name] = evaluate.evaluate(config, tmp_path / name)
     assert results["file"]["knn_top1"] == results["run"]["knn_top1"]
 
 
@@ -566,13 +610,21 @@ def test_a_warm_start_from_a_file_of_another_architecture_names_what_differs(tmp
     from mim_jax import export
     (tmp_path / "full").mkdir()
     export.export_official(_random_weights("mae"), tmp_path / "full")
+    file = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}"
+    desc = pretrained.load(file, _mesh(), keys=("encoder", "decoder")).imported
+    assert desc.extra["decoder"]["posemb"] == "sincos2d" and desc.extra["decoder"]["embed_bias"] is True
+    for key, stated in [("encoder", desc.model), ("decoder", desc.extra["decoder"])]:   # every fact is compared
+        assert set(stated) <= set(pretrained.STATED[key][1].values())
     config = _tiny("mae")
-    config.decoder.num_heads = 1
-    config.init, config.init_keys = f"mae:{tmp_path / 'full' / 'checkpoint.pth'}", ("encoder", "decoder")
+    config.decoder.update(num_heads=1, posemb="sincos1d", embed_bias=False)
+    config.init, config.init_keys = file, ("encoder", "decoder")
     setup = state_lib.build(config, get_method(config), _mesh(), total_steps=2, warmup_steps=1,
                             global_batch_size=config.input.batch_size)
-    with pytest.raises(UserFacingError, match=r"decoder.num_heads \(the file's 4, this run's 1\)"):
+    with pytest.raises(UserFacingError) as info:
         setup.create(jax.random.key(0))
+    for part in ["decoder.num_heads (the file's 4, this run's 1)", "decoder.posemb (the file's 'sincos2d', this run's "
+                 "'sincos1d')", "decoder.embed_bias (the file's True, this run's False)"]:
+        assert part in str(info.value)
 
 
 @pytest.mark.slow

@@ -368,6 +368,10 @@ def test_models_the_official_layout_cannot_hold_are_refused():
         layout.entries(get_method(tiny_config(posemb="rope_axial")))
     with pytest.raises(ValueError, match="norm_eps"):
         layout.entries(get_method(tiny_config(norm_eps=1e-6)))
+    config = tiny_config()
+    config.model.mlp_dim = 2 * WIDTH           # the official blocks' MLPs are 4 x wide (the local preset's 2 x)
+    with pytest.raises(ValueError, match=rf"MLP widths {2 * WIDTH} / "):
+        layout.entries(get_method(config))
 
 
 def test_describe_reads_the_architecture_from_the_tensors():

@@ -26,6 +26,7 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 CAE_V2_HEADS = {192: 12, 384: 12, 768: 12, 1024: 16}
 # Beyond Masking's registered models (modeling_pretrain.py: pretrain_mae_{base,large}_patch16_224).
 BEYOND_MASKING_HEADS = {768: 12, 1024: 16}
+TIMM_POSEMBS = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # the fixed tables a stored one is tried as
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,21 +37,32 @@ class DecoderNaming:
     prefixes: tuple[str, ...]    # every decoder tensor's name starts with one of these
     entries: Callable            # (decoder module, number of prefix tokens) -> [Entry]
     heads_by_width: dict         # the official decoders' head counts (not in any tensor)
+    table: str | None = None     # the stored fixed position table ([1, prefix + N, D_dec]), if any
+    posemb: str | None = None    # the fixed table's kind where it is not stored
 
-    def describe(self, tensors, config_json, path) -> dict:
+    def describe(self, tensors, config_json, path, prefix_tokens: int) -> dict:
         width = tensors[self.probe].shape[0]
         depth = sum(1 for n in tensors if re.fullmatch(rf"{re.escape(self.blocks)}\d+\.norm1\.weight", n))
         heads = _heads(width, config_json, f"{path} (decoder)", self.heads_by_width, key="decoder_num_heads")
-        return dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors[f"{self.blocks}0.mlp.fc1.weight"].shape[0])
+        out = dict(width=width, depth=depth, num_heads=heads, mlp_dim=tensors[f"{self.blocks}0.mlp.fc1.weight"].shape[0],
+                   embed_bias=self.probe.replace(".weight", ".bias") in tensors)
+        posemb = self.posemb
+        if self.table in tensors:
+            rows = tensors[self.table][0, prefix_tokens:]
+            kind = _posemb_of(rows, _square_grid(len(rows), f"{path}: {self.table}"), width, TIMM_POSEMBS)
+            # No fixed kind fits: left unstated, so the import's table check names the mismatch.
+            posemb = None if kind == "learn" else kind
+        return out if posemb is None else dict(out, posemb=posemb)
 
 
 # Official MAE's *_full.pth (512 wide, 16 heads); Beyond Masking's MAE-pytorch model
 # (pretrain_mae_{base,large}_patch16_224: 384 wide with 6 heads, 512 with 8).
 MAE_DECODER = DecoderNaming(probe="decoder_embed.weight", blocks="decoder_blocks.", prefixes=("mask_token", "decoder_"),
-                            entries=vit.mae_decoder_entries, heads_by_width={512: 16})
+                            entries=vit.mae_decoder_entries, heads_by_width={512: 16}, table="decoder_pos_embed")
 MAE_PYTORCH_DECODER = DecoderNaming(probe="encoder_to_decoder.weight", blocks="decoder.blocks.",
                                     prefixes=("mask_token", "decoder.", "encoder_to_decoder."),
-                                    entries=vit.mae_pytorch_decoder_entries, heads_by_width={384: 6, 512: 8})
+                                    entries=vit.mae_pytorch_decoder_entries, heads_by_width={384: 6, 512: 8},
+                                    posemb="sincos1d")
 
 
 class ViTLayout(Layout):
@@ -92,7 +104,7 @@ class TimmFamily(ViTLayout):
     family: str
     naming: vit.Naming
     evaluated_by: str = "mae"
-    posembs: tuple[str, ...] = ("sincos2d", "sincos2d_rowfirst", "sincos1d")   # fixed tables, tried in order
+    posembs: tuple[str, ...] = TIMM_POSEMBS   # fixed tables, tried in order
     decoder: DecoderNaming | None = None
     with_decoder: bool = False
     heads_by_width: dict = dataclasses.field(default_factory=lambda: HEADS_BY_WIDTH)
@@ -111,16 +123,17 @@ class TimmFamily(ViTLayout):
         if qkv_bias == "dense" and _zero_key_biases(tensors, [block.format(i) + "attn.qkv.bias" for i in range(depth)]):
             qkv_bias = "qv"    # a BEiT-style encoder exported with its q/v biases folded into qkv.bias
         has_decoder = self.decoder is not None and self.decoder.probe in tensors
+        has_cls = f"{prefix}cls_token" in tensors and not self.naming.unused_cls
         return _description(
             self, path, config_json, conv=tensors[f"{prefix}patch_embed.proj.weight"], depth=depth,
             mlp_dim=tensors[block.format(0) + "mlp.fc1.weight"].shape[0],
-            has_cls=f"{prefix}cls_token" in tensors and not self.naming.unused_cls,
+            has_cls=has_cls,
             table=tensors.get(f"{prefix}pos_embed"), qkv_bias=qkv_bias,
             use_bias=block.format(0) + "attn.proj.bias" in tensors,
             layerscale=0.1 if any(block.format(0) + n in tensors for n in ("gamma_1", "ls1.gamma")) else None,
             eps=1e-6,   # timm, MAE, BEiT/CAE and MAE-pytorch all build LayerNorm(eps=1e-6)
             prefix=prefix, has_decoder=has_decoder,
-            extra={"decoder": self.decoder.describe(tensors, config_json, path)} if has_decoder else {})
+            extra={"decoder": self.decoder.describe(tensors, config_json, path, int(has_cls))} if has_decoder else {})
 
     def ignored(self, desc, keys):
         p = re.escape(self.naming.prefix)
@@ -204,7 +217,7 @@ def _description(layout, path, config_json, *, conv, depth, mlp_dim, has_cls, ta
     width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
     if table is not None:
         grid = _square_grid(table.shape[1] - int(has_cls), f"{path}: the position table")
-        posemb = _posemb_of(table[0, int(has_cls):], grid, width, getattr(layout, "posembs", TIMM.posembs))
+        posemb = _posemb_of(table[0, int(has_cls):], grid, width, getattr(layout, "posembs", TIMM_POSEMBS))
     else:   # MAE-pytorch does not store its fixed 1-D table
         size = int((config_json or {}).get("image_size", 224))
         grid, posemb = (size // patch, size // patch), "sincos1d"
