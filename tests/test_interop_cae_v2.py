@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from test_interop import _random_weights
+from test_interop_beyond_masking import Attention   # BEiT's attention (q and v biases), as CAE's code has it
 from torch import nn as tnn
-from torch.nn import functional as F
 
 from mim_jax import export
 
@@ -24,23 +24,6 @@ def build_2d_sincos_position_embedding(side: int, dim: int, temperature=10000.0)
     out_w, out_h = torch.outer(grid_w.flatten(), omega), torch.outer(grid_h.flatten(), omega)
     table = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)
     return tnn.Parameter(torch.cat([torch.zeros(1, dim), table])[None], requires_grad=False)
-
-
-class Attention(tnn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv = tnn.Linear(dim, dim * 3, bias=False)
-        self.q_bias = tnn.Parameter(torch.zeros(dim))
-        self.v_bias = tnn.Parameter(torch.zeros(dim))
-        self.proj = tnn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        q, k, v = F.linear(x, self.qkv.weight, qkv_bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class Mlp(tnn.Module):
