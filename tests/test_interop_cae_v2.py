@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from test_interop import _random_weights
-from test_interop_beyond_masking import Attention   # BEiT's attention (q and v biases), as CAE's code has it
+# BEiT's attention (q and v biases), MLP and patch embedding, as CAE's code has them too
+from test_interop_beyond_masking import Attention, Mlp, PatchEmbed
 from torch import nn as tnn
 
 from mim_jax import export
@@ -26,15 +27,6 @@ def build_2d_sincos_position_embedding(side: int, dim: int, temperature=10000.0)
     return tnn.Parameter(torch.cat([torch.zeros(1, dim), table])[None], requires_grad=False)
 
 
-class Mlp(tnn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = tnn.Linear(dim, hidden), tnn.GELU(), tnn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(tnn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, init_values):
         super().__init__()
@@ -46,15 +38,6 @@ class Block(tnn.Module):
     def forward(self, x):
         x = x + self.gamma_1 * self.attn(self.norm1(x))
         return x + self.gamma_2 * self.mlp(self.norm2(x))
-
-
-class PatchEmbed(tnn.Module):
-    def __init__(self, patch, chans, dim):
-        super().__init__()
-        self.proj = tnn.Conv2d(chans, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class VisionTransformerEncoder(tnn.Module):
